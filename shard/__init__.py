@@ -1,0 +1,1 @@
+"""The shard group: model, paged KV cache, token budget and the engine's step loop."""

@@ -1,0 +1,3 @@
+from shard.server import main
+
+main()

@@ -1,0 +1,76 @@
+"""One step's tensors: token ids, positions, cu_seqlens, block tables and slot mapping.
+
+Tokens are laid out ragged, with no padding: first one token per decoding sequence, then the
+prefill chunks. Per-sequence values come from Python ints; per-token values (prefill chunks)
+are built with tensor ops, never a Python object per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shard.attention import StepLayout
+from shard.scheduler import Sequence, Step
+
+
+@dataclass(slots=True)
+class StepBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    layout: StepLayout
+    sample_rows: torch.Tensor  # [S] row of each sampling sequence's last token
+    samplers: list[Sequence]
+    sample_positions: list[int]  # position of the token each sampler is about to produce
+
+
+def build(step: Step, block_tables: torch.Tensor, block_size: int,
+          device: torch.device) -> StepBatch:
+    decodes, prefills = step.decodes, step.prefills
+    seqs = decodes + [s for s, _ in prefills]
+    slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+    tables = block_tables.index_select(0, slots)
+
+    ids_parts = [torch.tensor([s.last_token for s in decodes], dtype=torch.long)]
+    pos_parts = [torch.tensor([s.num_cached for s in decodes], dtype=torch.long)]
+    lengths = [1] * len(decodes)
+    for seq, n in prefills:
+        ids_parts.append(seq.prompt[seq.num_cached:seq.num_cached + n])
+        pos_parts.append(torch.arange(seq.num_cached, seq.num_cached + n))
+        lengths.append(n)
+    input_ids = torch.cat(ids_parts)
+    positions = torch.cat(pos_parts)
+
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    context_lens = [s.num_cached + n for s, n in zip(seqs, lengths)]
+    row_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))
+    block_of_token = tables[row_of_token, positions // block_size].long()
+    slot_mapping = block_of_token * block_size + positions % block_size
+
+    # Decodes always sample; a prefill samples once its chunk reaches the end of the prompt.
+    sample_index = list(range(len(decodes))) + [
+        i for i, (s, n) in enumerate(prefills, start=len(decodes))
+        if s.num_cached + n == s.prompt_len]
+    layout = StepLayout(
+        num_decodes=len(decodes),
+        query_starts=starts,
+        context_lens=context_lens,
+        cu_seqlens_q=torch.tensor(starts, dtype=torch.int32).to(device),
+        seqused_k=torch.tensor(context_lens, dtype=torch.int32).to(device),
+        block_table=tables.to(device),
+        slot_mapping=slot_mapping.to(device),
+        block_size=block_size,
+    )
+    return StepBatch(
+        input_ids=input_ids.to(device),
+        positions=positions.to(device),
+        layout=layout,
+        # long even when empty: a step of only unfinished prefill chunks samples nothing.
+        sample_rows=torch.tensor([starts[i + 1] - 1 for i in sample_index],
+                                 dtype=torch.long).to(device),
+        samplers=[seqs[i] for i in sample_index],
+        sample_positions=[context_lens[i] for i in sample_index],
+    )

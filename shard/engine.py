@@ -1,0 +1,251 @@
+"""The engine: rank 0's step loop, on a thread of its own.
+
+Routers' streams hand it batches and cancels through an inbox; once per step it emits, to each
+stream, one GenerateResponse with every new token of that stream's requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from shard import batch as step_batch
+from shard.kv_cache import BlockAllocator, KVCache
+from shard.sampling import SampleOutput, Sampler
+from shard.scheduler import Scheduler, Sequence, Step
+from sluice.v1 import generate_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    """A router's Generate stream as the engine sees it: somewhere to send responses."""
+
+    def send(self, response: pb.GenerateResponse) -> None:  # called on the engine thread
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class _Submit:
+    stream: Stream
+    sequences: list[Sequence]
+
+
+@dataclass(slots=True)
+class _Cancel:
+    stream: Stream
+    request_ids: list[int]
+
+
+@dataclass(slots=True)
+class _Open:
+    stream: Stream
+
+
+@dataclass(slots=True)
+class _Close:
+    stream: Stream
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """What one stream will be told at the end of this iteration, as packed arrays."""
+
+    ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reasons: list[int] = field(default_factory=list)
+    top_n_counts: list[int] = field(default_factory=list)
+    top_n_token_ids: list[int] = field(default_factory=list)
+    top_n_logprobs: list[float] = field(default_factory=list)
+    admitted: list[int] = field(default_factory=list)
+    errors: list[pb.RequestError] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+
+
+class Engine:
+    def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
+                 limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.allocator = allocator
+        self.attention = attention
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = device
+        self.scheduler = Scheduler(allocator, limits.max_batch_size,
+                                   limits.max_batch_prefill_tokens, limits.max_total_tokens)
+        self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sequences: dict[tuple[Stream, int], Sequence] = {}
+        self._reported_budget: dict[Stream, int] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- called from other threads -------------------------------------------------------------
+    def open_stream(self, stream: Stream) -> None:
+        self._inbox.put(_Open(stream))
+
+    def submit(self, stream: Stream, sequences: list[Sequence]) -> None:
+        self._inbox.put(_Submit(stream, sequences))
+
+    def cancel(self, stream: Stream, request_ids: list[int]) -> None:
+        self._inbox.put(_Cancel(stream, request_ids))
+
+    def close_stream(self, stream: Stream) -> None:
+        self._inbox.put(_Close(stream))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the step loop (engine thread) ---------------------------------------------------------
+    def run(self) -> None:
+        while not self._stopping:
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed; failing its requests")
+                self._fail_running("internal error in the engine step")
+
+    def step(self) -> None:
+        outgoing: dict[Stream, _Outgoing] = {}
+        self._take_inbox(outgoing, block=self.scheduler.idle)          # 1. new work, cancels
+        for seq in self.scheduler.admit():                              #    admission
+            self.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+            outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
+        step = self.scheduler.schedule()                                # 2. plan one step
+        if step is not None:
+            batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
+                                     self.allocator.block_size, self.device)
+            with torch.inference_mode():
+                hidden = self.model(batch.input_ids, batch.positions,   # 4. forward
+                                    self.kv_cache.layers, self.attention.prepare(batch.layout))
+                logits = self.model.compute_logits(hidden[batch.sample_rows]).float()
+                out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
+                                   [s.slot for s in batch.samplers], batch.sample_positions,
+                                   max((s.top_n_tokens for s in batch.samplers), default=0))
+            self._advance(step)
+            self._record_tokens(batch.samplers, out, outgoing)          # 6. emit, free
+        self._publish(outgoing)
+
+    def _take_inbox(self, outgoing: dict[Stream, _Outgoing], block: bool) -> None:
+        commands = [self._inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for command in commands:
+            if isinstance(command, _Submit):
+                for seq in command.sequences:
+                    self._add(seq, outgoing)
+            elif isinstance(command, _Cancel):
+                for request_id in command.request_ids:
+                    seq = self._sequences.pop((command.stream, request_id), None)
+                    if seq is not None:
+                        self.scheduler.release(seq)
+            elif isinstance(command, _Open):
+                outgoing.setdefault(command.stream, _Outgoing())  # it learns the budget at once
+            elif isinstance(command, _Close):
+                for key in [k for k in self._sequences if k[0] is command.stream]:
+                    self.scheduler.release(self._sequences.pop(key))
+                self._reported_budget.pop(command.stream, None)
+                outgoing.pop(command.stream, None)
+
+    def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
+        reason = self.scheduler.rejection(seq)
+        if reason is None and seq.prompt_len == 0:
+            reason = "the prompt is empty"
+        if reason is None and (seq.stream, seq.request_id) in self._sequences:
+            reason = f"request id {seq.request_id} is already in use on this stream"
+        if reason is not None:
+            outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
+                pb.RequestError(id=seq.request_id, message=reason))
+            return
+        self._sequences[(seq.stream, seq.request_id)] = seq
+        self.scheduler.add(seq)
+
+    def _advance(self, step: Step) -> None:
+        for seq in step.decodes:
+            seq.num_cached += 1
+        for seq, n in step.prefills:
+            seq.num_cached += n
+
+    def _record_tokens(self, samplers: list[Sequence], out: SampleOutput,
+                       outgoing: dict[Stream, _Outgoing]) -> None:
+        tokens = out.tokens.tolist()  # the step's one host sync
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, seq in enumerate(samplers):
+            token = tokens[i]
+            seq.last_token = token
+            seq.num_generated += 1
+            reason = self._finish_reason(seq, token)
+            o = outgoing.setdefault(seq.stream, _Outgoing())
+            o.ids.append(seq.request_id)
+            o.token_ids.append(token)
+            o.logprobs.append(logprobs[i])
+            o.finish_reasons.append(reason)
+            if top_ids is not None:
+                n = seq.top_n_tokens
+                o.top_n_counts.append(n)
+                o.top_n_token_ids.extend(top_ids[i][:n])
+                o.top_n_logprobs.extend(top_logprobs[i][:n])
+            if reason != pb.FINISH_REASON_NONE:
+                del self._sequences[(seq.stream, seq.request_id)]
+                self.scheduler.release(seq)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> int:
+        if token in self.eos_token_ids and not seq.ignore_eos:
+            return pb.FINISH_REASON_EOS_TOKEN
+        if token in seq.stop_token_ids:
+            return pb.FINISH_REASON_STOP_TOKEN
+        if seq.num_generated >= seq.max_new_tokens:
+            return pb.FINISH_REASON_LENGTH
+        return pb.FINISH_REASON_NONE
+
+    def _publish(self, outgoing: dict[Stream, _Outgoing]) -> None:
+        free = self.allocator.free_tokens
+        waiting = len(self.scheduler.waiting)
+        for stream, reported in self._reported_budget.items():
+            if reported != free and stream not in outgoing:
+                outgoing[stream] = _Outgoing()  # tell every router the budget moved
+        for stream, o in outgoing.items():
+            response = pb.GenerateResponse(
+                admitted_ids=o.admitted, errors=o.errors, free_budget_tokens=free,
+                waiting_requests=waiting)
+            if o.ids:
+                response.tokens.CopyFrom(pb.TokenBatch(
+                    ids=o.ids, token_ids=o.token_ids, logprobs=o.logprobs,
+                    finish_reasons=o.finish_reasons, top_n_counts=o.top_n_counts,
+                    top_n_token_ids=o.top_n_token_ids, top_n_logprobs=o.top_n_logprobs))
+            self._reported_budget[stream] = free
+            stream.send(response)
+
+    def _fail_running(self, message: str) -> None:
+        outgoing: dict[Stream, _Outgoing] = {}
+        for (stream, request_id), seq in list(self._sequences.items()):
+            self.scheduler.release(seq)
+            outgoing.setdefault(stream, _Outgoing()).errors.append(
+                pb.RequestError(id=request_id, message=message))
+        self._sequences.clear()
+        self._publish(outgoing)

@@ -1,0 +1,142 @@
+"""GGUF files: config from metadata, tensors under Hugging Face names, and the tokenizer.
+
+The `gguf` package (llama.cpp's own reader) parses and dequantizes; this module only maps
+llama.cpp's names and conventions onto the Hugging Face ones our model loads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf.quants import dequantize
+
+from shard.models.config import SUPPORTED, ModelConfig, RopeScaling
+from shard.tokenizer import TokenizerSpec, bpe_tokenizer_json
+
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+class GGUFModel:
+    """One open GGUF file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reader = gguf.GGUFReader(str(path))
+        self.arch = str(self._get("general.architecture"))
+        if self.arch not in SUPPORTED:
+            raise ValueError(f"{path.name}: unsupported GGUF architecture {self.arch!r}")
+
+    def _get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _tensor_names(self) -> set[str]:
+        return {t.name for t in self.reader.tensors}
+
+    def config(self) -> ModelConfig:
+        a = self.arch
+        heads = int(self._get(f"{a}.attention.head_count"))
+        hidden = int(self._get(f"{a}.embedding_length"))
+        vocab = self._get(f"{a}.vocab_size") or len(self._get("tokenizer.ggml.tokens"))
+        scaling = None
+        if self._get(f"{a}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", float(self._get(f"{a}.rope.scaling.factor")))
+        if "rope_freqs.weight" in self._tensor_names():
+            raise ValueError(f"{self.path.name}: GGUF rope frequency factors (Llama 3.1 style) are "
+                             "not supported yet; use the Hugging Face folder of this model")
+        has_bias = f"blk.0.attn_q.bias" in self._tensor_names()
+        return ModelConfig(
+            family=SUPPORTED[a],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(self._get(f"{a}.feed_forward_length")),
+            num_layers=int(self._get(f"{a}.block_count")),
+            num_heads=heads,
+            num_kv_heads=int(self._get(f"{a}.attention.head_count_kv", heads)),
+            head_dim=int(self._get(f"{a}.attention.key_length", hidden // heads)),
+            rms_norm_eps=float(self._get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self._get(f"{a}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(self._get(f"{a}.context_length", 4096)),
+            tie_word_embeddings="output.weight" not in self._tensor_names(),
+            qkv_bias=has_bias,
+            o_bias=False,
+            mlp_bias=False,
+            rope_scaling=scaling,
+        )
+
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, dequantized to float32, under its Hugging Face name."""
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                continue
+            array = dequantize(t.data, t.tensor_type)
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+                array = _undo_rope_permutation(array, heads)
+            yield name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+
+    def tokenizer(self) -> TokenizerSpec:
+        tokens = self._get("tokenizer.ggml.tokens")
+        eos_id = self._get("tokenizer.ggml.eos_token_id")
+        bos_id = self._get("tokenizer.ggml.bos_token_id")
+        eos_ids = [i for i in (eos_id, self._get("tokenizer.ggml.eot_token_id"),
+                               self._get("tokenizer.ggml.eom_token_id")) if i is not None]
+        kind = self._get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"{self.path.name}: GGUF tokenizer model {kind!r} is not supported "
+                             "yet (byte-level BPE, 'gpt2', is); use the Hugging Face folder")
+        tokenizer_json = bpe_tokenizer_json(
+            tokens=tokens,
+            merges=self._get("tokenizer.ggml.merges"),
+            token_types=self._get("tokenizer.ggml.token_type"),
+            pre=self._get("tokenizer.ggml.pre", "default"),
+            bos_token=tokens[bos_id] if bos_id is not None else None,
+            add_bos=bool(self._get("tokenizer.ggml.add_bos_token", False)),
+        )
+        return TokenizerSpec(
+            tokenizer_json=tokenizer_json,
+            chat_template=self._get("tokenizer.chat_template") or "",
+            bos_token=tokens[bos_id] if bos_id is not None else "",
+            eos_token=tokens[eos_id] if eos_id is not None else "",
+            eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos_ids)),
+        )
+
+
+def _hf_name(name: str) -> str | None:
+    base, _, kind = name.rpartition(".")  # kind: weight or bias
+    match = _LAYER.fullmatch(base)
+    if match:
+        part = _LAYER_NAMES.get(match.group(2))
+        return part and f"model.layers.{match.group(1)}.{part}.{kind}"
+    part = _GLOBAL_NAMES.get(base)
+    return part and f"{part}.{kind}"
+
+
+def _undo_rope_permutation(weight: np.ndarray, heads: int) -> np.ndarray:
+    # llama.cpp stores q/k rows as interleaved rotary pairs; HF Llama uses rotate-half halves.
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    return (weight.reshape(heads, half, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))

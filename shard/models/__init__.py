@@ -1,0 +1,1 @@
+"""Model implementations (our own; transformers is only a test oracle here)."""

@@ -1,0 +1,113 @@
+"""Tensor-parallel layers: weights split across the ranks of one shard group.
+
+QKV and gate/up are column-parallel (each rank holds some output features), O and down are
+row-parallel (each rank holds some input features, then an all-reduce), embedding and LM head
+are vocab-parallel. With one rank every collective is skipped, so the model code is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True, frozen=True)
+class TensorParallel:
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def split(self, size: int, what: str) -> int:
+        if size % self.world_size:
+            raise ValueError(f"{what} ({size}) does not divide by {self.world_size} "
+                             "tensor-parallel ranks")
+        return size // self.world_size
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's rows (output features) split over ranks; no communication."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TensorParallel,
+                 what: str = "output features"):
+        super().__init__()
+        self.tp = tp
+        self.local_sizes = [tp.split(size, what) for size in output_sizes]
+        local_out = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False) if bias else None
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
+        """Copy this rank's rows of the `index`-th stacked output (q/k/v, gate/up) into `param`."""
+        size = self.local_sizes[index]
+        offset = sum(self.local_sizes[:index])
+        rows = full.narrow(0, self.tp.rank * size, size)
+        param.data.narrow(0, offset, size).copy_(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's columns (input features) split over ranks, then an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
+                 what: str = "input features"):
+        super().__init__()
+        self.tp = tp
+        self.local_in = tp.split(in_features, what)
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
+        if param is self.bias:  # the bias is added once, after the reduction
+            param.data.copy_(full)
+            return
+        param.data.copy_(full.narrow(1, self.tp.rank * self.local_in, self.local_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks; each rank looks up its own ids, then an all-reduce."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.local_vocab = tp.split(vocab_size, "vocabulary size")
+        self.start = tp.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, dim), requires_grad=False)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
+        param.data.copy_(full.narrow(0, self.start, self.local_vocab))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.local_vocab)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's slice of the vocabulary, gathered into the whole vocabulary."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight))

@@ -1,0 +1,171 @@
+"""Turn one step's logits into tokens: penalties, temperature, top-k/top-p/typical-p, seeds.
+
+Vectorized over the batch: per-request parameters become small tensors, never a Python loop
+over the vocabulary. Random draws come from a counter-based hash of (seed, position, token id),
+so a seeded request samples the same tokens whatever batch it runs in, on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    tokens: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor  # [S] float32: of the chosen tokens
+    top_ids: torch.Tensor | None  # [S, n] most likely tokens, when some request asked for them
+    top_logprobs: torch.Tensor | None
+
+
+class Sampler:
+    """Samples for the sequences of a step; keeps token counts for the penalized ones."""
+
+    def __init__(self, vocab_size: int, max_batch_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.max_batch_size = max_batch_size
+        self.device = device
+        # Allocated on first use: most deployments never ask for penalties.
+        self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
+        self._output_counts: torch.Tensor | None = None  # [slots, vocab] int32
+
+    def admit(self, slot: int, params: SamplingParams, prompt: torch.Tensor) -> None:
+        if not params.penalized:
+            return
+        if self._output_counts is None:
+            shape = (self.max_batch_size, self.vocab_size)
+            self._prompt_seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self._prompt_seen[slot].zero_()
+        self._prompt_seen[slot, prompt.to(self.device)] = True
+        self._output_counts[slot].zero_()
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], slots: list[int],
+                 positions: list[int], top_n: int) -> SampleOutput:
+        """logits [S, vocab] float32 for S sequences; positions: index of each new token."""
+        dev = logits.device
+        rows = torch.tensor(slots, device=dev)
+        penalized = self._output_counts is not None and any(p.penalized for p in params)
+        if penalized:
+            logits = self._penalize(logits, params, rows)
+        all_greedy = all(p.greedy for p in params)
+        if all_greedy:
+            logprobs = logits.log_softmax(-1)
+            tokens = logits.argmax(-1)
+        else:
+            temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+            logprobs = (logits / temps[:, None]).log_softmax(-1)
+            sampled = (_filter(logprobs, params) + _gumbel(params, positions, self.vocab_size,
+                                                           dev)).argmax(-1)
+            greedy = torch.tensor([p.greedy for p in params], device=dev)
+            tokens = torch.where(greedy, logits.argmax(-1), sampled)
+        if penalized:
+            self._output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
+                                           accumulate=True)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_ids = top_logprobs = None
+        if top_n:
+            top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)
+        return SampleOutput(tokens, chosen, top_ids, top_logprobs)
+
+    def _penalize(self, logits, params, rows):
+        dev = logits.device
+        counts = self._output_counts[rows]
+        seen = self._prompt_seen[rows] | (counts > 0)
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        # As in transformers: seen tokens' positive logits shrink, negative ones grow.
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        return logits - freq * counts - presence * (counts > 0)
+
+
+def _filter(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logprobs with tokens outside each row's top-k, top-p and typical-p sets at -inf."""
+    dev = logprobs.device
+    vocab = logprobs.shape[-1]
+    needs_sort = any(p.top_p < 1.0 or p.typical_p < 1.0 for p in params)
+    if not needs_sort and not any(0 < p.top_k < vocab for p in params):
+        return logprobs
+    if not needs_sort:  # top-k alone: a partial sort suffices
+        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+        top = logprobs.topk(int(ks.max()), dim=-1).values
+        kth = top.gather(1, (ks.clamp(max=top.shape[1]) - 1)[:, None])
+        return logprobs.masked_fill(logprobs < kth, float("-inf"))
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_ps = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    # top-k by value, as the partial-sort path above: tokens tied with the k-th all stay.
+    drop = sorted_lp < sorted_lp.gather(1, ks[:, None] - 1)
+    # top-p on what top-k left: keep the smallest prefix whose mass reaches p (always the first).
+    # Rows without top-p skip it: the cumulative sum's rounding must not cut their tail.
+    probs = sorted_lp.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= ((probs.cumsum(-1) - probs) > top_ps) & (top_ps < 1.0)
+    drop[:, 0] = False
+    if any(p.typical_p < 1.0 for p in params):
+        # Typical-p last, on what top-k and top-p left, renormalized: transformers' order.
+        drop |= _typical_drop(sorted_lp.masked_fill(drop, float("-inf")).log_softmax(-1), params)
+    return logprobs.scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
+
+
+def _typical_drop(logprobs, params):
+    """Typical-p (Meister et al.) as transformers does it: True for tokens outside the set."""
+    dev = logprobs.device
+    masses = torch.tensor([p.typical_p for p in params], device=dev)[:, None]
+    probs = logprobs.exp()
+    entropy = -(logprobs.nan_to_num(neginf=0.0) * probs).sum(-1, keepdim=True)
+    surprise_gap = (-logprobs - entropy).abs()
+    gap_sorted, gap_order = surprise_gap.sort(dim=-1)
+    cum = probs.gather(1, gap_order).cumsum(-1)
+    last = (cum < masses).sum(-1, keepdim=True).clamp(max=logprobs.shape[-1] - 1)
+    keep_gap = gap_sorted <= gap_sorted.gather(1, last)
+    keep = torch.zeros_like(keep_gap).scatter(1, gap_order, keep_gap)
+    keep |= (masses >= 1.0)
+    return ~keep
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding 32-bit values (products wrap)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _gumbel(params: list[SamplingParams], positions: list[int], vocab: int,
+            device: torch.device) -> torch.Tensor:
+    """Gumbel noise [S, vocab], a pure function of (seed, position, token id)."""
+    lo = torch.tensor([p.seed & _MASK32 for p in params], device=device)
+    hi = torch.tensor([(p.seed >> 32) & _MASK32 for p in params], device=device)
+    pos = torch.tensor(positions, device=device)
+    key = _mix32(_mix32(lo ^ _mix32(hi ^ 0x5BD1E995)) ^ pos)
+    token_key = (torch.arange(vocab, device=device) * 0x9E3779B1) & _MASK32
+    bits = _mix32(key[:, None] ^ token_key[None, :]) >> 8  # 24 uniform bits
+    uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(uniform))

@@ -1,0 +1,126 @@
+"""Admission under the token budget and the plan of each engine step.
+
+Requests wait in arrival order until their whole reservation (prompt + max_new_tokens, in
+blocks) fits; a request is admitted exactly once and then runs to its end. Each step every
+running sequence past its prompt decodes one token, and prompts advance in chunks that share
+`max_batch_prefill_tokens` (chunked prefill), oldest first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.kv_cache import BlockAllocator, blocks_for
+from shard.sampling import SamplingParams
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: int
+    stream: object  # the router stream that submitted it (engine-owned handle)
+    prompt: torch.Tensor  # int64 token ids, on the host
+    sampling: SamplingParams
+    max_new_tokens: int
+    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()
+    top_n_tokens: int = 0
+    slot: int = -1  # row in the per-sequence tables while admitted
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    num_generated: int = 0
+    last_token: int = -1  # the token the next decode feeds
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_cached < self.prompt_len
+
+
+@dataclass(slots=True)
+class Step:
+    decodes: list[Sequence]
+    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_prefill_tokens: int,
+                 max_total_tokens: int):
+        self.allocator = allocator
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        max_blocks = blocks_for(max_total_tokens, allocator.block_size)
+        # Block table of each slot, written once at admission: the step reads rows by slot.
+        self.block_tables = torch.zeros(max_batch_size, max_blocks, dtype=torch.int32)
+
+    @property
+    def idle(self) -> bool:
+        # Waiting requests are work too: when the last running ones end, the next step admits
+        # them, so the engine must not sleep on its inbox.
+        return not self.running and not self.waiting
+
+    def rejection(self, seq: Sequence) -> str | None:
+        """Why `seq` can never be admitted, or None."""
+        needed = blocks_for(seq.reserved_tokens, self.allocator.block_size)
+        if needed > self.block_tables.shape[1]:
+            return (f"prompt + max_new_tokens = {seq.reserved_tokens} tokens exceeds "
+                    f"max_total_tokens ({self.block_tables.shape[1] * self.allocator.block_size})")
+        if needed > self.allocator.num_blocks:
+            return (f"prompt + max_new_tokens = {seq.reserved_tokens} tokens exceeds the whole "
+                    f"budget ({self.allocator.total_tokens} tokens)")
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Admit waiting sequences, oldest first, while their reservation fits."""
+        admitted = []
+        while self.waiting and self._free_slots:
+            seq = self.waiting[0]
+            blocks = self.allocator.allocate(
+                blocks_for(seq.reserved_tokens, self.allocator.block_size))
+            if blocks is None:
+                break  # strict arrival order: nobody overtakes the oldest waiting request
+            self.waiting.popleft()
+            seq.blocks = blocks
+            seq.slot = self._free_slots.pop()
+            self.block_tables[seq.slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def schedule(self) -> Step | None:
+        decodes, prefills = [], []
+        prefill_budget = self.max_prefill_tokens
+        for seq in self.running:
+            if not seq.prefilling:
+                decodes.append(seq)
+            elif prefill_budget > 0:
+                chunk = min(seq.prompt_len - seq.num_cached, prefill_budget)
+                prefills.append((seq, chunk))
+                prefill_budget -= chunk
+        if not decodes and not prefills:
+            return None
+        return Step(decodes, prefills)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished or cancelled sequence and return its blocks and slot."""
+        if seq.slot < 0:
+            self.waiting.remove(seq)
+            return
+        self.running.remove(seq)
+        self.allocator.release(seq.blocks)
+        self._free_slots.append(seq.slot)
+        seq.blocks, seq.slot = [], -1

@@ -1,0 +1,221 @@
+"""The shard group's gRPC server: Info, the Generate stream and grpc.health.v1.
+
+Start-up order: load weights, size the budget, warm up, then listen. When it is ready it prints
+one JSON line on stdout, {"event": "ready", "service": "shard", "address": "HOST:PORT"}, so a
+supervisor can use --port 0 and learn the port the OS chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence as Seq
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import sluice
+from shard import budget as budgets
+from shard import config as shard_config
+from shard import loader
+from shard.attention import select_backend
+from shard.engine import Engine, Limits, Stream
+from shard.kv_cache import BlockAllocator, KVCache
+from shard.parallel import TensorParallel
+from shard.sampling import SamplingParams
+from shard.scheduler import Sequence
+from shard.source import ModelNotFound, resolve
+from sluice.v1 import generate_pb2 as pb
+from sluice.v1 import generate_pb2_grpc as pb_grpc
+
+log = logging.getLogger("shard")
+SERVICE_NAME = "sluice.v1.TextGeneration"
+
+
+class _RouterStream(Stream):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue()
+
+    def send(self, response: pb.GenerateResponse) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, response)
+
+
+class Runtime:
+    """Everything a started shard holds: the engine and what Info reports about it."""
+
+    def __init__(self, config: shard_config.ShardConfig):
+        self.device = _device(config.device)
+        self.dtype = _dtype(config.dtype, self.device)
+        if config.num_shard != 1:
+            raise ValueError("--num-shard > 1 needs the multi-rank runtime, which is not built "
+                             "yet; the layers are tensor-parallel already")
+        self.attention = select_backend(config.attention, self.device)
+        source = resolve(config.model, config.revision)
+        log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
+                 self.dtype)
+        self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
+                                  self.attention, config.load_format)
+        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
+        self.budget = budgets.size(config, self.loaded.config, self.dtype,
+                                   budgets.kv_cache_bytes(config, self.device, reserved))
+        allocator = BlockAllocator(self.budget.num_blocks, self.budget.block_size)
+        kv_cache = KVCache(self.loaded.config, 1, self.budget.num_blocks, self.budget.block_size,
+                           self.dtype, self.device)
+        self.engine = Engine(
+            self.loaded.model, kv_cache, allocator, self.attention,
+            Limits(self.budget.max_input_tokens, self.budget.max_total_tokens,
+                   config.max_batch_prefill_tokens, config.max_batch_size),
+            self.loaded.tokenizer.eos_token_ids, self.device)
+        self.config = config
+
+    def warm_up(self) -> None:
+        """Run one short request through the whole step path before serving."""
+        sink = Stream()
+        sink.send = lambda response: None
+        prompt_len = min(16, self.budget.max_input_tokens)
+        seq = Sequence(request_id=0, stream=sink,
+                       prompt=torch.arange(prompt_len) % self.loaded.config.vocab_size,
+                       sampling=SamplingParams(), max_new_tokens=2, ignore_eos=True)
+        self.engine.submit(sink, [seq])
+        self.engine.step()
+        while not self.engine.scheduler.idle:
+            self.engine.step()
+
+    def info(self) -> pb.InfoResponse:
+        tok = self.loaded.tokenizer
+        return pb.InfoResponse(
+            model_id=self.loaded.source.model_id,
+            model_dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            attention_backend=self.attention.name,
+            num_shards=self.config.num_shard,
+            block_size=self.budget.block_size,
+            max_batch_total_tokens=self.budget.total_tokens,
+            max_batch_prefill_tokens=self.config.max_batch_prefill_tokens,
+            max_input_tokens=self.budget.max_input_tokens,
+            max_total_tokens=self.budget.max_total_tokens,
+            max_batch_size=self.config.max_batch_size,
+            free_budget_tokens=self.engine.allocator.free_tokens,
+            tokenizer=pb.Tokenizer(tokenizer_json=tok.tokenizer_json,
+                                   chat_template=tok.chat_template, bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token, eos_token_ids=tok.eos_token_ids),
+            version=sluice.__version__,
+            vocab_size=self.loaded.config.vocab_size,
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def to_sequence(request: pb.Request, stream: Stream) -> Sequence:
+    s, stop = request.sampling, request.stopping
+    return Sequence(
+        request_id=request.id,
+        stream=stream,
+        prompt=torch.tensor(list(request.input_ids), dtype=torch.long),
+        sampling=SamplingParams(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
+            typical_p=s.typical_p or 1.0, repetition_penalty=s.repetition_penalty or 1.0,
+            frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+            seed=s.seed),
+        max_new_tokens=stop.max_new_tokens,
+        ignore_eos=stop.ignore_eos,
+        stop_token_ids=frozenset(stop.stop_token_ids),
+        top_n_tokens=request.top_n_tokens,
+    )
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        return self.runtime.info()
+
+    async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest],
+                       context) -> AsyncIterator[pb.GenerateResponse]:
+        engine = self.runtime.engine
+        stream = _RouterStream(asyncio.get_running_loop())
+        engine.open_stream(stream)
+        reader = asyncio.create_task(self._read(request_iterator, stream))
+        try:
+            while (response := await stream.queue.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            engine.close_stream(stream)  # a router that goes away cancels all its requests
+
+    async def _read(self, request_iterator, stream: _RouterStream) -> None:
+        engine = self.runtime.engine
+        try:
+            async for message in request_iterator:
+                if message.HasField("batch"):
+                    engine.submit(stream, [to_sequence(r, stream) for r in message.batch.requests])
+                elif message.HasField("cancel"):
+                    engine.cancel(stream, list(message.cancel.ids))
+        finally:
+            stream.queue.put_nowait(None)  # the router closed its side: end the stream
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+                                      ("grpc.max_receive_message_length", 64 << 20)])
+    pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    config = runtime.config
+    port = server.add_insecure_port(listen_address(config.host, config.port))
+    await server.start()
+    runtime.engine.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = listen_address(config.host, port)
+    log.info("shard serving %s on %s", runtime.loaded.source.model_id, address)
+    print(json.dumps({"event": "ready", "service": "shard", "address": address}), flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shard stopping")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace_s)
+    runtime.engine.stop()
+
+
+def main(argv: Seq[str] | None = None) -> None:
+    config = shard_config.parse(argv, os.environ)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        runtime = Runtime(config)
+        runtime.warm_up()
+    except (ModelNotFound, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+    asyncio.run(serve(runtime))

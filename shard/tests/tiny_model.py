@@ -1,0 +1,51 @@
+"""Tiny random models written by tests: config.json, safetensors weights and a tokenizer.
+
+The weights come from transformers' own classes (the oracle) with a fixed seed, so our model
+and transformers' can be compared on exactly the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: ids 0-2 are special, then one token per byte."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def write_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random Llama (or Qwen2) checkpoint in `folder`; `overrides` change config fields."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    fields.update(overrides)
+    config_class, model_class = ((Qwen2Config, Qwen2ForCausalLM) if family == "qwen2"
+                                 else (LlamaConfig, LlamaForCausalLM))
+    torch.manual_seed(seed)
+    model = model_class(config_class(**fields)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    PreTrainedTokenizerFast(
+        tokenizer_object=byte_tokenizer(), bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", chat_template=CHATML,
+    ).save_pretrained(folder)
+    return folder
