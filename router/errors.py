@@ -1,0 +1,60 @@
+"""The failures a client can meet, each mapped once to its HTTP status and body.
+
+TGI routes answer {"error": message, "error_type": kind}; OpenAI routes answer
+{"error": {"message", "type", "param", "code"}} with the same status.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+
+class RouterError(Exception):
+    status = 500
+    error_type = "internal"
+    openai_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def tgi_body(self) -> dict:
+        return {"error": self.message, "error_type": self.error_type}
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.openai_type,
+                          "param": self.param, "code": self.error_type}}
+
+    def response(self, openai: bool) -> JSONResponse:
+        return JSONResponse(self.openai_body() if openai else self.tgi_body(), self.status)
+
+
+class ValidationError(RouterError):
+    status = 422
+    error_type = "validation"
+    openai_type = "invalid_request_error"
+
+
+class MalformedRequest(ValidationError):
+    """The body is not JSON at all."""
+
+    status = 400
+
+
+class Overloaded(RouterError):
+    status = 429
+    error_type = "overloaded"
+    openai_type = "rate_limit_error"
+
+
+class ShardUnavailable(RouterError):
+    status = 503
+    error_type = "unavailable"
+
+
+class GenerationError(RouterError):
+    """A shard group failed the request after accepting it."""
+
+    status = 424
+    error_type = "generation"

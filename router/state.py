@@ -1,0 +1,70 @@
+"""What one router process holds while it runs: its shard groups, queue and tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from router.config import RouterConfig
+from router.errors import ShardUnavailable
+from router.queue import Dispatcher
+from router.tokenizer import RouterTokenizer
+from router.validation import Limits
+from sluice.v1 import generate_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Longer prompts are tokenized on a worker thread so that the event loop keeps serving.
+_INLINE_TOKENIZE_CHARS = 2048
+
+
+class RouterState:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.dispatcher = Dispatcher(config.shard_uri, config.max_concurrent_requests)
+        self.started_at = int(time.time())
+        self._tokenizer: RouterTokenizer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(g.run(), name=f"shard {g.uri}")
+                       for g in self.dispatcher.groups]
+        self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def info(self) -> pb.InfoResponse:
+        """The Info of a connected shard group (all serve the same model)."""
+        groups = self.dispatcher.ready_groups
+        if not groups:
+            raise ShardUnavailable("no shard group is connected")
+        return groups[0].info
+
+    @property
+    def tokenizer(self) -> RouterTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = RouterTokenizer(self.info.tokenizer)
+        return self._tokenizer
+
+    @property
+    def limits(self) -> Limits:
+        """Per-request limits every connected group accepts."""
+        infos = [g.info for g in self.dispatcher.ready_groups] or [self.info]
+        return Limits(min(i.max_input_tokens for i in infos),
+                      min(i.max_total_tokens for i in infos),
+                      self.config.max_stop_sequences, self.config.max_top_n_tokens)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.info.model_id
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = self.tokenizer
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
