@@ -1,0 +1,128 @@
+"""The fixed token budget: excess requests wait rather than fail, and every ending gives it back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import httpx
+import pytest
+
+from conftest import start_router, start_shard
+from sluice.v1 import generate_pb2 as pb
+from sluice.v1 import generate_pb2_grpc as pb_grpc
+
+BUDGET = 64  # four blocks of 16 tokens
+REQUEST = {"inputs": "abc", "parameters": {"max_new_tokens": 20, "details": True}}
+
+
+@pytest.fixture(scope="module")
+def small_budget(tiny_model):
+    shard = start_shard(str(tiny_model), "--max-batch-total-tokens", str(BUDGET),
+                        "--block-size", "16")
+    router = start_router(shard)
+    yield shard, router
+    router.stop()
+    shard.stop()
+
+
+def shard_info(shard) -> pb.InfoResponse:
+    with grpc.insecure_channel(shard.address) as channel:
+        return pb_grpc.TextGenerationStub(channel).Info(pb.InfoRequest(), timeout=10)
+
+
+def wait_for_free_budget(shard, expected: int, timeout_s: float = 10) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (free := shard_info(shard).free_budget_tokens) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return free
+
+
+def test_budget_is_what_the_flag_says(small_budget):
+    shard, router = small_budget
+    info = shard_info(shard)
+    assert info.max_batch_total_tokens == BUDGET
+    assert info.free_budget_tokens == BUDGET
+    # max_total_tokens is lowered to fit the budget, so no request can be too big to ever run.
+    assert info.max_total_tokens == BUDGET
+    groups = httpx.get(f"{router.url}/info").json()["shard_groups"]
+    assert groups == [{"uri": shard.address, "ready": True, "free_budget_tokens": BUDGET,
+                       "max_batch_total_tokens": BUDGET}]
+
+
+def test_excess_requests_wait_and_all_finish(small_budget):
+    shard, router = small_budget
+    # Each request reserves 3 + 20 tokens = 2 blocks: 12 requests need 24 blocks, 4 exist.
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{router.url}/generate",
+                                                      json=REQUEST | {"stream": False})
+                                          for _ in range(12)))
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers] == [200] * 12
+    assert all(a.json()["details"]["generated_tokens"] == 20 or
+               a.json()["details"]["finish_reason"] == "eos_token" for a in answers)
+    assert wait_for_free_budget(shard, BUDGET) == BUDGET
+
+
+def test_streaming_client_disconnect_frees_the_budget(small_budget):
+    shard, router = small_budget
+    request = {"inputs": "abc", "parameters": {"max_new_tokens": 60}}
+    with httpx.stream("POST", f"{router.url}/generate_stream", json=request,
+                      timeout=60) as answer:
+        lines = answer.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert shard_info(shard).free_budget_tokens == 0  # 63 tokens: all four blocks
+    # The connection is closed mid-generation: the router cancels, the shard frees.
+    assert wait_for_free_budget(shard, BUDGET) == BUDGET
+
+
+def test_non_streaming_client_disconnect_frees_the_budget(small_budget):
+    shard, router = small_budget
+    request = {"inputs": "abc", "parameters": {"max_new_tokens": 60}}
+
+    async def leave_early():
+        async with httpx.AsyncClient() as client:
+            task = asyncio.create_task(client.post(f"{router.url}/generate", json=request,
+                                                   timeout=60))
+            deadline = time.monotonic() + 10
+            while shard_info(shard).free_budget_tokens == BUDGET:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            task.cancel()  # closes the connection before the answer
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(leave_early())
+    assert wait_for_free_budget(shard, BUDGET) == BUDGET
+
+
+def test_requests_waiting_for_budget_are_cancelled_when_their_clients_leave(small_budget):
+    shard, router = small_budget
+    long = {"inputs": "abc", "parameters": {"max_new_tokens": 60}}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            running = asyncio.create_task(client.post(f"{router.url}/generate", json=long))
+            while shard_info(shard).free_budget_tokens == BUDGET:
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.create_task(client.post(f"{router.url}/generate", json=long))
+                       for _ in range(3)]
+            await asyncio.sleep(0.3)
+            for task in waiting + [running]:
+                task.cancel()
+            await asyncio.gather(*waiting, running, return_exceptions=True)
+        after = await client_after()
+        return after
+
+    async def client_after():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await client.post(f"{router.url}/generate", json=REQUEST)
+
+    after = asyncio.run(scenario())
+    assert after.status_code == 200
+    assert wait_for_free_budget(shard, BUDGET) == BUDGET
