@@ -1,0 +1,26 @@
+"""Shared fixtures of the shard's unit tests: tiny random checkpoints, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.tests.tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """The models here are tiny: one thread is as fast, and much faster on a shared, busy CPU
+    (torch's spinning worker threads degrade badly when other processes take the cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Random Llama with GQA (4 query heads, 2 key/value heads), untied embeddings."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,217 @@
+"""The torch attention backend against a float64 reference of the same paged attention.
+
+Each case is one ragged step: decodes with different context lengths, then prefill chunks with
+and without earlier cached context, over pages handed out in a shuffled order. The reference
+attends densely, per sequence, to its whole context (cached tokens + this step's new ones), with
+a causal mask and GQA by repeating each key/value head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from shard.attention import StepLayout, TorchAttention
+from shard.kv_cache import blocks_for
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
+
+
+@dataclass
+class RaggedStep:
+    layout: StepLayout
+    q: torch.Tensor  # [T, Hq, D]
+    k: torch.Tensor  # [T, Hkv, D]
+    v: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D], before the step
+    v_cache: torch.Tensor
+    cached_lens: list[int]  # tokens of each sequence already in the cache before the step
+    query_lens: list[int]
+    tables: list[list[int]]  # the blocks of each sequence, in position order
+
+
+# (cached tokens before the step, new tokens): decodes first, then prefill chunks.
+MIXED = [(0, 1), (6, 1), (32, 1), (49, 1), (0, 9), (20, 6), (15, 1), (0, 1), (3, 17)]
+DECODES_ONLY = [(40, 1), (0, 1), (16, 1), (5, 1)]
+PREFILLS_ONLY = [(0, 23), (11, 5), (0, 2), (31, 16)]
+BATCHES = {"mixed": (MIXED, 4), "decodes_only": (DECODES_ONLY, 4),
+           "prefills_only": (PREFILLS_ONLY, 0)}
+
+
+def random_batch(seed: int) -> tuple[list[tuple[int, int]], int]:
+    """0-5 decodes with contexts of 1-70 tokens, then 0-4 prefill chunks of 1-30 tokens after
+    0-40 cached ones (at least one sequence)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    num_decodes, num_prefills = draw(0, 5), draw(0, 4)
+    if num_decodes + num_prefills == 0:
+        num_prefills = 1
+    decodes = [(draw(0, 69), 1) for _ in range(num_decodes)]
+    prefills = [(draw(0, 40) * draw(0, 1), draw(1, 30)) for _ in range(num_prefills)]
+    return decodes + prefills, num_decodes
+
+
+def make_step(sequences: list[tuple[int, int]], num_decodes: int, block_size: int,
+              dtype: torch.dtype, seed: int, fill_unused: float = 0.0,
+              block_zero_unused: bool = False) -> RaggedStep:
+    """A random step; unused cache slots hold `fill_unused`, cached context holds random K/V."""
+    gen = torch.Generator().manual_seed(seed)
+    cached_lens = [c for c, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    needed = [blocks_for(c + n, block_size) for c, n in sequences]
+    num_blocks = sum(needed) + 3  # a few blocks belong to no one
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    if block_zero_unused:  # block 0 is what a padded read of a block table finds
+        order.remove(0)
+        order.append(0)
+    tables, used = [], 0
+    for n in needed:
+        tables.append(order[used:used + n])
+        used += n
+    width = max(needed)
+    block_table = torch.zeros(len(sequences), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.full(shape, fill_unused, dtype=dtype)
+    v_cache = torch.full(shape, fill_unused, dtype=dtype)
+    for t, c in zip(tables, cached_lens):
+        slots = slots_of(t, range(c), block_size)
+        k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = torch.randn(
+            c, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+        v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = torch.randn(
+            c, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+
+    total = sum(query_lens)
+    q = torch.randn(total, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    k = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    v = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    slot_mapping = torch.cat([slots_of(t, range(c, c + n), block_size)
+                              for t, (c, n) in zip(tables, sequences)])
+    context_lens = [c + n for c, n in sequences]
+    layout = StepLayout(
+        num_decodes=num_decodes, query_starts=starts, context_lens=context_lens,
+        cu_seqlens_q=torch.tensor(starts, dtype=torch.int32),
+        seqused_k=torch.tensor(context_lens, dtype=torch.int32),
+        block_table=block_table, slot_mapping=slot_mapping, block_size=block_size)
+    return RaggedStep(layout, q, k, v, k_cache, v_cache, cached_lens, query_lens, tables)
+
+
+def slots_of(table: list[int], positions, block_size: int) -> torch.Tensor:
+    return torch.tensor([table[p // block_size] * block_size + p % block_size for p in positions],
+                        dtype=torch.long)
+
+
+def reference(step: RaggedStep) -> torch.Tensor:
+    """Dense causal softmax attention per sequence in float64, GQA by repeating kv heads."""
+    bs = step.layout.block_size
+    flat_k = step.k_cache.double().view(-1, NUM_KV_HEADS, HEAD_DIM)
+    flat_v = step.v_cache.double().view(-1, NUM_KV_HEADS, HEAD_DIM)
+    group = NUM_HEADS // NUM_KV_HEADS
+    outputs = []
+    for i, (c, n) in enumerate(zip(step.cached_lens, step.query_lens)):
+        rows = slice(step.layout.query_starts[i], step.layout.query_starts[i + 1])
+        cached = slots_of(step.tables[i], range(c), bs)
+        keys = torch.cat([flat_k[cached], step.k[rows].double()])  # [ctx, Hkv, D]
+        values = torch.cat([flat_v[cached], step.v[rows].double()])
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, ctx, D]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        query = step.q[rows].double().transpose(0, 1)  # [Hq, n, D]
+        scores = query @ keys.transpose(1, 2) / HEAD_DIM ** 0.5  # [Hq, n, ctx]
+        q_pos = torch.arange(c, c + n)[:, None]
+        scores = scores.masked_fill(torch.arange(c + n)[None, :] > q_pos, float("-inf"))
+        outputs.append((scores.softmax(-1) @ values).transpose(0, 1))  # [n, Hq, D]
+    return torch.cat(outputs)
+
+
+def run_backend(step: RaggedStep):
+    k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
+    backend = TorchAttention()
+    out = backend.forward(step.q, step.k, step.v, k_cache, v_cache, backend.prepare(step.layout))
+    return out, k_cache, v_cache
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def check_against_reference(step: RaggedStep, tolerance: float, case: str) -> None:
+    out, _, _ = run_backend(step)
+    assert out.shape == step.q.shape and out.dtype == step.q.dtype
+    ref = reference(step)
+    error = relative_error(out, ref)
+    assert error < tolerance, f"{case}: relative error {error}"
+    # Per sequence too, so that one short sequence cannot hide in the batch's norm.
+    starts = step.layout.query_starts
+    for i in range(len(starts) - 1):
+        rows = slice(starts[i], starts[i + 1])
+        assert relative_error(out[rows], ref[rows]) < tolerance, f"{case}, sequence {i}"
+
+
+@pytest.mark.parametrize("block_size", [16, 5, 1])
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
+                         ids=["float32", "bfloat16"])
+def test_paged_attention_matches_float64_reference(block_size, batch, dtype, tolerance):
+    for seed in range(3):
+        sequences, num_decodes = BATCHES[batch]
+        step = make_step(sequences, num_decodes, block_size, dtype, seed)
+        check_against_reference(step, tolerance, f"seed {seed}")
+
+
+@pytest.mark.parametrize("block_size", [16, 5, 1])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
+                         ids=["float32", "bfloat16"])
+def test_paged_attention_matches_float64_reference_on_random_ragged_batches(block_size, dtype,
+                                                                            tolerance):
+    for seed in range(8):
+        sequences, num_decodes = random_batch(seed)
+        step = make_step(sequences, num_decodes, block_size, dtype, seed)
+        check_against_reference(step, tolerance, f"batch {sequences}, {num_decodes} decodes")
+
+
+@pytest.mark.parametrize("garbage", [1e4, float("nan")], ids=["large", "nan"])
+@pytest.mark.parametrize("block_size", [16, 5, 1])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_attention_never_reads_cache_slots_outside_each_context(batch, block_size, garbage):
+    """Unused pages and padding never reach the output, even when they hold NaN.
+
+    Decodes are padded to the longest context of the step; the padded reads are masked, but
+    masked softmax still multiplies the skipped values by 0, and 0 x NaN = NaN. Half of the
+    cases leave block 0 (where zero-padded block tables point) to no sequence.
+    """
+    sequences, num_decodes = BATCHES[batch]
+    for seed in range(6):
+        spare = seed % 2 == 0
+        clean = make_step(sequences, num_decodes, block_size, torch.float32, seed,
+                          block_zero_unused=spare)
+        dirty = make_step(sequences, num_decodes, block_size, torch.float32, seed,
+                          fill_unused=garbage, block_zero_unused=spare)
+        assert not spare or all(0 not in t for t in dirty.tables)
+        out_clean, _, _ = run_backend(clean)
+        out_dirty, _, _ = run_backend(dirty)
+        assert torch.equal(out_dirty, out_clean), f"seed {seed}"
+        assert relative_error(out_dirty, reference(dirty)) < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [16, 5, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_new_keys_and_values_land_exactly_in_their_slots(block_size, dtype):
+    step = make_step(MIXED, 4, block_size, dtype, seed=3)
+    _, k_cache, v_cache = run_backend(step)
+    expected_k, expected_v = step.k_cache.clone(), step.v_cache.clone()
+    expected_k.view(-1, NUM_KV_HEADS, HEAD_DIM)[step.layout.slot_mapping] = step.k
+    expected_v.view(-1, NUM_KV_HEADS, HEAD_DIM)[step.layout.slot_mapping] = step.v
+    # Bit-exact: the written slots hold the new K/V, every other slot is untouched.
+    assert torch.equal(k_cache, expected_k)
+    assert torch.equal(v_cache, expected_v)
+    assert step.layout.slot_mapping.unique().numel() == step.layout.slot_mapping.numel()
