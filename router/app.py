@@ -55,6 +55,7 @@ async def info(request: Request) -> Response:
         "model_id": i.model_id,
         "model_sha": None,
         "model_dtype": i.model_dtype,
+        "quantization": i.quantization,
         "model_device_type": i.device_type,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": state.config.max_concurrent_requests,

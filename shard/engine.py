@@ -171,9 +171,7 @@ class Engine:
                 outgoing.pop(command.stream, None)
 
     def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
-        reason = self.scheduler.rejection(seq)
-        if reason is None and seq.prompt_len == 0:
-            reason = "the prompt is empty"
+        reason = self._invalid(seq) or self.scheduler.rejection(seq)
         if reason is None and (seq.stream, seq.request_id) in self._sequences:
             reason = f"request id {seq.request_id} is already in use on this stream"
         if reason is not None:
@@ -182,6 +180,23 @@ class Engine:
             return
         self._sequences[(seq.stream, seq.request_id)] = seq
         self.scheduler.add(seq)
+
+    def _invalid(self, seq: Sequence) -> str | None:
+        """What makes a request unrunnable; routers validate too, but a bad one must not
+        reach the forward, where it would fail every request of the step."""
+        vocab = self.model.config.vocab_size
+        if seq.prompt_len == 0:
+            return "the prompt is empty"
+        if seq.prompt_len > self.limits.max_input_tokens:
+            return (f"the prompt has {seq.prompt_len} tokens; max_input_tokens is "
+                    f"{self.limits.max_input_tokens}")
+        if int(seq.prompt.max()) >= vocab:
+            return f"the prompt holds a token id outside the vocabulary (size {vocab})"
+        if seq.max_new_tokens < 1:
+            return "max_new_tokens must be at least 1"
+        if seq.top_n_tokens > vocab:
+            return f"top_n_tokens must be at most the vocabulary size ({vocab})"
+        return None
 
     def _advance(self, step: Step) -> None:
         for seq in step.decodes:

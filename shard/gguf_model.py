@@ -16,6 +16,7 @@ import torch
 from gguf.quants import dequantize
 
 from shard.models.config import SUPPORTED, ModelConfig, RopeScaling
+from shard.quantization import INT4_TYPES, Int4Groups, from_gguf_blocks
 from shard.tokenizer import TokenizerSpec, bpe_tokenizer_json
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -85,15 +86,26 @@ class GGUFModel:
             rope_scaling=scaling,
         )
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, dequantized to float32, under its Hugging Face name."""
+    def tensors(self, config: ModelConfig,
+                int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+        """Every tensor under its Hugging Face name: dequantized to float32, or with `int4`,
+        the Q4_0/Q4_1 weights of linear layers kept as their 4-bit groups."""
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
+            permuted = self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            if int4 and t.tensor_type in INT4_TYPES and name.startswith("model.layers."):
+                groups = from_gguf_blocks(t.data, t.tensor_type)
+                if permuted:
+                    rows = torch.from_numpy(_undo_rope_permutation(
+                        np.arange(groups.shape[0])[:, None], heads)[:, 0])
+                    groups = Int4Groups(groups.q[rows], groups.scale[rows], groups.zero[rows])
+                yield name, groups
+                continue
             array = dequantize(t.data, t.tensor_type)
-            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            if permuted:
                 array = _undo_rope_permutation(array, heads)
             yield name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
 

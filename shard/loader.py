@@ -15,6 +15,7 @@ from shard.gguf_model import GGUFModel
 from shard.models.config import ModelConfig
 from shard.models.llama import LlamaForCausalLM
 from shard.parallel import TensorParallel
+from shard.quantization import int4_available
 from shard.source import ModelNotFound, ModelSource
 from shard.tokenizer import TokenizerSpec
 
@@ -25,6 +26,7 @@ class LoadedModel:
     config: ModelConfig
     model: LlamaForCausalLM
     tokenizer: TokenizerSpec
+    quantization: str  # "none", or how the weights run quantized
 
 
 @contextlib.contextmanager
@@ -48,11 +50,16 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
-         attention, load_format: str = "auto") -> LoadedModel:
+         attention, load_format: str = "auto", quantize: str = "none") -> LoadedModel:
+    """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel."""
+    int4 = quantize == "int4"
+    if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
+        raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "
+                         "_weight_int4pack_mm_for_cpu); this model or device is not that")
     if source.is_gguf:
         gguf_file = GGUFModel(source.path)
         config, tokenizer = gguf_file.config(), gguf_file.tokenizer()
-        weights = gguf_file.tensors(config)
+        weights = gguf_file.tensors(config, int4=int4)
     else:
         config = ModelConfig.from_folder(source.path)
         tokenizer = tokenizers.from_folder(source.path)
@@ -63,7 +70,12 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
         _randomize(model)
     else:
         model.load_weights(weights)
-    return LoadedModel(source, config, model.eval(), tokenizer)
+    quantization = "none"
+    if any(getattr(m, "int4", None) is not None for m in model.modules()):
+        quantization = "int4 weights (GGUF Q4 groups of 32), bfloat16 activations in linears"
+        # Next to int4 layers the float32 LM head would dominate each step: bfloat16 halves it.
+        model.lm_head.compute_weight = model.lm_head.weight.detach().to(torch.bfloat16)
+    return LoadedModel(source, config, model.eval(), tokenizer, quantization)
 
 
 def _randomize(model: torch.nn.Module) -> None:

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from shard.quantization import Int4Groups, Int4Weight
+
 
 @dataclass(slots=True, frozen=True)
 class TensorParallel:
@@ -50,16 +52,38 @@ class ColumnParallelLinear(nn.Module):
         local_out = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False) if bias else None
+        self.int4: Int4Weight | None = None
+        self._int4_parts: dict[int, Int4Groups] = {}
 
-    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor | Int4Groups,
+                   index: int = 0) -> None:
         """Copy this rank's rows of the `index`-th stacked output (q/k/v, gate/up) into `param`."""
         size = self.local_sizes[index]
-        offset = sum(self.local_sizes[:index])
         rows = full.narrow(0, self.tp.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(rows)
+        if isinstance(rows, Int4Groups):
+            self._int4_parts[index] = rows  # packed by finish_loading, once all parts are in
+            return
+        param.data.narrow(0, sum(self.local_sizes[:index]), size).copy_(rows)
+
+    def finish_loading(self) -> None:
+        """Run on int4 when every stacked part came as int4; else widen the int4 parts."""
+        parts, self._int4_parts = self._int4_parts, {}
+        if len(parts) == len(self.local_sizes):
+            ordered = [parts[i] for i in range(len(parts))]
+            self.int4 = Int4Weight(Int4Groups(*(torch.cat(t) for t in zip(
+                *((p.q, p.scale, p.zero) for p in ordered)))))
+            self.weight = None
+            return
+        for index, part in parts.items():
+            size = self.local_sizes[index]
+            self.weight.data.narrow(0, sum(self.local_sizes[:index]), size).copy_(
+                part.dequantize())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.int4 is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.int4.matmul(x)
+        return y if self.bias is None else y + self.bias
 
 
 class RowParallelLinear(nn.Module):
@@ -72,15 +96,25 @@ class RowParallelLinear(nn.Module):
         self.local_in = tp.split(in_features, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.int4: Int4Weight | None = None
 
-    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor | Int4Groups,
+                   index: int = 0) -> None:
         if param is self.bias:  # the bias is added once, after the reduction
             param.data.copy_(full)
             return
-        param.data.copy_(full.narrow(1, self.tp.rank * self.local_in, self.local_in))
+        columns = full.narrow(1, self.tp.rank * self.local_in, self.local_in)
+        if isinstance(columns, Int4Groups):
+            self.int4, self.weight = Int4Weight(columns), None
+        else:
+            param.data.copy_(columns)
+
+    def finish_loading(self) -> None:
+        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight) if self.int4 is None else self.int4.matmul(x)
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -109,5 +143,13 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's slice of the vocabulary, gathered into the whole vocabulary."""
 
+    # A bfloat16 copy of the weight used for the product, when set (next to int4 layers).
+    compute_weight: torch.Tensor | None = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        if self.compute_weight is None:
+            logits = F.linear(hidden, self.weight)
+        else:
+            logits = F.linear(hidden.to(self.compute_weight.dtype), self.compute_weight)
+            logits = logits.to(hidden.dtype)
+        return self.tp.all_gather_last_dim(logits)

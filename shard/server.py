@@ -60,7 +60,8 @@ class Runtime:
         log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
                  self.dtype)
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
-                                  self.attention, config.load_format)
+                                  self.attention, config.load_format, config.quantize)
+        log.info("weights: %s; quantization: %s", self.dtype, self.loaded.quantization)
         reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.budget = budgets.size(config, self.loaded.config, self.dtype,
                                    budgets.kv_cache_bytes(config, self.device, reserved))
@@ -107,6 +108,7 @@ class Runtime:
                                    eos_token=tok.eos_token, eos_token_ids=tok.eos_token_ids),
             version=sluice.__version__,
             vocab_size=self.loaded.config.vocab_size,
+            quantization=self.loaded.quantization,
         )
 
 

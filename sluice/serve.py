@@ -122,6 +122,10 @@ def parse(argv: Sequence[str] | None, environ) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv, os.environ)
+    if args.num_threads is None and args.device != "cuda":
+        # The router and its clients share this machine: leave them a core. On a 2-core
+        # machine this serves faster than torch's default of every core (docs/benchmarks.md).
+        args.num_threads = max(1, (os.cpu_count() or 2) - 1)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -176,7 +176,8 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             module = self.get_submodule(name.rpartition(".")[0])
-            tensor = tensor.to(param.dtype)
+            if isinstance(tensor, torch.Tensor):
+                tensor = tensor.to(param.dtype)
             if hasattr(module, "load_shard"):
                 module.load_shard(param, tensor, index)
             else:
@@ -187,3 +188,6 @@ class LlamaForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for module in self.modules():
+            if hasattr(module, "finish_loading"):
+                module.finish_loading()

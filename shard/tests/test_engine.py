@@ -299,6 +299,27 @@ def test_a_request_larger_than_the_whole_budget_is_refused_and_others_still_run(
     assert engine.allocator.free_tokens == BUDGET
 
 
+@pytest.mark.parametrize("prompt, max_new_tokens, top_n, message", [
+    ([], 3, 0, "empty"),
+    ([5] * 64, 3, 0, "max_input_tokens"),
+    ([5, 320, 6], 3, 0, "outside the vocabulary"),
+    ([5, 6], 0, 0, "max_new_tokens"),
+    ([5, 6], 3, 321, "top_n_tokens"),
+])
+def test_unrunnable_requests_get_an_error_and_never_reach_the_forward(model, prompt,
+                                                                      max_new_tokens, top_n,
+                                                                      message):
+    engine, driver, stream = make_engine(model, total_tokens=64)
+    bad = request(stream, 9, prompt, max_new_tokens)
+    bad.top_n_tokens = top_n
+    driver.submit(stream, [bad, *budget_requests(stream, [0])])
+    driver.run_until_done()
+    assert message in stream.errors()[9]
+    assert not stream.tokens(9)
+    assert len(stream.tokens(0)) == 10 and stream.finish_reasons(0)[-1] == LENGTH
+    assert engine.allocator.free_tokens == 64
+
+
 def test_reported_free_budget_is_the_allocators_in_every_response(model):
     # The Recorder asserts it on each send; here a busy mix of admissions, waits and ends.
     engine, driver, stream = make_engine(model, total_tokens=64, max_prefill_tokens=8)
