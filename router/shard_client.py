@@ -18,6 +18,9 @@ from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+# Info carries the whole tokenizer: Llama 3's is ~9 MB of JSON, over gRPC's 4 MB default.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+                    ("grpc.max_send_message_length", 64 << 20)]
 
 
 @dataclass(slots=True)
@@ -106,7 +109,7 @@ class ShardGroup:
         backoff_s = 0.1
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.uri) as channel:
+                async with grpc.aio.insecure_channel(self.uri, options=_CHANNEL_OPTIONS) as channel:
                     stub = pb_grpc.TextGenerationStub(channel)
                     self.info = await stub.Info(pb.InfoRequest(), timeout=10)
                     async for response in stub.Generate(self._requests()):

@@ -11,6 +11,7 @@ need, once per step; `forward` runs once per layer.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -98,11 +99,10 @@ class TorchAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: TorchMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] for the step's new tokens. Returns [T, Hq, D]."""
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         heads, dim = k_cache.shape[-2:]
         flat_k = k_cache.view(-1, heads, dim)
         flat_v = v_cache.view(-1, heads, dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -122,9 +122,127 @@ class TorchAttention:
         return out
 
 
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the step's new keys and values in their cache slots."""
+    heads, dim = k_cache.shape[-2:]
+    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+
+
+@dataclass(slots=True)
+class VarlenMetadata:
+    slot_mapping: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    context_slots: torch.Tensor  # [sum of context lengths]: every sequence's cache slots, packed
+    max_query_len: int
+    max_context_len: int
+
+
+class TorchVarlenAttention:
+    """CUDA: torch's varlen_attn (FlashAttention inside torch) over the contexts gathered from
+    the pages into one packed tensor per layer.
+
+    torch 2.13's varlen_attn could read the pages itself (block_table); that path is not used
+    because no GPU with torch 2.13 was at hand to test it (the lent H100 runs torch 2.11).
+    """
+
+    name = "torch"
+
+    def __init__(self):
+        from torch.nn.attention.varlen import varlen_attn
+
+        self._varlen_attn = varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        self._causal = ({"window_size": (-1, 0)} if "window_size" in params
+                        else {"is_causal": True})
+        self._native_gqa = "enable_gqa" in params
+
+    def prepare(self, layout: StepLayout) -> VarlenMetadata:
+        lens = layout.context_lens
+        device = layout.block_table.device
+        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = starts.to(device, non_blocking=True)
+        row = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                      layout.seqused_k.long(), output_size=sum(lens))
+        position = torch.arange(sum(lens), device=device) - cu_k[:-1].long()[row]
+        blocks = layout.block_table[row, position // layout.block_size].long()
+        slots = blocks * layout.block_size + position % layout.block_size
+        return VarlenMetadata(layout.slot_mapping, layout.cu_seqlens_q, cu_k, slots,
+                              layout.max_query_len, max(lens))
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: VarlenMetadata) -> torch.Tensor:
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        heads, dim = k_cache.shape[-2:]
+        keys = k_cache.view(-1, heads, dim)[meta.context_slots]
+        values = v_cache.view(-1, heads, dim)[meta.context_slots]
+        extra = {"enable_gqa": True} if self._native_gqa else {}
+        if not self._native_gqa and q.shape[1] != heads:
+            keys = keys.repeat_interleave(q.shape[1] // heads, dim=1)
+            values = values.repeat_interleave(q.shape[1] // heads, dim=1)
+        return self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                 meta.max_query_len, meta.max_context_len, **self._causal,
+                                 **extra)
+
+
+@dataclass(slots=True)
+class FlashMetadata:
+    slot_mapping: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    max_query_len: int
+
+
+class FlashAttention:
+    """FlashAttention-4 (flash_attn.cute) on Hopper and newer: one varlen call per layer reads
+    the pages through the block table, prefill chunks and decodes alike (causal, bottom-right
+    aligned, so a query sees its cached context)."""
+
+    name = "flash"
+
+    def __init__(self, num_splits: int = 0):
+        from flash_attn.cute import flash_attn_varlen_func
+
+        self._varlen = flash_attn_varlen_func
+        self.num_splits = num_splits  # < 1: FA4's split-KV heuristic (host side, graph-safe)
+
+    def prepare(self, layout: StepLayout) -> FlashMetadata:
+        return FlashMetadata(layout.slot_mapping, layout.cu_seqlens_q, layout.seqused_k,
+                             layout.block_table, layout.max_query_len)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: FlashMetadata) -> torch.Tensor:
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        out = self._varlen(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
+                           max_seqlen_q=meta.max_query_len, seqused_k=meta.seqused_k,
+                           page_table=meta.block_table, causal=True,
+                           num_splits=self.num_splits)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def flash_unavailable(device: torch.device) -> str | None:
+    """Why the flash backend cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return "FlashAttention needs a CUDA GPU"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        # flash-attn 2 reads pages only in blocks of 256 tokens; not wired up yet.
+        return "the flash backend runs FlashAttention-4, which needs compute capability 9.0+"
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as exc:
+        return f"FlashAttention-4 (pip install flash-attn-4) is not importable: {exc}"
+    return None
+
+
 def select_backend(requested: str, device: torch.device):
-    """The backend for --attention: 'torch' always works; 'flash' needs its kernels."""
-    if requested == "flash":
-        raise ValueError("--attention flash needs the FlashAttention kernels on a CUDA GPU; "
-                         "they are not available here (use --attention torch)")
+    """The backend for --attention: flash where FlashAttention-4 runs, else torch."""
+    reason = flash_unavailable(device)
+    if requested == "flash" and reason:
+        raise ValueError(f"--attention flash: {reason} (use --attention torch)")
+    if requested in ("auto", "flash") and reason is None:
+        return FlashAttention()
+    if device.type == "cuda":
+        return TorchVarlenAttention()
     return TorchAttention()

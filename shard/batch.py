@@ -54,23 +54,41 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int,
     sample_index = list(range(len(decodes))) + [
         i for i, (s, n) in enumerate(prefills, start=len(decodes))
         if s.num_cached + n == s.prompt_len]
+    # long even when empty: a step of only unfinished prefill chunks samples nothing.
+    sample_rows = torch.tensor([starts[i + 1] - 1 for i in sample_index], dtype=torch.long)
+    input_ids, positions, slot_mapping, sample_rows, cu_seqlens_q, seqused_k, tables = to_device(
+        device, input_ids, positions, slot_mapping, sample_rows,
+        torch.tensor(starts, dtype=torch.int32), torch.tensor(context_lens, dtype=torch.int32),
+        tables)
     layout = StepLayout(
         num_decodes=len(decodes),
         query_starts=starts,
         context_lens=context_lens,
-        cu_seqlens_q=torch.tensor(starts, dtype=torch.int32).to(device),
-        seqused_k=torch.tensor(context_lens, dtype=torch.int32).to(device),
-        block_table=tables.to(device),
-        slot_mapping=slot_mapping.to(device),
+        cu_seqlens_q=cu_seqlens_q,
+        seqused_k=seqused_k,
+        block_table=tables,
+        slot_mapping=slot_mapping,
         block_size=block_size,
     )
     return StepBatch(
-        input_ids=input_ids.to(device),
-        positions=positions.to(device),
+        input_ids=input_ids,
+        positions=positions,
         layout=layout,
-        # long even when empty: a step of only unfinished prefill chunks samples nothing.
-        sample_rows=torch.tensor([starts[i + 1] - 1 for i in sample_index],
-                                 dtype=torch.long).to(device),
+        sample_rows=sample_rows,
         samplers=[seqs[i] for i in sample_index],
         sample_positions=[context_lens[i] for i in sample_index],
     )
+
+
+def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The step's integer tensors on `device`, in one copy from pinned memory that does not
+    wait for the GPU (a copy from pageable memory waits for all queued work)."""
+    if device.type == "cpu":
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).pin_memory()
+    on_device = flat.to(device, non_blocking=True)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(on_device[offset:offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out

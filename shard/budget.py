@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from shard.attention import StepLayout
 from shard.config import ShardConfig
-from shard.kv_cache import bytes_per_token
+from shard.kv_cache import KVCache, blocks_for, bytes_per_token
 from shard.models.config import ModelConfig
+from shard.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +68,35 @@ def size(config: ShardConfig, model: ModelConfig, dtype: torch.dtype, cache_byte
         raise ValueError(f"max_total_tokens ({max_total}) exceeds the model's context "
                          f"({model.max_position_embeddings})")
     return Budget(num_blocks, block, max_input, max_total)
+
+
+def profile_peak_bytes(model, attention, config: ShardConfig, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Peak CUDA memory of the weights plus the largest step the engine may run: a prefill of
+    max_batch_prefill_tokens, and sampling with top-p (a sort) over max_batch_size rows."""
+    tokens = min(config.max_batch_prefill_tokens, model.config.max_position_embeddings)
+    block = config.block_size
+    num_blocks = blocks_for(tokens, block)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    kv_cache = KVCache(model.config, config.num_shard, num_blocks, block, dtype, device)
+    layout = StepLayout(
+        num_decodes=0, query_starts=[0, tokens], context_lens=[tokens],
+        cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+        seqused_k=torch.tensor([tokens], dtype=torch.int32, device=device),
+        block_table=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        slot_mapping=torch.arange(tokens, device=device), block_size=block)
+    rows = config.max_batch_size
+    sampler = Sampler(model.config.vocab_size, rows, device)
+    with torch.inference_mode():
+        hidden = model(torch.randint(model.config.vocab_size, (tokens,), device=device),
+                       torch.arange(tokens, device=device), kv_cache.layers,
+                       attention.prepare(layout))
+        logits = model.compute_logits(hidden[-1:].expand(rows, -1).contiguous()).float()
+        sampler(logits, [SamplingParams(temperature=1.0, top_p=0.9)] * rows, list(range(rows)),
+                [tokens] * rows, top_n=0)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del kv_cache, hidden, logits
+    torch.cuda.empty_cache()
+    return peak

@@ -30,6 +30,7 @@ class ShardConfig:
     cpu_kv_cache_gib: float
     cuda_memory_fraction: float
     num_threads: int | None
+    cuda_graphs: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV-cache memory on cpu, when --max-batch-total-tokens is not given")
     parser.add_argument("--cuda-memory-fraction", type=float, default=0.9,
                         help="share of the GPU's memory the shard may use in all")
+    parser.add_argument("--cuda-graphs", default="auto",
+                        help="decode batch sizes to capture as CUDA graphs, comma-separated "
+                             "(e.g. 1,2,4,8,16,32); 0 disables; auto: 1, 2, 4 and steps of "
+                             "8/16/32 up to --max-batch-size. Needs the flash backend")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads; default: torch's own choice")
 

@@ -92,6 +92,8 @@ class Engine:
         self._reported_budget: dict[Stream, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.graphs = None  # DecodeGraphs, set once captured (CUDA with the flash backend)
+        self.last_step: Step | None = None  # the plan of the latest step, for measurements
 
     # -- called from other threads -------------------------------------------------------------
     def open_stream(self, stream: Stream) -> None:
@@ -131,20 +133,26 @@ class Engine:
         for seq in self.scheduler.admit():                              #    admission
             self.sampler.admit(seq.slot, seq.sampling, seq.prompt)
             outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
-        step = self.scheduler.schedule()                                # 2. plan one step
+        step = self.last_step = self.scheduler.schedule()               # 2. plan one step
         if step is not None:
             batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
                                      self.allocator.block_size, self.device)
             with torch.inference_mode():
-                hidden = self.model(batch.input_ids, batch.positions,   # 4. forward
-                                    self.kv_cache.layers, self.attention.prepare(batch.layout))
-                logits = self.model.compute_logits(hidden[batch.sample_rows]).float()
+                logits = self._forward(step, batch)                     # 4. forward
                 out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
                                    [s.slot for s in batch.samplers], batch.sample_positions,
                                    max((s.top_n_tokens for s in batch.samplers), default=0))
             self._advance(step)
             self._record_tokens(batch.samplers, out, outgoing)          # 6. emit, free
         self._publish(outgoing)
+
+    def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
+        """float32 logits of the step's sampling rows."""
+        if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
+            return self.graphs.replay(batch).float()
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers,
+                            self.attention.prepare(batch.layout))
+        return self.model.compute_logits(hidden[batch.sample_rows]).float()
 
     def _take_inbox(self, outgoing: dict[Stream, _Outgoing], block: bool) -> None:
         commands = [self._inbox.get()] if block else []

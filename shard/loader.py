@@ -62,7 +62,10 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
         weights = gguf_file.tensors(config, int4=int4)
     else:
         config = ModelConfig.from_folder(source.path)
-        tokenizer = tokenizers.from_folder(source.path)
+        if load_format == "dummy" and not tokenizers.has_tokenizer(source.path):
+            tokenizer = tokenizers.byte_spec(config.vocab_size)  # random weights: no vocabulary
+        else:
+            tokenizer = tokenizers.from_folder(source.path)
         weights = None if load_format == "dummy" else _safetensors(source.path)
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, tp, attention)

@@ -69,7 +69,7 @@ class Sampler:
                  positions: list[int], top_n: int) -> SampleOutput:
         """logits [S, vocab] float32 for S sequences; positions: index of each new token."""
         dev = logits.device
-        rows = torch.tensor(slots, device=dev)
+        rows = _on(slots, dev)
         penalized = self._output_counts is not None and any(p.penalized for p in params)
         if penalized:
             logits = self._penalize(logits, params, rows)
@@ -78,11 +78,11 @@ class Sampler:
             logprobs = logits.log_softmax(-1)
             tokens = logits.argmax(-1)
         else:
-            temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+            temps = _on([p.temperature or 1.0 for p in params], dev)
             logprobs = (logits / temps[:, None]).log_softmax(-1)
             sampled = (_filter(logprobs, params) + _gumbel(params, positions, self.vocab_size,
                                                            dev)).argmax(-1)
-            greedy = torch.tensor([p.greedy for p in params], device=dev)
+            greedy = _on([p.greedy for p in params], dev)
             tokens = torch.where(greedy, logits.argmax(-1), sampled)
         if penalized:
             self._output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
@@ -97,12 +97,21 @@ class Sampler:
         dev = logits.device
         counts = self._output_counts[rows]
         seen = self._prompt_seen[rows] | (counts > 0)
-        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        rep = _on([p.repetition_penalty for p in params], dev)[:, None]
         # As in transformers: seen tokens' positive logits shrink, negative ones grow.
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        freq = _on([p.frequency_penalty for p in params], dev)[:, None]
+        presence = _on([p.presence_penalty for p in params], dev)[:, None]
         return logits - freq * counts - presence * (counts > 0)
+
+
+def _on(values: list, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor on `device`. On CUDA it travels from pinned memory without
+    blocking: a plain copy from pageable memory would wait for all queued GPU work."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _filter(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -113,12 +122,12 @@ def _filter(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     if not needs_sort and not any(0 < p.top_k < vocab for p in params):
         return logprobs
     if not needs_sort:  # top-k alone: a partial sort suffices
-        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+        ks = _on([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev)
         top = logprobs.topk(int(ks.max()), dim=-1).values
         kth = top.gather(1, (ks.clamp(max=top.shape[1]) - 1)[:, None])
         return logprobs.masked_fill(logprobs < kth, float("-inf"))
-    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
-    top_ps = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    ks = _on([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev)
+    top_ps = _on([p.top_p for p in params], dev)[:, None]
     sorted_lp, order = logprobs.sort(dim=-1, descending=True)
     # top-k by value, as the partial-sort path above: tokens tied with the k-th all stay.
     drop = sorted_lp < sorted_lp.gather(1, ks[:, None] - 1)
@@ -136,7 +145,7 @@ def _filter(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 def _typical_drop(logprobs, params):
     """Typical-p (Meister et al.) as transformers does it: True for tokens outside the set."""
     dev = logprobs.device
-    masses = torch.tensor([p.typical_p for p in params], device=dev)[:, None]
+    masses = _on([p.typical_p for p in params], dev)[:, None]
     probs = logprobs.exp()
     entropy = -(logprobs.nan_to_num(neginf=0.0) * probs).sum(-1, keepdim=True)
     surprise_gap = (-logprobs - entropy).abs()
@@ -161,9 +170,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _gumbel(params: list[SamplingParams], positions: list[int], vocab: int,
             device: torch.device) -> torch.Tensor:
     """Gumbel noise [S, vocab], a pure function of (seed, position, token id)."""
-    lo = torch.tensor([p.seed & _MASK32 for p in params], device=device)
-    hi = torch.tensor([(p.seed >> 32) & _MASK32 for p in params], device=device)
-    pos = torch.tensor(positions, device=device)
+    lo = _on([p.seed & _MASK32 for p in params], device)
+    hi = _on([(p.seed >> 32) & _MASK32 for p in params], device)
+    pos = _on(positions, device)
     key = _mix32(_mix32(lo ^ _mix32(hi ^ 0x5BD1E995)) ^ pos)
     token_key = (torch.arange(vocab, device=device) * 0x9E3779B1) & _MASK32
     bits = _mix32(key[:, None] ^ token_key[None, :]) >> 8  # 24 uniform bits

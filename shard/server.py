@@ -23,7 +23,8 @@ import sluice
 from shard import budget as budgets
 from shard import config as shard_config
 from shard import loader
-from shard.attention import select_backend
+from shard.attention import FlashAttention, select_backend
+from shard.cuda_graphs import DecodeGraphs, parse_batch_sizes
 from shard.engine import Engine, Limits, Stream
 from shard.kv_cache import BlockAllocator, KVCache
 from shard.parallel import TensorParallel
@@ -62,12 +63,19 @@ class Runtime:
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
                                   self.attention, config.load_format, config.quantize)
         log.info("weights: %s; quantization: %s", self.dtype, self.loaded.quantization)
-        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
+        peak = 0
+        if self.device.type == "cuda":
+            peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,
+                                              self.dtype, self.device)
+            log.info("weights + largest step: %.2f GiB at peak", peak / 2**30)
         self.budget = budgets.size(config, self.loaded.config, self.dtype,
-                                   budgets.kv_cache_bytes(config, self.device, reserved))
+                                   budgets.kv_cache_bytes(config, self.device, peak))
+        log.info("KV-cache budget: %d tokens (%d blocks of %d)", self.budget.total_tokens,
+                 self.budget.num_blocks, self.budget.block_size)
         allocator = BlockAllocator(self.budget.num_blocks, self.budget.block_size)
-        kv_cache = KVCache(self.loaded.config, 1, self.budget.num_blocks, self.budget.block_size,
-                           self.dtype, self.device)
+        # One block more than the budget: the scratch block that CUDA-graph padding writes to.
+        kv_cache = KVCache(self.loaded.config, 1, self.budget.num_blocks + 1,
+                           self.budget.block_size, self.dtype, self.device)
         self.engine = Engine(
             self.loaded.model, kv_cache, allocator, self.attention,
             Limits(self.budget.max_input_tokens, self.budget.max_total_tokens,
@@ -87,7 +95,12 @@ class Runtime:
         self.engine.step()
         while not self.engine.scheduler.idle:
             self.engine.step()
-
+        sizes = parse_batch_sizes(self.config.cuda_graphs, self.config.max_batch_size)
+        if self.device.type == "cuda" and sizes and isinstance(self.attention, FlashAttention):
+            self.engine.graphs = DecodeGraphs(
+                self.loaded.model, self.engine.kv_cache, self.attention, sizes,
+                self.engine.scheduler.block_tables.shape[1], self.budget.block_size,
+                scratch_block=self.budget.num_blocks, device=self.device)
     def info(self) -> pb.InfoResponse:
         tok = self.loaded.tokenizer
         return pb.InfoResponse(

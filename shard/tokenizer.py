@@ -18,6 +18,9 @@ _SPLIT_REGEX = {
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,6 +65,34 @@ def bpe_tokenizer_json(*, tokens: list[str], merges: list[str], token_types: lis
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok.to_str()
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: ids 0-2 are special, then one token per byte."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(BYTE_SPECIALS + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens(BYTE_SPECIALS)
+    return tok
+
+
+def byte_spec(vocab_size: int) -> TokenizerSpec:
+    """A stand-in tokenizer for random weights (--load-format dummy on a bare config): one
+    token per byte, so a prompt of n ASCII characters is n tokens; every other id of the
+    model's vocabulary decodes to a visible `<|id|>`, so random outputs still stream text."""
+    tok = byte_tokenizer()
+    tok.add_tokens([AddedToken(f"<|{i}|>", special=False, normalized=False)
+                    for i in range(tok.get_vocab_size(), vocab_size)])
+    return TokenizerSpec(tokenizer_json=tok.to_str(), chat_template=CHATML,
+                         bos_token="<|im_start|>", eos_token="<|im_end|>", eos_token_ids=(2,))
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in
+               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def from_folder(folder: Path) -> TokenizerSpec:

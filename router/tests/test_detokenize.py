@@ -6,7 +6,7 @@ import pytest
 
 from router.detokenize import TextStream
 from router.tokenizer import RouterTokenizer
-from shard.tests.tiny_model import CHATML, byte_tokenizer
+from shard.tokenizer import CHATML, byte_tokenizer
 from sluice.v1 import generate_pb2 as pb
 
 

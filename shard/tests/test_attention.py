@@ -31,6 +31,21 @@ class RaggedStep:
     query_lens: list[int]
     tables: list[list[int]]  # the blocks of each sequence, in position order
 
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim)."""
+        return self.q.shape[1], self.k.shape[1], self.q.shape[2]
+
+    def to(self, device: torch.device) -> "RaggedStep":
+        layout = self.layout
+        moved = StepLayout(layout.num_decodes, layout.query_starts, layout.context_lens,
+                           layout.cu_seqlens_q.to(device), layout.seqused_k.to(device),
+                           layout.block_table.to(device), layout.slot_mapping.to(device),
+                           layout.block_size)
+        return RaggedStep(moved, self.q.to(device), self.k.to(device), self.v.to(device),
+                          self.k_cache.to(device), self.v_cache.to(device), self.cached_lens,
+                          self.query_lens, self.tables)
+
 
 # (cached tokens before the step, new tokens): decodes first, then prefill chunks.
 MIXED = [(0, 1), (6, 1), (32, 1), (49, 1), (0, 9), (20, 6), (15, 1), (0, 1), (3, 17)]
@@ -58,8 +73,10 @@ def random_batch(seed: int) -> tuple[list[tuple[int, int]], int]:
 
 def make_step(sequences: list[tuple[int, int]], num_decodes: int, block_size: int,
               dtype: torch.dtype, seed: int, fill_unused: float = 0.0,
-              block_zero_unused: bool = False) -> RaggedStep:
+              block_zero_unused: bool = False,
+              heads: tuple[int, int, int] = (NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)) -> RaggedStep:
     """A random step; unused cache slots hold `fill_unused`, cached context holds random K/V."""
+    NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = heads  # noqa: N806 (the module's names, per step)
     gen = torch.Generator().manual_seed(seed)
     cached_lens = [c for c, _ in sequences]
     query_lens = [n for _, n in sequences]
@@ -113,6 +130,8 @@ def slots_of(table: list[int], positions, block_size: int) -> torch.Tensor:
 
 def reference(step: RaggedStep) -> torch.Tensor:
     """Dense causal softmax attention per sequence in float64, GQA by repeating kv heads."""
+    NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = step.heads  # noqa: N806
+    step = step.to(torch.device("cpu"))
     bs = step.layout.block_size
     flat_k = step.k_cache.double().view(-1, NUM_KV_HEADS, HEAD_DIM)
     flat_v = step.v_cache.double().view(-1, NUM_KV_HEADS, HEAD_DIM)
@@ -133,19 +152,19 @@ def reference(step: RaggedStep) -> torch.Tensor:
     return torch.cat(outputs)
 
 
-def run_backend(step: RaggedStep):
+def run_backend(step: RaggedStep, backend=None):
     k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
-    backend = TorchAttention()
+    backend = backend or TorchAttention()
     out = backend.forward(step.q, step.k, step.v, k_cache, v_cache, backend.prepare(step.layout))
     return out, k_cache, v_cache
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def check_against_reference(step: RaggedStep, tolerance: float, case: str) -> None:
-    out, _, _ = run_backend(step)
+def check_against_reference(step: RaggedStep, tolerance: float, case: str, backend=None) -> None:
+    out, _, _ = run_backend(step, backend)
     assert out.shape == step.q.shape and out.dtype == step.q.dtype
     ref = reference(step)
     error = relative_error(out, ref)
@@ -215,3 +234,16 @@ def test_new_keys_and_values_land_exactly_in_their_slots(block_size, dtype):
     assert torch.equal(k_cache, expected_k)
     assert torch.equal(v_cache, expected_v)
     assert step.layout.slot_mapping.unique().numel() == step.layout.slot_mapping.numel()
+
+
+def test_varlen_metadata_packs_every_context_slot_in_order():
+    """What the CUDA torch backend gathers: each sequence's whole context, packed."""
+    from shard.attention import TorchVarlenAttention
+
+    step = make_step(MIXED, 4, 5, torch.float32, seed=4)
+    meta = TorchVarlenAttention().prepare(step.layout)
+    expected = torch.cat([slots_of(t, range(c + n), 5) for t, (c, n) in zip(step.tables, MIXED)])
+    assert torch.equal(meta.context_slots, expected)
+    assert meta.cu_seqlens_k.tolist() == [0] + torch.tensor(
+        [c + n for c, n in MIXED]).cumsum(0).tolist()
+    assert meta.max_context_len == max(c + n for c, n in MIXED)

@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 
 def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_size: int,
-                 max_prefill_tokens: int) -> torch.Tensor:
+                 max_prefill_tokens: int, device: torch.device = CPU) -> torch.Tensor:
     """Logits [prompt_len + len(decode_tokens), vocab] of our model driven step by step.
 
     The prompt is prefilled in chunks of at most `max_prefill_tokens`, then each of
@@ -45,7 +45,7 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     held = allocator.allocate(4)
     allocator.release(held[1:2])
     allocator.release(held[3:4])
-    cache = KVCache(config, 1, num_blocks, block_size, torch.float32, CPU)
+    cache = KVCache(config, 1, num_blocks, block_size, next(model.parameters()).dtype, device)
     scheduler = Scheduler(allocator, max_batch_size=2, max_prefill_tokens=max_prefill_tokens,
                           max_total_tokens=num_blocks * block_size)
     seq = Sequence(request_id=0, stream=None, prompt=prompt, sampling=SamplingParams(),
@@ -59,11 +59,11 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     with torch.inference_mode():
         while seq.num_cached < total_fed:
             step = scheduler.schedule()
-            batch = step_batch.build(step, scheduler.block_tables, block_size, CPU)
+            batch = step_batch.build(step, scheduler.block_tables, block_size, device)
             hidden = model(batch.input_ids, batch.positions, cache.layers,
                            attention.prepare(batch.layout))
             # All positions of the step, prefill rows included, in position order.
-            assert batch.positions.tolist() == list(
+            assert batch.positions.cpu().tolist() == list(
                 range(seq.num_cached, seq.num_cached + batch.positions.shape[0]))
             rows.append(model.compute_logits(hidden).float())
             for s in step.decodes:
@@ -74,7 +74,7 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
             if not seq.prefilling and seq.num_cached < total_fed:
                 seq.last_token = decode_tokens[seq.num_cached - prompt.shape[0]]
     assert prefill_chunks == -(-prompt.shape[0] // max_prefill_tokens)
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()
 
 
 def greedy_continuation(hf_model, prompt: torch.Tensor, n: int) -> list[int]:

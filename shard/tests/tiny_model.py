@@ -9,24 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level BPE without merges: ids 0-2 are special, then one token per byte."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens(SPECIALS)
-    return tok
-
+from shard.tokenizer import CHATML, byte_tokenizer
 
 def write_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random Llama (or Qwen2) checkpoint in `folder`; `overrides` change config fields."""

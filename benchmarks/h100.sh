@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (docs/benchmarks.md says how it is called): installs the wheels
+# carried in .whl (and the cutlass cu13 libraries unpacked earlier into /tmp/cu13x), then runs
+# the named steps: env, tests, offline, serving. Output for the record goes to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SITE=/tmp/site
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+
+setup() {
+  if [ ! -f $SITE/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
+      .whl/*.whl || exit 1
+    # Our stubs need protobuf >= 5.27 and grpcio >= 1.66.2: carried wheels only if older here.
+    python3 - <<'PY' || python3 -m pip install -q --no-index --no-deps --target $SITE .whl/fallback/*.whl
+import google.protobuf, grpc
+v = lambda s: tuple(int(x) for x in s.split(".")[:2])
+raise SystemExit(0 if v(google.protobuf.__version__) >= (5, 27) and v(grpc.__version__) >= (1, 66) else 1)
+PY
+    if [ -d /tmp/cu13x ]; then cp -r /tmp/cu13x/. $SITE/; fi
+    touch $SITE/.installed
+  fi
+  export PYTHONPATH=$PWD:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
+  export PYTHONUNBUFFERED=1
+}
+
+step_env() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 - <<'PY'
+import torch, google.protobuf, grpc, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
+      "sm", torch.cuda.get_device_capability(), "protobuf", google.protobuf.__version__,
+      "grpc", grpc.__version__, "transformers", transformers.__version__)
+try:
+    import flash_attn.cute as fa
+    print("flash_attn.cute OK", getattr(fa, "__version__", "?"))
+except Exception as exc:
+    print("flash_attn.cute FAILED:", repr(exc)[:400])
+from shard.attention import flash_unavailable
+print("flash backend:", flash_unavailable(torch.device("cuda")) or "available")
+PY
+}
+
+step_tests() {
+  python3 -m pytest shard/tests/test_attention_cuda.py shard/tests/test_engine_cuda.py -q \
+    -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+}
+
+offline() {  # offline NAME ARGS...: one run, its JSON in $OUT/NAME.json
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout 420 python3 benchmarks/offline.py --json-out "$OUT/$name.json" "$@" 2>&1 \
+    | grep -v " INFO " | tail -6
+}
+
+step_offline_1b() {
+  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  offline 1b-b1 $m --num-requests 1 --input-len 512 --output-len 128
+  offline 1b-b256 $m --num-requests 256 --input-len 512 --output-len 128
+  offline 1b-mixed $m --num-requests 512 --mixed
+  offline 1b-b1-nographs $m --num-requests 1 --input-len 512 --output-len 128 --cuda-graphs 0
+}
+
+step_offline_8b() {
+  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 8b-b1 $m --num-requests 1 --input-len 512 --output-len 128
+  offline 8b-b128 $m --num-requests 128 --input-len 512 --output-len 128
+}
+
+step_reference() {
+  offline ref-8b-b1 --model benchmarks/configs/llama-3.1-8b --reference transformers \
+    --num-requests 1 --batch 1 --input-len 512 --output-len 128
+  offline ref-8b-b128 --model benchmarks/configs/llama-3.1-8b --reference transformers \
+    --num-requests 128 --batch 128 --input-len 512 --output-len 128
+}
+
+step_serving() {
+  python3 -m sluice serve --port 8080 --model benchmarks/configs/llama-3.1-8b \
+    --load-format dummy > "$OUT/serve.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do grep -q '"service": "serve"' "$OUT/serve.log" && break; sleep 1; done
+  for c in 1 16 64; do
+    echo "== serving 8B, $c concurrent streams"
+    python3 benchmarks/serving.py --num-prompts $((c * 4)) --max-concurrency $c \
+      --input-len 512 --output-len 128 --json-out "$OUT/serving-8b-c$c.json"
+  done
+  kill -TERM $pid; wait $pid
+  grep -E "ERROR|Traceback" "$OUT/serve.log" | head -5
+}
+
+setup
+for step in "$@"; do
+  echo "######## $step"
+  "step_$step"
+done

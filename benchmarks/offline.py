@@ -1,0 +1,262 @@
+"""Offline throughput: a fixed set of requests through the engine, in-process (no HTTP, no gRPC).
+
+Prints output tokens/s, the time split between steps with prefill and decode-only steps, and
+beside it the workload's floor: its prefill FLOPs over the measured matmul rate plus the bytes
+its decode steps must read (weights + KV cache) over the measured copy bandwidth.
+
+    python benchmarks/offline.py --model benchmarks/configs/llama-3.2-1b --load-format dummy \\
+        --num-requests 256 --input-len 512 --output-len 128
+    python benchmarks/offline.py ... --mixed        # inputs 32..1024, outputs 16..512, seed 0
+    python benchmarks/offline.py ... --reference transformers --batch 64
+
+Flags this script does not know go to the shard unchanged (`sluice shard --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shard import config as shard_config  # noqa: E402
+from shard.engine import Stream  # noqa: E402
+from shard.kv_cache import bytes_per_token  # noqa: E402
+from shard.sampling import SamplingParams  # noqa: E402
+from shard.scheduler import Sequence  # noqa: E402
+from shard.server import Runtime  # noqa: E402
+
+
+@dataclass
+class Workload:
+    input_lens: list[int]
+    output_lens: list[int]
+
+    @classmethod
+    def build(cls, args) -> "Workload":
+        gen = torch.Generator().manual_seed(args.seed)
+        n = args.num_requests
+        if args.mixed:
+            return cls(torch.randint(32, 1025, (n,), generator=gen).tolist(),
+                       torch.randint(16, 513, (n,), generator=gen).tolist())
+        return cls([args.input_len] * n, [args.output_len] * n)
+
+
+@dataclass
+class Ceilings:
+    copy_bytes_per_s: float  # bytes read + written per second
+    matmul_flops_per_s: float
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """A large device-to-device copy and a large matrix product, as METHOD.md asks."""
+    size = 1 << 30 if device.type == "cuda" else 1 << 28
+    src = torch.empty(size // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n * 2, n * 2, dtype=dtype, device=device)
+    b = torch.randn(n * 2, n * 2, dtype=dtype, device=device)
+
+    def timed(fn, repeat):
+        fn()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - start) / repeat
+
+    copy_s = timed(lambda: dst.copy_(src), 10)
+    matmul_s = timed(lambda: a @ b, 10)
+    return Ceilings(2 * size / copy_s, 2 * (2 * n) ** 3 / matmul_s)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Floor:
+    prefill_flops: float
+    decode_bytes: float
+    seconds: float
+    batch1_decode_tokens_per_s: float  # (weights + KV of one sequence) per step, at the median
+
+
+def floor(runtime: Runtime, work: Workload, ceilings: Ceilings, max_batch_size: int) -> Floor:
+    model, cfg = runtime.loaded.model, runtime.loaded.config
+    dtype_bytes = runtime.dtype.itemsize
+    params = sum(p.numel() for p in model.parameters())  # a tied head counts once
+    head = cfg.vocab_size * cfg.hidden_size
+    layer_params = params - head * (1 if cfg.tie_word_embeddings else 2)
+    # Prefill: every prompt token through the layers, causal attention (QK^T and PV over half
+    # the square), and the head once per request.
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    prefill_flops = sum(2 * layer_params * i + attention * i * i / 2 + 2 * head
+                        for i in work.input_lens)
+    # Decode: each step reads the layers and the head once (the embedding only by rows: left
+    # out) and the KV cache of every sequence; at least max(output) steps, and at most
+    # max_batch_size sequences per step.
+    weight_bytes = (layer_params + head) * dtype_bytes
+    steps = max(max(work.output_lens), math.ceil(sum(work.output_lens) / max_batch_size))
+    kv_token = bytes_per_token(cfg, 1, runtime.dtype)
+    kv_bytes = sum(kv_token * (o * i + o * (o - 1) / 2)
+                   for i, o in zip(work.input_lens, work.output_lens))
+    decode_bytes = steps * weight_bytes + kv_bytes
+    seconds = prefill_flops / ceilings.matmul_flops_per_s + decode_bytes / ceilings.copy_bytes_per_s
+    mid = sorted(work.input_lens)[len(work.input_lens) // 2]
+    per_token = weight_bytes + kv_token * mid
+    return Floor(prefill_flops, decode_bytes, seconds, ceilings.copy_bytes_per_s / per_token)
+
+
+class _Count(Stream):
+    def __init__(self):
+        self.tokens = 0
+        self.finished = 0
+
+    def send(self, response) -> None:
+        self.tokens += len(response.tokens.ids)
+        self.finished += sum(1 for r in response.tokens.finish_reasons if r)
+
+
+def run_engine(runtime: Runtime, work: Workload, seed: int) -> dict:
+    engine, vocab = runtime.engine, runtime.loaded.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    stream = _Count()
+    sequences = [Sequence(request_id=i, stream=stream,
+                          prompt=torch.randint(3, vocab, (n,), generator=gen),
+                          sampling=SamplingParams(), max_new_tokens=o, ignore_eos=True)
+                 for i, (n, o) in enumerate(zip(work.input_lens, work.output_lens))]
+    engine.submit(stream, sequences)
+    prefill_s = decode_s = 0.0
+    steps = prefill_steps = decode_rows = 0
+    start = time.perf_counter()
+    while stream.finished < len(sequences):
+        t = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - t
+        plan = engine.last_step
+        if plan is None:
+            continue
+        steps += 1
+        rows = len(plan.decodes)
+        if plan.prefills:
+            prefill_s += elapsed
+            prefill_steps += 1
+        else:
+            decode_s += elapsed
+            decode_rows += rows
+    total_s = time.perf_counter() - start
+    decode_steps = steps - prefill_steps
+    return {"seconds": total_s, "output_tokens": stream.tokens,
+            "output_tokens_per_s": stream.tokens / total_s, "steps": steps,
+            "steps_with_prefill": prefill_steps, "prefill_step_seconds": prefill_s,
+            "decode_step_seconds": decode_s,
+            "mean_decode_batch": decode_rows / max(decode_steps, 1),
+            "decode_step_ms": 1000 * decode_s / max(decode_steps, 1)}
+
+
+def run_transformers(folder: str, work: Workload, batch: int, device: torch.device,
+                     dtype: torch.dtype, seed: int) -> dict:
+    """transformers generate() on the same shapes, in static batches of `batch` requests, each
+    generating to its batch's longest output (the useful tokens are what is counted)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(seed)
+    pad = 0
+    model.generation_config.pad_token_id = pad
+    useful, start = 0, None
+    for first in range(0, len(work.input_lens), batch):
+        ins = work.input_lens[first:first + batch]
+        outs = work.output_lens[first:first + batch]
+        longest = max(ins)
+        ids = torch.full((len(ins), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, n in enumerate(ins):  # left padding, as generate() expects
+            ids[row, longest - n:] = torch.randint(3, config.vocab_size, (n,), generator=gen)
+            mask[row, longest - n:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            if start is None:  # warm up once on this batch's shape
+                model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2,
+                               do_sample=False)
+                _sync(device)
+                start = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(outs),
+                           min_new_tokens=max(outs), do_sample=False)
+        useful += sum(outs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "output_tokens": useful, "output_tokens_per_s": useful / seconds,
+            "batch": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--mixed", action="store_true",
+                        help="inputs uniform in 32..1024, outputs uniform in 16..512")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference", choices=["transformers"], default=None)
+    parser.add_argument("--batch", type=int, default=64, help="reference static batch size")
+    parser.add_argument("--json-out", default=None)
+    args, shard_argv = parser.parse_known_args()
+    work = Workload.build(args)
+    config = shard_config.parse(shard_argv, os.environ)
+    runtime = None
+    if args.reference:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        result = run_transformers(config.model, work, args.batch, device, dtype, args.seed)
+        label = f"transformers generate(), static batches of {args.batch}"
+    else:
+        runtime = Runtime(config)
+        runtime.warm_up()
+        device, dtype = runtime.device, runtime.dtype
+        result = run_engine(runtime, work, args.seed)
+        label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
+                 f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
+                 f"{config.max_batch_size})")
+    ceilings = measure_ceilings(device, dtype)
+    report = {"workload": {"requests": args.num_requests, "mixed": args.mixed,
+                           "input_tokens": sum(work.input_lens),
+                           "output_tokens": sum(work.output_lens)},
+              "label": label, "result": result, "ceilings": asdict(ceilings)}
+    print(f"{label}: {args.num_requests} requests, "
+          f"{'mixed lengths' if args.mixed else f'{args.input_len} in / {args.output_len} out'}")
+    print(f"  output tokens/s   {result['output_tokens_per_s']:10.1f}   "
+          f"({result['output_tokens']} tokens in {result['seconds']:.2f} s)")
+    if runtime is not None:
+        f = floor(runtime, work, ceilings, config.max_batch_size)
+        report["floor"] = asdict(f)
+        print(f"  steps             {result['steps']} ({result['steps_with_prefill']} with "
+              f"prefill: {result['prefill_step_seconds']:.2f} s; decode-only: "
+              f"{result['decode_step_seconds']:.2f} s, {result['decode_step_ms']:.2f} ms/step at "
+              f"a mean batch of {result['mean_decode_batch']:.1f})")
+        print(f"  floor             {f.seconds:10.2f} s   (prefill {f.prefill_flops / 1e12:.1f} "
+              f"TFLOP at {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s + decode "
+              f"{f.decode_bytes / 1e9:.1f} GB at {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s): "
+              f"{result['seconds'] / f.seconds:.2f}x the floor")
+        print(f"  batch-1 roofline  {f.batch1_decode_tokens_per_s:10.1f} tok/s (weights + KV of "
+              f"one sequence per step over the copy bandwidth)")
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The CUDA attention backends against the float64 reference, on the GPU.
+
+Collected only where a CUDA GPU is present (the lent H100; never CI, which has no GPU, so
+nothing here is skipped there): each backend that can run on this GPU gets every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable
+from shard.tests.test_attention import (BATCHES, MIXED, check_against_reference, make_step,
+                                        random_batch, run_backend)
+
+CUDA = torch.device("cuda")
+
+
+def _backends() -> list:
+    if not torch.cuda.is_available():
+        return []
+    found = [pytest.param(TorchVarlenAttention, id="torch-varlen")]
+    if flash_unavailable(CUDA) is None:
+        found.append(pytest.param(FlashAttention, id="flash"))
+    return found
+
+
+BACKENDS = _backends()
+# Llama-3-8B's (32, 8, 128) and SmolLM2's (9, 3, 64) head shapes.
+HEADS = [pytest.param((32, 8, 128), id="h32-kv8-d128"), pytest.param((9, 3, 64), id="h9-kv3-d64")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", [16, 128])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_cuda_paged_attention_matches_float64_reference(backend, heads, block_size, batch):
+    for seed in range(2):
+        sequences, num_decodes = BATCHES[batch]
+        step = make_step(sequences, num_decodes, block_size, torch.bfloat16, seed,
+                         heads=heads).to(CUDA)
+        check_against_reference(step, 1e-2, f"seed {seed}", backend())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cuda_paged_attention_matches_float64_reference_on_random_ragged_batches(backend,
+                                                                                 block_size):
+    for seed in range(6):
+        sequences, num_decodes = random_batch(seed)
+        step = make_step(sequences, num_decodes, block_size, torch.bfloat16, seed,
+                         heads=(32, 8, 128)).to(CUDA)
+        check_against_reference(step, 1e-2, f"batch {sequences}", backend())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_new_keys_and_values_land_exactly_in_their_slots(backend):
+    step = make_step(MIXED, 4, 16, torch.bfloat16, seed=3, heads=(32, 8, 128)).to(CUDA)
+    _, k_cache, v_cache = run_backend(step, backend())
+    expected_k, expected_v = step.k_cache.clone(), step.v_cache.clone()
+    expected_k.view(-1, 8, 128)[step.layout.slot_mapping] = step.k
+    expected_v.view(-1, 8, 128)[step.layout.slot_mapping] = step.v
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
