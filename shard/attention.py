@@ -202,11 +202,11 @@ class FlashAttention:
 
     name = "flash"
 
-    def __init__(self, num_splits: int = 0):
+    def __init__(self, num_splits: int = 1):
         from flash_attn.cute import flash_attn_varlen_func
 
         self._varlen = flash_attn_varlen_func
-        self.num_splits = num_splits  # < 1: FA4's split-KV heuristic (host side, graph-safe)
+        self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
 
     def prepare(self, layout: StepLayout) -> FlashMetadata:
         return FlashMetadata(layout.slot_mapping, layout.cu_seqlens_q, layout.seqused_k,

@@ -50,17 +50,21 @@ class DecodeGraphs:
         self.seqused_k = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_table = torch.full((largest, max_blocks), scratch_block, dtype=torch.int32,
                                       device=device)
-        cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        # Graphs hold raw pointers: every tensor a capture reads must stay referenced here.
+        self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self._metadata = []
         # One output buffer for all graphs (each graph's own would cost vocab x size each).
         self.logits = torch.empty(largest, model.config.vocab_size,
                                   dtype=next(model.parameters()).dtype, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.batch_sizes):  # the largest first: the others reuse its pool
-            layout = StepLayout(size, list(range(size + 1)), [1] * size, cu_seqlens_q[:size + 1],
+            layout = StepLayout(size, list(range(size + 1)), [1] * size,
+                                self.cu_seqlens_q[:size + 1],
                                 self.seqused_k[:size], self.block_table[:size],
                                 self.slot_mapping[:size], block_size)
             meta = attention.prepare(layout)
+            self._metadata.append(meta)
 
             def decode(size=size, meta=meta):
                 hidden = model(self.input_ids[:size], self.positions[:size], kv_cache.layers,

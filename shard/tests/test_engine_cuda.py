@@ -33,7 +33,11 @@ def relative_error(a, b) -> float:
 
 
 @pytest.mark.parametrize("attention", ["torch", "flash"])
-def test_bfloat16_model_on_the_gpu_matches_transformers_in_float32(folder, attention):
+def test_bfloat16_model_on_the_gpu_matches_transformers_in_bfloat16(folder, attention):
+    """Same precision on both sides: the float32 equivalence is proven on the CPU (our model
+    against transformers to 1e-3) and the kernels against float64; here the GPU path must
+    compute the same function as transformers' bfloat16 model. (Against transformers in
+    float32 both backends differ by 5.1%, which is bfloat16 on this chaotic tiny model.)"""
     from transformers import AutoModelForCausalLM
 
     if attention == "flash" and flash_unavailable(CUDA):
@@ -41,12 +45,13 @@ def test_bfloat16_model_on_the_gpu_matches_transformers_in_float32(folder, atten
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA)).model
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(CUDA).eval()
     with torch.inference_mode():
-        expected = hf(prompt[None]).logits[0]
+        expected = hf(prompt[None].to(CUDA)).logits[0].float()
     got = paged_logits(ours, prompt, [], block_size=16, max_prefill_tokens=16,
                        device=CUDA)
     assert relative_error(got, expected) < 2e-2
+    assert (got.argmax(-1) == expected.argmax(-1).cpu()).float().mean() >= 0.9
 
 
 def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int):

@@ -53,7 +53,7 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     scheduler.add(seq)
     assert scheduler.admit() == [seq]
     assert seq.blocks[0] != 0 and seq.blocks != sorted(seq.blocks)
-    attention = TorchAttention()
+    attention = model.layers[0].self_attn.backend  # the backend the model was built with
     rows, prefill_chunks = [], 0
     total_fed = prompt.shape[0] + len(decode_tokens)
     with torch.inference_mode():
