@@ -214,10 +214,17 @@ class Engine:
 
     def _record_tokens(self, samplers: list[Sequence], out: SampleOutput,
                        outgoing: dict[Stream, _Outgoing]) -> None:
-        tokens = out.tokens.tolist()  # the step's one host sync
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        # The step's one host sync: everything it reports travels in one float64 tensor
+        # (token ids are exact in float64).
+        parts = [out.tokens[:, None], out.logprobs[:, None]]
+        if out.top_ids is not None:
+            parts += [out.top_ids, out.top_logprobs]
+        rows = torch.cat([p.double() for p in parts], dim=1).tolist()
+        n_top = 0 if out.top_ids is None else out.top_ids.shape[1]
+        tokens = [int(r[0]) for r in rows]
+        logprobs = [r[1] for r in rows]
+        top_ids = [[int(x) for x in r[2:2 + n_top]] for r in rows] if n_top else None
+        top_logprobs = [r[2 + n_top:] for r in rows] if n_top else None
         for i, seq in enumerate(samplers):
             token = tokens[i]
             seq.last_token = token
