@@ -20,7 +20,7 @@ from shard.tests.tiny_model import write_tiny_model
 CUDA = torch.device("cuda")
 # head_dim 64: FlashAttention-4's smallest supported head size.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-             num_key_value_heads=2, num_hidden_layers=3)
+             num_key_value_heads=2, num_hidden_layers=3, initializer_range=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,13 @@ def relative_error(a, b) -> float:
 
 
 @pytest.mark.parametrize("attention", ["torch", "flash"])
-def test_bfloat16_model_on_the_gpu_matches_transformers_in_bfloat16(folder, attention):
-    """Same precision on both sides: the float32 equivalence is proven on the CPU (our model
-    against transformers to 1e-3) and the kernels against float64; here the GPU path must
-    compute the same function as transformers' bfloat16 model. (Against transformers in
-    float32 both backends differ by 5.1%, which is bfloat16 on this chaotic tiny model.)"""
+def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(folder,
+                                                                                   attention):
+    """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
+    and the kernels against float64. On the GPU, in bfloat16, our model must be no further
+    from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
+    different points: on this small random model a fixed tolerance would measure the model's
+    sensitivity, not our code.)"""
     from transformers import AutoModelForCausalLM
 
     if attention == "flash" and flash_unavailable(CUDA):
@@ -45,13 +47,14 @@ def test_bfloat16_model_on_the_gpu_matches_transformers_in_bfloat16(folder, atte
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA)).model
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(CUDA).eval()
     with torch.inference_mode():
-        expected = hf(prompt[None].to(CUDA)).logits[0].float()
-    got = paged_logits(ours, prompt, [], block_size=16, max_prefill_tokens=16,
-                       device=CUDA)
-    assert relative_error(got, expected) < 2e-2
-    assert (got.argmax(-1) == expected.argmax(-1).cpu()).float().mean() >= 0.9
+        truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
+            prompt[None]).logits[0]
+        hf_bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(
+            CUDA).eval()(prompt[None].to(CUDA)).logits[0].float()
+    got = paged_logits(ours, prompt, [], block_size=16, max_prefill_tokens=16, device=CUDA)
+    reference_error = relative_error(hf_bf16, truth)
+    assert relative_error(got, truth) <= 1.25 * reference_error + 1e-3, reference_error
 
 
 def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int):
