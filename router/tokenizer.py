@@ -40,6 +40,12 @@ class RouterTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_offsets(self, text: str,
+                       add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and, for each, its (start, stop) character offsets into `text`."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return encoding.ids, encoding.offsets
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
