@@ -58,13 +58,11 @@ def document(operations: list[Operation], version: str) -> dict:
             schema = ref(op.answer, "serialization")
             content["application/json"] = {
                 "schema": {"type": "array", "items": schema} if op.answer_is_list else schema}
-        if op.events is not None:
-            content["text/event-stream"] = {"schema": {
-                "type": "string", "description": "Server-sent events: `data: <JSON>` lines, each "
-                f"a {op.events.__name__}" + ("; the last is `data: [DONE]`" if op.openai else "")
-            }}
         error = ref(openai_responses.OpenAIError if op.openai else tgi_responses.TGIError,
                     "serialization")
+        if op.events is not None:
+            content["text/event-stream"] = {"schema": _event_schema(
+                ref(op.events, "serialization"), error, done=op.openai)}
         responses = {"200": {"description": "OK", "content": content}}
         errors = _POST_ERRORS if op.method == "POST" else _GET_ERRORS
         responses |= {status: {"description": why, "content": {"application/json": {
@@ -83,6 +81,16 @@ def document(operations: list[Operation], version: str) -> dict:
         "paths": paths,
         "components": {"schemas": schemas.get("$defs", {})},
     }
+
+
+def _event_schema(event: dict, error: dict, done: bool) -> dict:
+    """One server-sent event: its data is JSON, an event or (last) an error; OpenAI streams
+    end with `data: [DONE]`. OpenAPI 3.1 has a text/event-stream `schema` describe one event."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [event, error]}}
+    if done:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
 def docs_page(spec_url: str) -> str:
