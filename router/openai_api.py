@@ -12,7 +12,7 @@ from starlette.responses import Response
 from router import openai_responses as out
 from router import streaming
 from router.errors import ValidationError
-from router.schemas import _OpenAISampling
+from router.schemas import OpenAISampling
 from router.state import RouterState
 from router.validation import Prepared, sampling
 
@@ -36,7 +36,7 @@ class Head:
         return {"id": self.id, "created": self.created, "model": self.model}
 
 
-def sampling_params(body: _OpenAISampling):
+def sampling_params(body: OpenAISampling):
     return sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     repetition_penalty=body.repetition_penalty,
                     frequency_penalty=body.frequency_penalty,

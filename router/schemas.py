@@ -69,7 +69,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAISampling(BaseModel):
+class OpenAISampling(BaseModel):
     """Fields /v1/chat/completions and /v1/completions share (vLLM's extensions included)."""
 
     model_config = _STRICT
@@ -95,7 +95,7 @@ class _OpenAISampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(_OpenAISampling):
+class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
@@ -106,7 +106,7 @@ class ChatCompletionRequest(_OpenAISampling):
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class CompletionRequest(_OpenAISampling):
+class CompletionRequest(OpenAISampling):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, gt=0)  # OpenAI's default for completions
     echo: bool = False
