@@ -105,7 +105,7 @@ def test_stop_strings_are_never_in_the_answer(client, model, plain_chat):
 def test_streamed_multibyte_characters_arrive_whole(client, model):
     ask = [{"role": "user", "content": "Write 'thank you' in Japanese."}]
     plain = client.chat.completions.create(model=model, messages=ask, max_tokens=24,
-                                           temperature=0)
+                                           temperature=0, logprobs=True)
     chunks = list(client.chat.completions.create(model=model, messages=ask, max_tokens=24,
                                                  temperature=0, stream=True, logprobs=True))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
@@ -116,6 +116,11 @@ def test_streamed_multibyte_characters_arrive_whole(client, model):
               for t in c.choices[0].logprobs.content]
     assert any("\ufffd" in t for t in tokens)
     assert not any("\ufffd" in p for p in pieces)
+    # Each token's `bytes` are its raw bytes: joined, they spell the answer exactly.
+    choice = plain.choices[0]
+    eos = b"<|im_end|>" if choice.finish_reason == "stop" else b""
+    assert b"".join(bytes(t.bytes) for t in choice.logprobs.content) == (
+        choice.message.content.encode() + eos)
 
 
 def test_completions_continue_a_prompt_and_stream_the_same(client, model):

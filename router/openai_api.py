@@ -60,9 +60,9 @@ def usage(prompts: list[Prepared], completion_tokens: list[int]) -> out.Usage:
 
 
 def top_logprob(state: RouterState, token_id: int, logprob: float) -> out.TopLogprob:
-    text = state.tokenizer.token_text(token_id)
-    return out.TopLogprob(token=text, logprob=streaming.logprob(logprob),
-                          bytes=list(text.encode()))
+    return out.TopLogprob(token=state.tokenizer.token_text(token_id),
+                          logprob=streaming.logprob(logprob),
+                          bytes=state.tokenizer.token_bytes(token_id))
 
 
 def chat_logprobs(state: RouterState, tokens: list[streaming.Token]) -> out.ChatLogprobs:

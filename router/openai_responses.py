@@ -22,7 +22,8 @@ class Usage(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float = Field(description="-9999.0 for a token with no chance at all")
-    bytes: list[int] | None
+    bytes: list[int] | None = Field(description="the token's raw bytes: joined over tokens, "
+                                    "they spell characters that span several")
 
 
 class TokenLogprob(TopLogprob):
