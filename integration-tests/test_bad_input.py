@@ -39,7 +39,22 @@ CHAT_CASES = [
     ("negative temperature", GOOD_CHAT | {"temperature": -1}, 422, "temperature"),
     ("top_p zero", GOOD_CHAT | {"top_p": 0}, 422, "top_p"),
     ("top_p above one", GOOD_CHAT | {"top_p": 2}, 422, "top_p"),
-    ("n above one", GOOD_CHAT | {"n": 2}, 422, "n"),
+    ("n above max_client_batch_size", GOOD_CHAT | {"n": 5}, 422, "n"),
+    ("n zero", GOOD_CHAT | {"n": 0}, 422, "n"),
+]
+
+# TGI parameters Sluice refuses, or accepts only in some combinations, as TGI does.
+TGI_REFUSED = [
+    ("watermark", {"watermark": True}, "/generate", "watermark"),
+    ("adapter_id", {"adapter_id": "my-lora"}, "/generate", "adapter_id"),
+    ("grammar", {"grammar": {"type": "json", "value": {}}}, "/generate", "grammar"),
+    ("best_of above max_best_of", {"best_of": 3, "do_sample": True}, "/generate", "best_of"),
+    ("best_of without sampling", {"best_of": 2}, "/generate", "best_of"),
+    ("best_of with a seed", {"best_of": 2, "do_sample": True, "seed": 1}, "/generate", "seed"),
+    ("best_of when streaming", {"best_of": 2, "do_sample": True}, "/generate_stream",
+     "best_of"),
+    ("decoder_input_details when streaming", {"decoder_input_details": True},
+     "/generate_stream", "decoder_input_details"),
 ]
 
 
@@ -63,6 +78,18 @@ def test_tgi_route_rejects_bad_input_then_serves(tiny_stack, route, case):
     assert set(error) == {"error", "error_type"}
     assert error["error_type"] == "validation"
     assert field in error["error"]
+    _assert_still_serves(router.url)
+
+
+@pytest.mark.parametrize("case", TGI_REFUSED, ids=[c[0] for c in TGI_REFUSED])
+def test_tgi_parameters_refused_in_some_combinations_get_a_clear_422(tiny_stack, case):
+    _, router = tiny_stack
+    _, parameters, route, field = case
+    answer = httpx.post(f"{router.url}{route}", timeout=60,
+                        json={"inputs": "hi", "parameters": {"max_new_tokens": 2} | parameters})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error_type"] == "validation"
+    assert field in answer.json()["error"]
     _assert_still_serves(router.url)
 
 
@@ -100,7 +127,11 @@ def test_completion_route_rejects_bad_input_then_serves(tiny_stack):
     _, router = tiny_stack
     for body, field in [({"prompt": 3}, "prompt"), ({"prompt": "hi", "max_tokens": -1},
                                                      "max_tokens"),
-                        ({"prompt": ""}, "prompt"), ({"prompt": "hi", "top_p": 0}, "top_p")]:
+                        ({"prompt": ""}, "prompt"), ({"prompt": "hi", "top_p": 0}, "top_p"),
+                        ({"prompt": []}, "prompt"), ({"prompt": [5, -1]}, "prompt"),
+                        ({"prompt": [5, 10**6]}, "vocabulary"),
+                        ({"prompt": ["a", "b", "c"], "n": 2}, "max_client_batch_size"),
+                        ({"prompt": [[5], ["x"]]}, "prompt")]:
         answer = httpx.post(f"{router.url}/v1/completions", json=body, timeout=60)
         assert answer.status_code == 422, answer.text
         assert field in answer.json()["error"]["message"]

@@ -8,13 +8,17 @@ import logging
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import sluice
-from router import openai_api, tgi
+from router import openai_api, openai_chat, openai_completions, openapi, streaming, tgi
+from router import openai_responses as openai_out
+from router import tgi_responses as tgi_out
 from router.config import RouterConfig
-from router.errors import RouterError
+from router.errors import RouterError, ShardUnavailable
+from router.openapi import Operation
+from router.schemas import ChatCompletionRequest, CompletionRequest, TGIRequest
 from router.state import RouterState
 
 log = logging.getLogger(__name__)
@@ -43,41 +47,62 @@ async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
     ready = len(state.dispatcher.ready_groups)
     if not ready:
-        return JSONResponse({"error": "no shard group is connected",
-                             "error_type": "unavailable"}, 503)
-    return JSONResponse({"status": "ok", "shard_groups_ready": ready})
+        raise ShardUnavailable("no shard group is connected")
+    return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
 
 
 async def info(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    i, limits = state.info, state.limits
-    return JSONResponse({
-        "model_id": i.model_id,
-        "model_sha": None,
-        "model_dtype": i.model_dtype,
-        "quantization": i.quantization,
-        "model_device_type": i.device_type,
-        "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": state.config.max_concurrent_requests,
-        "max_best_of": 1,
-        "max_stop_sequences": limits.max_stop_sequences,
-        "max_input_tokens": limits.max_input_tokens,
-        "max_total_tokens": limits.max_total_tokens,
-        "max_batch_prefill_tokens": i.max_batch_prefill_tokens,
-        "max_batch_size": i.max_batch_size,
-        "max_client_batch_size": 1,
-        "validation_workers": 1,
-        "router": "sluice",
-        "version": sluice.__version__,
-        "sha": None,
-        "docker_label": None,
-        "attention_backend": i.attention_backend,
-        "num_shard": i.num_shards,
-        "shard_groups": [
-            {"uri": g.uri, "ready": g.ready, "free_budget_tokens": g.free_budget_tokens,
-             "max_batch_total_tokens": g.info.max_batch_total_tokens if g.info else None}
-            for g in state.dispatcher.groups],
-    })
+    i, limits, config = state.info, state.limits, state.config
+    return streaming.json_response(tgi_out.Info(
+        model_id=i.model_id, model_sha=None, model_dtype=i.model_dtype,
+        quantization=i.quantization, model_device_type=i.device_type,
+        model_pipeline_tag="text-generation",
+        max_concurrent_requests=config.max_concurrent_requests, max_best_of=config.max_best_of,
+        max_stop_sequences=limits.max_stop_sequences, max_input_tokens=limits.max_input_tokens,
+        max_total_tokens=limits.max_total_tokens,
+        max_batch_prefill_tokens=i.max_batch_prefill_tokens, max_batch_size=i.max_batch_size,
+        max_client_batch_size=config.max_client_batch_size, validation_workers=1,
+        router="sluice", version=sluice.__version__, sha=None, docker_label=None,
+        attention_backend=i.attention_backend, num_shard=i.num_shards,
+        shard_groups=[tgi_out.ShardGroupInfo(
+            uri=g.uri, ready=g.ready, free_budget_tokens=g.free_budget_tokens,
+            max_batch_total_tokens=g.info.max_batch_total_tokens if g.info else None)
+            for g in state.dispatcher.groups]))
+
+
+TGI, OPENAI, SERVICE = "TGI", "OpenAI", "Service"
+OPERATIONS = [
+    Operation("/", "POST", tgi.compat_generate, "Generate: a list of one answer, or SSE when "
+              "`stream` is true", TGI, TGIRequest, tgi_out.GenerateResponse, answer_is_list=True,
+              events=tgi_out.StreamResponse),
+    Operation("/generate", "POST", tgi.generate, "Generate text", TGI, TGIRequest,
+              tgi_out.GenerateResponse),
+    Operation("/generate_stream", "POST", tgi.generate_stream, "Generate text as SSE, a token "
+              "per event", TGI, TGIRequest, events=tgi_out.StreamResponse, json=False),
+    Operation("/tokenize", "POST", tgi.tokenize, "Tokenize a prompt", TGI, TGIRequest,
+              tgi_out.SimpleToken, answer_is_list=True),
+    Operation("/info", "GET", info, "The model, its limits and the shard groups", SERVICE,
+              answer=tgi_out.Info),
+    Operation("/health", "GET", health, "200 once a shard group is connected", SERVICE,
+              answer=tgi_out.Health),
+    Operation("/v1/chat/completions", "POST", openai_chat.chat_completions, "Chat completion",
+              OPENAI, ChatCompletionRequest, openai_out.ChatCompletion,
+              events=openai_out.ChatCompletionChunk, openai=True),
+    Operation("/v1/completions", "POST", openai_completions.completions, "Text completion",
+              OPENAI, CompletionRequest, openai_out.Completion, events=openai_out.Completion,
+              openai=True),
+    Operation("/v1/models", "GET", openai_api.models, "The served model", OPENAI,
+              answer=openai_out.ModelList, openai=True),
+]
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(openapi.docs_page("/openapi.json"))
 
 
 def build(config: RouterConfig) -> Starlette:
@@ -91,15 +116,10 @@ def build(config: RouterConfig) -> Starlette:
         finally:
             await state.stop()
 
-    routes = [
-        Route("/", tgi.compat_generate, methods=["POST"]),
-        Route("/generate", tgi.generate, methods=["POST"]),
-        Route("/generate_stream", tgi.generate_stream, methods=["POST"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
-        Route("/v1/completions", openai_api.completions, methods=["POST"]),
-        Route("/v1/models", openai_api.models, methods=["GET"]),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    routes = [Route(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS]
+    routes += [Route("/openapi.json", openapi_json, methods=["GET"]),
+               Route("/docs", docs, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         RouterError: _router_error, HTTPException: _http_error, Exception: _unexpected})
+    app.state.openapi = openapi.document(OPERATIONS, sluice.__version__)
+    return app

@@ -17,6 +17,8 @@ class RouterConfig:
     max_concurrent_requests: int
     max_stop_sequences: int
     max_top_n_tokens: int
+    max_best_of: int
+    max_client_batch_size: int
     served_model_name: str | None
 
 
@@ -28,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most stop sequences one request may give")
     parser.add_argument("--max-top-n-tokens", type=int, default=5,
                         help="most alternatives per token a request may ask for")
+    parser.add_argument("--max-best-of", type=int, default=2,
+                        help="most sequences a TGI request may ask for with best_of")
+    parser.add_argument("--max-client-batch-size", type=int, default=4,
+                        help="most choices one /v1 request may ask for: prompts times n")
     parser.add_argument("--served-model-name", default=None,
                         help="model name in /v1 answers; default: the shard group's model id")
 
@@ -44,6 +50,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
     add_arguments(parser)
     apply_environment(parser, environ)
     args = parser.parse_args(argv)
-    if args.max_concurrent_requests < 1:
-        parser.error("--max-concurrent-requests must be at least 1")
+    for flag in ("max_concurrent_requests", "max_best_of", "max_client_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return RouterConfig(**vars(args))

@@ -1,172 +1,79 @@
-"""OpenAI's API: /v1/chat/completions, /v1/completions (both may stream), /v1/models."""
+"""What /v1/chat/completions and /v1/completions share, and GET /v1/models."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from router import openai_responses as out
 from router import streaming
-from router.errors import RouterError, ValidationError
-from router.schemas import ChatCompletionRequest, CompletionRequest, parse
+from router.errors import ValidationError
+from router.schemas import OpenAISampling
 from router.state import RouterState
-from router.validation import Prepared, prepare, sampling
+from router.validation import Prepared, sampling
 
 # TGI's finish reasons in OpenAI's words.
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-def _sampling(body):
-    if body.n != 1:
-        raise ValidationError("n must be 1: several choices per request are not supported",
-                              param="n")
+@dataclass(slots=True, frozen=True)
+class Head:
+    """The fields every answer and chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, state: RouterState) -> Head:
+        return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name)
+
+    def fields(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+
+def sampling_params(body: OpenAISampling):
     return sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     repetition_penalty=body.repetition_penalty,
                     frequency_penalty=body.frequency_penalty,
                     presence_penalty=body.presence_penalty, seed=body.seed)
 
 
-async def _prepare_chat(state: RouterState, body: ChatCompletionRequest) -> Prepared:
-    params, seed = _sampling(body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = state.tokenizer.render_chat(messages, add_generation_prompt=True)
-    # The template already wrote any special tokens the model expects.
-    input_ids = await state.encode(prompt, add_special_tokens=False)
-    top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    return prepare(state.limits, input_ids,
-                   max_new_tokens=body.max_completion_tokens or body.max_tokens,
-                   sampling_params=params, seed=seed, stop=body.stop_list(), top_n_tokens=top_n,
-                   ignore_eos=body.ignore_eos)
+def check_choices(state: RouterState, count: int, param: str) -> None:
+    """Each choice is a request on a shard group: their number per HTTP request is bounded."""
+    limit = state.config.max_client_batch_size
+    if count > limit:
+        raise ValidationError(f"{param}: at most {limit} choices per request "
+                              f"(max_client_batch_size); asked for {count}", param=param)
 
 
-async def _prepare_completion(state: RouterState, body: CompletionRequest) -> Prepared:
-    params, seed = _sampling(body)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise ValidationError("prompt must be one string (a list of exactly one)", param="prompt")
-    input_ids = await state.encode(prompts[0])
-    return prepare(state.limits, input_ids, max_new_tokens=body.max_tokens,
-                   sampling_params=params, seed=seed, stop=body.stop_list(),
-                   top_n_tokens=body.logprobs or 0, ignore_eos=body.ignore_eos)
+def usage(prompts: list[Prepared], completion_tokens: list[int]) -> out.Usage:
+    """Each prompt counts once, however many choices it has; every choice's tokens count."""
+    prompt_tokens = sum(p.input_length for p in prompts)
+    completion = sum(completion_tokens)
+    return out.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                     total_tokens=prompt_tokens + completion)
 
 
-def _usage(prepared: Prepared, finish: streaming.Finish) -> dict:
-    return {"prompt_tokens": prepared.input_length,
-            "completion_tokens": finish.generated_tokens,
-            "total_tokens": prepared.input_length + finish.generated_tokens}
+def top_logprob(state: RouterState, token_id: int, logprob: float) -> out.TopLogprob:
+    return out.TopLogprob(token=state.tokenizer.token_text(token_id),
+                          logprob=streaming.logprob(logprob),
+                          bytes=state.tokenizer.token_bytes(token_id))
 
 
-def _chat_logprobs(state: RouterState, tokens: list[streaming.Token]) -> dict:
-    def entry(token_id: int, logprob: float) -> dict:
-        text = state.tokenizer.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                        for t in tokens]}
-
-
-def _completion_logprobs(state: RouterState, tokens: list[streaming.Token]) -> dict:
-    text = state.tokenizer.token_text
-    return {"tokens": [text(t.id) for t in tokens],
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{text(i): lp for i, lp in t.top} for t in tokens],
-            "text_offset": []}
-
-
-async def chat_completions(request: Request) -> Response:
-    state: RouterState = request.app.state.router
-    body = parse(ChatCompletionRequest, await request.body())
-    prepared = await _prepare_chat(state, body)
-    gen = state.dispatcher.submit(prepared.request)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": state.model_name}
-    if body.stream:
-        return streaming.sse_response(_chat_events(state, body, prepared, gen, head), gen)
-    tokens, finish = await streaming.unless_disconnected(
-        request, gen, streaming.collect(state.tokenizer, gen, prepared.stop))
-    return JSONResponse(head | {
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": finish.text},
-                     "logprobs": _chat_logprobs(state, tokens) if body.logprobs else None,
-                     "finish_reason": FINISH[finish.reason]}],
-        "usage": _usage(prepared, finish),
-    })
-
-
-async def _chat_events(state, body, prepared, gen, head):
-    chunk = head | {"object": "chat.completion.chunk"}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def choice(delta: dict, finish_reason=None, logprobs=None) -> dict:
-        return chunk | {"choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                     "finish_reason": finish_reason}]}
-
-    try:
-        yield streaming.sse(choice({"role": "assistant", "content": ""}))
-        async for token in streaming.run(state.tokenizer, gen, prepared.stop):
-            logprobs = _chat_logprobs(state, [token]) if body.logprobs else None
-            if token.text or logprobs:
-                yield streaming.sse(choice({"content": token.text}, logprobs=logprobs))
-            if token.finish is not None:
-                yield streaming.sse(choice({}, FINISH[token.finish.reason]))
-                if include_usage:
-                    yield streaming.sse(chunk | {"choices": [],
-                                                 "usage": _usage(prepared, token.finish)})
-    except RouterError as exc:  # headers are sent: the error travels as an event
-        yield streaming.sse(exc.openai_body())
-    yield "data: [DONE]\n\n"
-
-
-async def completions(request: Request) -> Response:
-    state: RouterState = request.app.state.router
-    body = parse(CompletionRequest, await request.body())
-    prepared = await _prepare_completion(state, body)
-    gen = state.dispatcher.submit(prepared.request)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": state.model_name}
-    prefix = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    if body.stream:
-        return streaming.sse_response(_completion_events(state, body, prepared, gen, head,
-                                                         prefix), gen)
-    tokens, finish = await streaming.unless_disconnected(
-        request, gen, streaming.collect(state.tokenizer, gen, prepared.stop))
-    return JSONResponse(head | {
-        "choices": [{"index": 0, "text": (prefix if body.echo else "") + finish.text,
-                     "logprobs": (_completion_logprobs(state, tokens)
-                                  if body.logprobs is not None else None),
-                     "finish_reason": FINISH[finish.reason]}],
-        "usage": _usage(prepared, finish),
-    })
-
-
-async def _completion_events(state, body, prepared, gen, head, prefix):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def choice(text: str, finish_reason=None, logprobs=None) -> dict:
-        return head | {"choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                    "finish_reason": finish_reason}]}
-
-    try:
-        if body.echo:
-            yield streaming.sse(choice(prefix))
-        async for token in streaming.run(state.tokenizer, gen, prepared.stop):
-            logprobs = (_completion_logprobs(state, [token])
-                        if body.logprobs is not None else None)
-            finish = FINISH[token.finish.reason] if token.finish is not None else None
-            if token.text or logprobs or finish:
-                yield streaming.sse(choice(token.text, finish, logprobs))
-            if token.finish is not None and include_usage:
-                yield streaming.sse(head | {"choices": [],
-                                            "usage": _usage(prepared, token.finish)})
-    except RouterError as exc:
-        yield streaming.sse(exc.openai_body())
-    yield "data: [DONE]\n\n"
+def chat_logprobs(state: RouterState, tokens: list[streaming.Token]) -> out.ChatLogprobs:
+    return out.ChatLogprobs(content=[
+        out.TokenLogprob(**top_logprob(state, t.id, t.logprob).model_dump(),
+                         top_logprobs=[top_logprob(state, i, lp) for i, lp in t.top])
+        for t in tokens])
 
 
 async def models(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": state.started_at,
-         "owned_by": "sluice", "max_model_len": state.limits.max_total_tokens}]})
+    return streaming.json_response(out.ModelList(object="list", data=[
+        out.Model(id=state.model_name, object="model", created=state.started_at,
+                  owned_by="sluice", max_model_len=state.limits.max_total_tokens)]))

@@ -6,7 +6,7 @@ are ignored, as TGI and OpenAI-compatible servers do.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
@@ -37,6 +37,7 @@ class TGIParameters(BaseModel):
     typical_p: float | None = Field(None, gt=0.0, le=1.0)
     watermark: bool = False
     adapter_id: str | None = None
+    grammar: dict | None = None
 
 
 class TGIRequest(BaseModel):
@@ -68,7 +69,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAISampling(BaseModel):
+class OpenAISampling(BaseModel):
     """Fields /v1/chat/completions and /v1/completions share (vLLM's extensions included)."""
 
     model_config = _STRICT
@@ -94,7 +95,7 @@ class _OpenAISampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(_OpenAISampling):
+class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
@@ -102,8 +103,11 @@ class ChatCompletionRequest(_OpenAISampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, gt=0)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)

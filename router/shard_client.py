@@ -34,6 +34,15 @@ class TokenEvent:
     top_logprobs: list[float]
 
 
+@dataclass(slots=True)
+class PromptScores:
+    """Logprobs of prompt tokens 1.. (token 0 has none), for requests that asked."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]  # per scored token, its top_n_tokens alternatives
+    top_logprobs: list[list[float]]
+
+
 class Generation:
     """One request in flight: the shard group feeds it events, the HTTP handler reads them."""
 
@@ -42,6 +51,7 @@ class Generation:
         self.request = request
         self.group: ShardGroup | None = None
         self.finished = False
+        self.prompt_scores: PromptScores | None = None  # set before the first token arrives
         self._events: asyncio.Queue[TokenEvent | RouterError] = asyncio.Queue()
         self._release = release
 
@@ -67,6 +77,15 @@ class Generation:
             self.group.cancel(self)
         self.finished = True
         self._release(self)
+
+
+def _prompt_scores(message: pb.PrefillLogprobs, top_n: int) -> PromptScores:
+    count = len(message.logprobs)
+    ids, logprobs = list(message.top_n_token_ids), list(message.top_n_logprobs)
+    n = top_n if len(ids) == count * top_n else 0
+    return PromptScores(list(message.logprobs),
+                        [ids[i * n:(i + 1) * n] for i in range(count)],
+                        [logprobs[i * n:(i + 1) * n] for i in range(count)])
 
 
 class ShardGroup:
@@ -137,6 +156,10 @@ class ShardGroup:
             gen = self._in_flight.pop(error.id, None)
             if gen is not None:
                 gen.push(GenerationError(f"shard group {self.uri}: {error.message}"))
+        for scores in response.prefill_logprobs:  # before the tokens: they precede the first
+            gen = self._in_flight.get(scores.id)
+            if gen is not None:
+                gen.prompt_scores = _prompt_scores(scores, gen.request.top_n_tokens)
         if response.HasField("tokens"):
             self._deliver(response.tokens)
         self._on_change()

@@ -9,6 +9,7 @@ import time
 from router.config import RouterConfig
 from router.errors import ShardUnavailable
 from router.queue import Dispatcher
+from router.shard_client import Generation
 from router.tokenizer import RouterTokenizer
 from router.validation import Limits
 from sluice.v1 import generate_pb2 as pb
@@ -63,8 +64,26 @@ class RouterState:
     def model_name(self) -> str:
         return self.config.served_model_name or self.info.model_id
 
+    def submit(self, requests: list[pb.Request]) -> list[Generation]:
+        """Queue the runs of one HTTP request; if one is refused, the others are withdrawn."""
+        gens: list[Generation] = []
+        try:
+            for request in requests:
+                gens.append(self.dispatcher.submit(request))
+        except Exception:
+            for gen in gens:
+                gen.close()
+            raise
+        return gens
+
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tokenizer = self.tokenizer
+        return await self._tokenize(self.tokenizer.encode, text, add_special_tokens)
+
+    async def encode_offsets(self, text: str, add_special_tokens: bool = True,
+                             ) -> tuple[list[int], list[tuple[int, int]]]:
+        return await self._tokenize(self.tokenizer.encode_offsets, text, add_special_tokens)
+
+    async def _tokenize(self, encode, text: str, add_special_tokens: bool):
         if len(text) <= _INLINE_TOKENIZE_CHARS:
-            return tokenizer.encode(text, add_special_tokens)
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+            return encode(text, add_special_tokens)
+        return await asyncio.to_thread(encode, text, add_special_tokens)

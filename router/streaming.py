@@ -1,20 +1,24 @@
-"""Running one request: its events from the shard group, turned into text as they arrive.
+"""Running requests: their events from the shard group, turned into text as they arrive.
 
 Shared by every route, streamed or not. Whatever way a request ends (finished, stop string,
-client gone, error), its Generation is closed: cancelled on the shard if still running.
+client gone, error), its Generation is closed: cancelled on the shard if still running. A
+request with several choices (best_of, n, a list of prompts) runs one Generation per choice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pydantic import BaseModel
+
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from router.detokenize import TextStream
 from router.shard_client import Generation
@@ -75,13 +79,58 @@ async def collect(tokenizer: RouterTokenizer, gen: Generation,
     return tokens, tokens[-1].finish
 
 
+async def collect_all(tokenizer: RouterTokenizer, gens: list[Generation],
+                      stops: list[list[str]]) -> list[tuple[list[Token], Finish]]:
+    """Every choice to its end; the first failure fails them all."""
+    runs = [asyncio.ensure_future(collect(tokenizer, g, s)) for g, s in zip(gens, stops)]
+    try:
+        return list(await asyncio.gather(*runs))
+    finally:
+        for run_ in runs:
+            run_.cancel()
+
+
+_END = object()
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, each with the index of its stream.
+
+    The first stream to fail ends the merge with its error; the others are cancelled."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as exc:  # handed to the consumer, who raises it
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, _END))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def unless_disconnected(request: Request, gen: Generation, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and the request on its shard) if the client goes away."""
+async def unless_disconnected(request: Request, gens: list[Generation], work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and its requests on their shards) if the client goes away."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -92,15 +141,36 @@ async def unless_disconnected(request: Request, gen: Generation, work: Awaitable
         return task.result()
     finally:
         watcher.cancel()
+        close_all(gens)
+
+
+def close_all(gens: list[Generation]) -> None:
+    for gen in gens:
         gen.close()
 
 
-def sse(payload: dict) -> str:
+def logprob(value: float) -> float:
+    """JSON has no infinity: a token with no chance at all gets OpenAI's -9999.0."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def json_response(answer: BaseModel | list[BaseModel], status: int = 200) -> Response:
+    """An answer model as JSON; fields left unset are absent, not null."""
+    if isinstance(answer, list):
+        body = "[" + ",".join(a.model_dump_json(exclude_unset=True) for a in answer) + "]"
+    else:
+        body = answer.model_dump_json(exclude_unset=True)
+    return Response(body, status, media_type="application/json")
+
+
+def sse(payload: BaseModel | dict) -> str:
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json(exclude_unset=True)}\n\n"
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def sse_response(events: AsyncIterator[str], gen: Generation) -> StreamingResponse:
+def sse_response(events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
     # The background close also covers a client that leaves before the first event.
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(gen.close))
+                             background=BackgroundTask(close_all, gens))

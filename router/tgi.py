@@ -1,101 +1,141 @@
-"""TGI's API: POST /generate, POST /generate_stream (SSE), POST / (either, by `stream`)."""
+"""TGI's API: POST /generate, POST /generate_stream (SSE), POST / (either, by `stream`),
+POST /tokenize."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from router import streaming
+from router import tgi_responses as out
 from router.errors import RouterError, ValidationError
-from router.schemas import TGIParameters, TGIRequest, parse
+from router.schemas import TGIRequest, parse
+from router.shard_client import Generation, PromptScores
 from router.state import RouterState
-from router.validation import Prepared, prepare, sampling
+from router.validation import Prepared, choices, prepare, sampling
 
 
-async def _prepare(state: RouterState, body: TGIRequest) -> Prepared:
+async def _prepare(state: RouterState, body: TGIRequest, stream: bool) -> list[Prepared]:
+    """One Prepared per sequence to run: best_of of them, else one. TGI's rules and messages."""
     p = body.parameters
-    if p.best_of is not None and p.best_of > 1:
-        raise ValidationError("best_of > 1 is not supported", param="best_of")
     if p.watermark:
         raise ValidationError("watermark is not supported", param="watermark")
     if p.adapter_id:
         raise ValidationError("adapter_id: LoRA adapters are not supported", param="adapter_id")
-    if p.decoder_input_details:
-        raise ValidationError("decoder_input_details is not supported yet",
-                              param="decoder_input_details")
+    if p.grammar is not None:
+        raise ValidationError("grammar: guided generation is not supported", param="grammar")
+    if p.decoder_input_details and stream:
+        raise ValidationError("decoder_input_details == true is not supported when streaming "
+                              "tokens", param="decoder_input_details")
+    best_of = p.best_of or 1
+    if best_of > 1:
+        if stream:
+            raise ValidationError("best_of > 1 is not supported when streaming",
+                                  param="best_of")
+        if best_of > state.config.max_best_of:
+            raise ValidationError(f"best_of must be <= {state.config.max_best_of}; given: "
+                                  f"{best_of}", param="best_of")
+        if p.seed is not None:
+            raise ValidationError("seed must not be set when best_of > 1", param="seed")
     input_ids = await state.encode(body.inputs)
     params, seed = sampling(
         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
         repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
         seed=p.seed, do_sample=p.do_sample, greedy_by_default=True)
-    return prepare(state.limits, input_ids, max_new_tokens=p.max_new_tokens,
-                   sampling_params=params, seed=seed, stop=p.stop,
-                   top_n_tokens=p.top_n_tokens or 0, truncate=p.truncate)
+    if best_of > 1 and seed is None:
+        raise ValidationError("best_of > 1 needs sampling: set do_sample or a sampling "
+                              "parameter (temperature, top_k, top_p, typical_p)", param="best_of")
+    prepared = prepare(state.limits, input_ids, max_new_tokens=p.max_new_tokens,
+                       sampling_params=params, seed=seed, stop=p.stop,
+                       top_n_tokens=p.top_n_tokens or 0, truncate=p.truncate,
+                       prefill_logprobs=p.decoder_input_details)
+    return choices(prepared, best_of)
 
 
-def _token(state: RouterState, token_id: int, text: str, logprob: float) -> dict:
-    return {"id": token_id, "text": text, "logprob": logprob,
-            "special": state.tokenizer.is_special(token_id)}
+def _token(state: RouterState, token_id: int, text: str, logprob: float) -> out.Token:
+    return out.Token(id=token_id, text=text, logprob=logprob,
+                     special=state.tokenizer.is_special(token_id))
 
 
-def _top_tokens(state: RouterState, token: streaming.Token) -> list[dict]:
+def _top_tokens(state: RouterState, token: streaming.Token) -> list[out.Token]:
     return [_token(state, i, state.tokenizer.token_text(i), lp) for i, lp in token.top]
 
 
-def _full_text(params: TGIParameters, body: TGIRequest, text: str) -> str:
-    return body.inputs + text if params.return_full_text else text
+def _prefill(state: RouterState, input_ids, scores: PromptScores | None) -> list[out.PrefillToken]:
+    """The prompt's tokens; the first has no logprob (nothing precedes it), as in TGI."""
+    text = state.tokenizer.token_text
+    logprobs = [None] + (scores.logprobs if scores is not None else [None] * (len(input_ids) - 1))
+    return [out.PrefillToken(id=i, text=text(i), logprob=lp) for i, lp in zip(input_ids, logprobs)]
 
 
-async def _generate(request: Request, state: RouterState, body: TGIRequest) -> dict:
-    prepared = await _prepare(state, body)
-    gen = state.dispatcher.submit(prepared.request)
-    tokens, finish = await streaming.unless_disconnected(
-        request, gen, streaming.collect(state.tokenizer, gen, prepared.stop))
+def _full_text(body: TGIRequest, text: str) -> str:
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
+def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generation,
+              tokens: list[streaming.Token], finish: streaming.Finish) -> out.BestOfSequence:
     p = body.parameters
-    answer = {"generated_text": _full_text(p, body, finish.text)}
-    if p.details:
-        answer["details"] = {
-            "finish_reason": finish.reason,
-            "generated_tokens": finish.generated_tokens,
-            "seed": prepared.seed,
-            "prefill": [],
-            "tokens": [_token(state, t.id, t.text, t.logprob) for t in tokens],
-            "top_tokens": [_top_tokens(state, t) for t in tokens] if p.top_n_tokens else None,
-        }
+    sequence = out.BestOfSequence(
+        generated_text=_full_text(body, finish.text), finish_reason=finish.reason,
+        generated_tokens=finish.generated_tokens, seed=run.seed,
+        prefill=(_prefill(state, run.request.input_ids, gen.prompt_scores)
+                 if p.decoder_input_details else []),
+        tokens=[_token(state, t.id, t.text, t.logprob) for t in tokens])
+    if p.top_n_tokens:
+        sequence.top_tokens = [_top_tokens(state, t) for t in tokens]
+    return sequence
+
+
+async def _generate(request: Request, state: RouterState, body: TGIRequest) -> out.GenerateResponse:
+    runs = await _prepare(state, body, stream=False)
+    gens = state.submit([run.request for run in runs])
+    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+        state.tokenizer, gens, [run.stop for run in runs]))
+    sequences = [_sequence(state, body, run, gen, tokens, finish)
+                 for run, gen, (tokens, finish) in zip(runs, gens, results)]
+    # best_of: the sequence the model finds most likely overall, as TGI chooses.
+    best = max(range(len(sequences)), key=lambda i: sum(t.logprob for t in results[i][0]))
+    chosen = sequences[best]
+    answer = out.GenerateResponse(generated_text=chosen.generated_text)
+    if body.parameters.details:
+        answer.details = out.Details(**chosen.model_dump(exclude={"generated_text"},
+                                                         exclude_unset=True))
+        if len(sequences) > 1:
+            answer.details.best_of_sequences = [s for i, s in enumerate(sequences) if i != best]
     return answer
 
 
 async def _stream(state: RouterState, body: TGIRequest) -> Response:
-    prepared = await _prepare(state, body)
-    gen = state.dispatcher.submit(prepared.request)
+    [run] = await _prepare(state, body, stream=True)
+    gens = state.submit([run.request])
     p = body.parameters
 
     async def events():
         try:
             index = 0
-            async for token in streaming.run(state.tokenizer, gen, prepared.stop):
+            async for token in streaming.run(state.tokenizer, gens[0], run.stop):
                 index += 1
-                event = {"index": index, "token": _token(state, token.id, token.text, token.logprob),
-                         "top_tokens": _top_tokens(state, token), "generated_text": None,
-                         "details": None}
+                event = out.StreamResponse(
+                    index=index, token=_token(state, token.id, token.text, token.logprob),
+                    top_tokens=_top_tokens(state, token), generated_text=None, details=None)
                 if token.finish is not None:
-                    event["generated_text"] = _full_text(p, body, token.finish.text)
+                    event.generated_text = _full_text(body, token.finish.text)
                     if p.details:
-                        event["details"] = {
-                            "finish_reason": token.finish.reason,
-                            "generated_tokens": token.finish.generated_tokens,
-                            "seed": prepared.seed, "input_length": prepared.input_length}
+                        event.details = out.StreamDetails(
+                            finish_reason=token.finish.reason,
+                            generated_tokens=token.finish.generated_tokens,
+                            seed=run.seed, input_length=run.input_length)
                 yield streaming.sse(event)
         except RouterError as exc:  # headers are sent: the error travels as the last event
             yield streaming.sse(exc.tgi_body())
 
-    return streaming.sse_response(events(), gen)
+    return streaming.sse_response(events(), gens)
 
 
 async def generate(request: Request) -> Response:
     state: RouterState = request.app.state.router
     body = parse(TGIRequest, await request.body())
-    return JSONResponse(await _generate(request, state, body))
+    return streaming.json_response(await _generate(request, state, body))
 
 
 async def generate_stream(request: Request) -> Response:
@@ -109,4 +149,16 @@ async def compat_generate(request: Request) -> Response:
     body = parse(TGIRequest, await request.body())
     if body.stream:
         return await _stream(state, body)
-    return JSONResponse([await _generate(request, state, body)])
+    return streaming.json_response([await _generate(request, state, body)])
+
+
+async def tokenize(request: Request) -> Response:
+    """The prompt's tokens as /generate would see them (`truncate` applied), with offsets."""
+    state: RouterState = request.app.state.router
+    body = parse(TGIRequest, await request.body())
+    ids, offsets = await state.encode_offsets(body.inputs)
+    if body.parameters.truncate is not None:
+        ids, offsets = ids[-body.parameters.truncate:], offsets[-body.parameters.truncate:]
+    return streaming.json_response([
+        out.SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
+        for i, (start, stop) in zip(ids, offsets)])

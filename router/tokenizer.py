@@ -5,6 +5,8 @@ Only `tokenizers` and jinja2: the router needs no model files and no torch.
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
 
 from jinja2.exceptions import TemplateError
@@ -20,6 +22,20 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level vocabulary spells byte b as one printable character: that map, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
 class RouterTokenizer:
     def __init__(self, spec: pb.Tokenizer):
         self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
@@ -28,6 +44,9 @@ class RouterTokenizer:
         self.eos_token_ids = tuple(spec.eos_token_ids)
         self.special_ids = frozenset(
             i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+        # Byte-level BPE (GPT-2, Llama 3, SmolLM2), whether its decoder is alone or in a Sequence.
+        decoder = json.loads(spec.tokenizer_json).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)
         self.chat_template = None
         if spec.chat_template:
             # The conventions of transformers' apply_chat_template, which templates assume.
@@ -40,6 +59,12 @@ class RouterTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_offsets(self, text: str,
+                       add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and, for each, its (start, stop) character offsets into `text`."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return encoding.ids, encoding.offsets
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -48,6 +73,16 @@ class RouterTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The raw bytes a token stands for: maybe part of a UTF-8 character, unlike its text."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is not None and token_id not in self.special_ids:
+            if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+                return [_BYTE_OF_CHAR[c] for c in piece]
+            if match := _BYTE_FALLBACK.fullmatch(piece):
+                return [int(match[1], 16)]
+        return list(self.token_text(token_id).encode())
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from router.errors import ValidationError
 from sluice.v1 import generate_pb2 as pb
 
+_U64 = 2**64
+
 
 @dataclass(slots=True, frozen=True)
 class Limits:
@@ -62,7 +64,7 @@ def sampling(*, temperature: float | None, top_k: int | None = None, top_p: floa
 def prepare(limits: Limits, input_ids: list[int], *, max_new_tokens: int | None,
             sampling_params: pb.SamplingParameters, seed: int | None, stop: list[str],
             top_n_tokens: int = 0, ignore_eos: bool = False,
-            truncate: int | None = None) -> Prepared:
+            truncate: int | None = None, prefill_logprobs: bool = False) -> Prepared:
     if truncate is not None:
         input_ids = input_ids[-truncate:]
     if not input_ids:
@@ -85,5 +87,19 @@ def prepare(limits: Limits, input_ids: list[int], *, max_new_tokens: int | None,
                               f"{top_n_tokens}", param="top_n_tokens")
     request = pb.Request(
         input_ids=input_ids, sampling=sampling_params, top_n_tokens=top_n_tokens,
-        stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
+        stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
+        prefill_logprobs=prefill_logprobs)
     return Prepared(request, stop, seed, n)
+
+
+def choices(prepared: Prepared, n: int) -> list[Prepared]:
+    """`n` runs of one request (best_of, OpenAI's n); when sampling, run i uses seed + i."""
+    runs = []
+    for i in range(n):
+        request = pb.Request()
+        request.CopyFrom(prepared.request)
+        seed = None if prepared.seed is None else (prepared.seed + i) % _U64
+        if seed is not None:
+            request.sampling.seed = seed
+        runs.append(Prepared(request, prepared.stop, seed, prepared.input_length))
+    return runs

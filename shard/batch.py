@@ -16,6 +16,15 @@ from shard.scheduler import Sequence, Step
 
 
 @dataclass(slots=True)
+class PromptRows:
+    """The rows whose logits score the next prompt token, for sequences that asked for them."""
+
+    rows: torch.Tensor  # [R] rows of the step's tokens, on the device
+    targets: torch.Tensor  # [R] the prompt token each row predicts, on the device
+    owners: list[tuple[Sequence, int]]  # (sequence, its number of rows), in row order
+
+
+@dataclass(slots=True)
 class StepBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -23,6 +32,7 @@ class StepBatch:
     sample_rows: torch.Tensor  # [S] row of each sampling sequence's last token
     samplers: list[Sequence]
     sample_positions: list[int]  # position of the token each sampler is about to produce
+    prompt_rows: PromptRows | None = None  # None unless a prefill asked for prompt logprobs
 
 
 def build(step: Step, block_tables: torch.Tensor, block_size: int,
@@ -77,6 +87,7 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int,
         sample_rows=sample_rows,
         samplers=[seqs[i] for i in sample_index],
         sample_positions=[context_lens[i] for i in sample_index],
+        prompt_rows=_prompt_rows(prefills, starts[len(decodes):], device),
     )
 
 
@@ -92,3 +103,21 @@ def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor
         out.append(on_device[offset:offset + t.numel()].view(t.shape).to(t.dtype))
         offset += t.numel()
     return out
+
+
+def _prompt_rows(prefills: list[tuple[Sequence, int]], starts: list[int],
+                 device: torch.device) -> PromptRows | None:
+    """Row j of a chunk starting at prompt position c predicts prompt token c + j + 1; the row
+    of the prompt's last token predicts the first generated token, which sampling scores."""
+    rows, targets, owners = [], [], []
+    for (seq, n), start in zip(prefills, starts):
+        if not seq.prefill_logprobs:
+            continue
+        count = min(seq.num_cached + n, seq.prompt_len - 1) - seq.num_cached
+        if count > 0:
+            rows.append(torch.arange(start, start + count))
+            targets.append(seq.prompt[seq.num_cached + 1:seq.num_cached + 1 + count])
+            owners.append((seq, count))
+    if not owners:
+        return None
+    return PromptRows(torch.cat(rows).to(device), torch.cat(targets).to(device), owners)

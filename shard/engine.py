@@ -21,6 +21,9 @@ from sluice.v1 import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# Prompt rows scored per LM-head call: bounds the [rows, vocab] float32 logits it holds.
+_PROMPT_SLICE_ROWS = 256
+
 
 class Stream:
     """A router's Generate stream as the engine sees it: somewhere to send responses."""
@@ -64,6 +67,7 @@ class _Outgoing:
     top_n_logprobs: list[float] = field(default_factory=list)
     admitted: list[int] = field(default_factory=list)
     errors: list[pb.RequestError] = field(default_factory=list)
+    prefill_logprobs: list[pb.PrefillLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -149,9 +153,11 @@ class Engine:
     def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
         """float32 logits of the step's sampling rows."""
         if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
-            return self.graphs.replay(batch).float()
+            return self.graphs.replay(batch).float()  # decode only: no prompt rows to score
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers,
                             self.attention.prepare(batch.layout))
+        if batch.prompt_rows is not None:  # only requests that asked for them
+            self._score_prompt(hidden, batch.prompt_rows)
         return self.model.compute_logits(hidden[batch.sample_rows]).float()
 
     def _take_inbox(self, outgoing: dict[Stream, _Outgoing], block: bool) -> None:
@@ -212,6 +218,39 @@ class Engine:
         for seq, n in step.prefills:
             seq.num_cached += n
 
+    def _score_prompt(self, hidden: torch.Tensor, prompt: step_batch.PromptRows) -> None:
+        """Logprobs of the prompt tokens this step's chunks predict, kept on their sequences.
+
+        Unlike sampled tokens', they are the model's raw distribution (no penalty, no
+        temperature), as TGI reports them. Rows go through the LM head in slices so that a long
+        prompt never holds [prompt, vocab] logits at once."""
+        top_n = max(seq.top_n_tokens for seq, _ in prompt.owners)
+        parts = []
+        for lo in range(0, prompt.rows.shape[0], _PROMPT_SLICE_ROWS):
+            rows = prompt.rows[lo:lo + _PROMPT_SLICE_ROWS]
+            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(-1)
+            chosen = logprobs.gather(1, prompt.targets[lo:lo + rows.shape[0], None]).squeeze(1)
+            parts.append((chosen, *logprobs.topk(top_n, dim=-1)) if top_n else (chosen,))
+        scored = [torch.cat(columns) for columns in zip(*parts)]
+        offset = 0
+        for seq, count in prompt.owners:
+            seq.prompt_logprobs.append(tuple(
+                t[offset:offset + count, :seq.top_n_tokens] if t.dim() == 2 else
+                t[offset:offset + count] for t in scored))
+            offset += count
+
+    def _prompt_logprobs(self, seq: Sequence) -> pb.PrefillLogprobs:
+        """What the chunks of `seq`'s prefill scored, in one message (one host sync)."""
+        chunks = [torch.cat(columns) for columns in zip(*seq.prompt_logprobs)]
+        seq.prompt_logprobs = []
+        message = pb.PrefillLogprobs(id=seq.request_id)
+        if chunks:
+            message.logprobs.extend(chunks[0].tolist())
+        if len(chunks) == 3:
+            message.top_n_logprobs.extend(chunks[1].flatten().tolist())
+            message.top_n_token_ids.extend(chunks[2].flatten().tolist())
+        return message
+
     def _record_tokens(self, samplers: list[Sequence], out: SampleOutput,
                        outgoing: dict[Stream, _Outgoing]) -> None:
         # The step's one host sync: everything it reports travels in one float64 tensor
@@ -231,6 +270,8 @@ class Engine:
             seq.num_generated += 1
             reason = self._finish_reason(seq, token)
             o = outgoing.setdefault(seq.stream, _Outgoing())
+            if seq.prefill_logprobs and seq.num_generated == 1:  # its prefill ended this step
+                o.prefill_logprobs.append(self._prompt_logprobs(seq))
             o.ids.append(seq.request_id)
             o.token_ids.append(token)
             o.logprobs.append(logprobs[i])
@@ -262,7 +303,7 @@ class Engine:
         for stream, o in outgoing.items():
             response = pb.GenerateResponse(
                 admitted_ids=o.admitted, errors=o.errors, free_budget_tokens=free,
-                waiting_requests=waiting)
+                waiting_requests=waiting, prefill_logprobs=o.prefill_logprobs)
             if o.ids:
                 response.tokens.CopyFrom(pb.TokenBatch(
                     ids=o.ids, token_ids=o.token_ids, logprobs=o.logprobs,

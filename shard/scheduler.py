@@ -27,6 +27,9 @@ class Sequence:
     ignore_eos: bool = False
     stop_token_ids: frozenset[int] = frozenset()
     top_n_tokens: int = 0
+    # Also report the prompt's logprobs: gathered per prefill chunk on the device, sent at the end.
+    prefill_logprobs: bool = False
+    prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     slot: int = -1  # row in the per-sequence tables while admitted
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache

@@ -154,6 +154,7 @@ def to_sequence(request: pb.Request, stream: Stream) -> Sequence:
         ignore_eos=stop.ignore_eos,
         stop_token_ids=frozenset(stop.stop_token_ids),
         top_n_tokens=request.top_n_tokens,
+        prefill_logprobs=request.prefill_logprobs,
     )
 
 

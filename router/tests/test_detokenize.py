@@ -68,3 +68,11 @@ def test_stop_string_inside_a_multibyte_sequence_is_found_after_decoding(tokeniz
     _, stream = feed(tokenizer, "café😀!", ["😀"])
     assert stream.stopped_by == "😀"
     assert stream.text == "café"
+
+
+def test_token_bytes_are_the_raw_bytes_even_for_part_of_a_character(tokenizer):
+    ids = tokenizer.encode("añ😀")
+    assert [tokenizer.token_bytes(i) for i in ids] == [[0x61], [0xC3], [0xB1], [0xF0], [0x9F],
+                                                       [0x98], [0x80]]
+    assert tokenizer.token_text(ids[1]) == "\ufffd"  # its text alone cannot show it
+    assert tokenizer.token_bytes(2) == list(b"<|im_end|>")  # special tokens: their text

@@ -45,3 +45,15 @@ def test_help_names_each_environment_variable(capsys):
     for env in ("MODEL", "MAX_BATCH_TOTAL_TOKENS", "MAX_BATCH_PREFILL_TOKENS", "BLOCK_SIZE",
                 "CUDA_MEMORY_FRACTION", "ATTENTION", "DTYPE"):
         assert f"[env: {env}]" in help_text
+
+
+def test_router_choice_limits_read_the_environment_and_are_in_help(capsys):
+    config = router_config.parse(["--shard-uri", "a:1"], {"MAX_BEST_OF": "3",
+                                                          "MAX_CLIENT_BATCH_SIZE": "8"})
+    assert (config.max_best_of, config.max_client_batch_size) == (3, 8)
+    with pytest.raises(SystemExit):
+        router_config.parse(["--shard-uri", "a:1", "--max-best-of", "0"], {})
+    with pytest.raises(SystemExit):
+        router_config.parse(["--help"], {})
+    help_text = capsys.readouterr().out
+    assert "[env: MAX_BEST_OF]" in help_text and "[env: MAX_CLIENT_BATCH_SIZE]" in help_text

@@ -102,7 +102,7 @@ class StoppingParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., ignore_eos: bool = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "sampling", "stopping", "top_n_tokens", "trace_context")
+    __slots__ = ("id", "input_ids", "sampling", "stopping", "top_n_tokens", "trace_context", "prefill_logprobs")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,13 +116,15 @@ class Request(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParameters
     stopping: StoppingParameters
     top_n_tokens: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    prefill_logprobs: bool
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., prefill_logprobs: bool = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("requests",)
@@ -162,6 +164,18 @@ class TokenBatch(_message.Message):
     top_n_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ..., top_n_counts: _Optional[_Iterable[int]] = ..., top_n_token_ids: _Optional[_Iterable[int]] = ..., top_n_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class PrefillLogprobs(_message.Message):
+    __slots__ = ("id", "logprobs", "top_n_token_ids", "top_n_logprobs")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    top_n_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_n_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_n_token_ids: _Optional[_Iterable[int]] = ..., top_n_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class RequestError(_message.Message):
     __slots__ = ("id", "message")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -171,15 +185,17 @@ class RequestError(_message.Message):
     def __init__(self, id: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "admitted_ids", "errors", "free_budget_tokens", "waiting_requests")
+    __slots__ = ("tokens", "admitted_ids", "errors", "free_budget_tokens", "waiting_requests", "prefill_logprobs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_IDS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     FREE_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: TokenBatch
     admitted_ids: _containers.RepeatedScalarFieldContainer[int]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
     free_budget_tokens: int
     waiting_requests: int
-    def __init__(self, tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., admitted_ids: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., free_budget_tokens: _Optional[int] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
+    prefill_logprobs: _containers.RepeatedCompositeFieldContainer[PrefillLogprobs]
+    def __init__(self, tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., admitted_ids: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., free_budget_tokens: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_logprobs: _Optional[_Iterable[_Union[PrefillLogprobs, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,79 @@
+"""POST /v1/chat/completions: the model's chat template, n choices, optionally streamed."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from router import openai_responses as out
+from router import streaming
+from router.errors import RouterError
+from router.openai_api import FINISH, Head, chat_logprobs, check_choices, sampling_params, usage
+from router.schemas import ChatCompletionRequest, parse
+from router.shard_client import Generation
+from router.state import RouterState
+from router.validation import Prepared, choices, prepare
+
+
+async def _prepare(state: RouterState, body: ChatCompletionRequest) -> Prepared:
+    check_choices(state, body.n, "n")
+    params, seed = sampling_params(body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = state.tokenizer.render_chat(messages, add_generation_prompt=True)
+    # The template already wrote any special tokens the model expects.
+    input_ids = await state.encode(prompt, add_special_tokens=False)
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    return prepare(state.limits, input_ids,
+                   max_new_tokens=body.max_completion_tokens or body.max_tokens,
+                   sampling_params=params, seed=seed, stop=body.stop_list(), top_n_tokens=top_n,
+                   ignore_eos=body.ignore_eos)
+
+
+async def chat_completions(request: Request) -> Response:
+    state: RouterState = request.app.state.router
+    body = parse(ChatCompletionRequest, await request.body())
+    prepared = await _prepare(state, body)
+    runs = choices(prepared, body.n)
+    gens = state.submit([run.request for run in runs])
+    head = Head.new("chatcmpl", state)
+    if body.stream:
+        return streaming.sse_response(_events(state, body, prepared, runs, gens, head), gens)
+    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+        state.tokenizer, gens, [run.stop for run in runs]))
+    return streaming.json_response(out.ChatCompletion(
+        **head.fields(), object="chat.completion",
+        choices=[out.ChatChoice(
+            index=i, message=out.AssistantMessage(role="assistant", content=finish.text),
+            logprobs=chat_logprobs(state, tokens) if body.logprobs else None,
+            finish_reason=FINISH[finish.reason]) for i, (tokens, finish) in enumerate(results)],
+        usage=usage([prepared], [finish.generated_tokens for _, finish in results])))
+
+
+async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Prepared,
+                  runs: list[Prepared], gens: list[Generation], head: Head):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(index: int, delta: out.Delta, finish_reason=None, logprobs=None) -> str:
+        return streaming.sse(out.ChatCompletionChunk(
+            **head.fields(), object="chat.completion.chunk", choices=[out.ChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
+
+    try:
+        for index in range(len(runs)):
+            yield chunk(index, out.Delta(role="assistant", content=""))
+        generated = [0] * len(runs)
+        async for index, token in streaming.merge([
+                streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
+            logprobs = chat_logprobs(state, [token]) if body.logprobs else None
+            if token.text or logprobs:
+                yield chunk(index, out.Delta(content=token.text), logprobs=logprobs)
+            if token.finish is not None:
+                generated[index] = token.finish.generated_tokens
+                yield chunk(index, out.Delta(), FINISH[token.finish.reason])
+        if include_usage:
+            yield streaming.sse(out.ChatCompletionChunk(
+                **head.fields(), object="chat.completion.chunk", choices=[],
+                usage=usage([prepared], generated)))
+    except RouterError as exc:  # headers are sent: the error travels as an event
+        yield streaming.sse(exc.openai_body())
+    yield "data: [DONE]\n\n"
