@@ -7,6 +7,7 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,6 +16,7 @@ import sluice
 from router import openai_api, tgi
 from router.config import RouterConfig
 from router.errors import RouterError
+from router.middleware import RequestMiddleware
 from router.state import RouterState
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
+    if state.draining:
+        return JSONResponse({"error": "the router is shutting down",
+                             "error_type": "unavailable"}, 503)
     ready = len(state.dispatcher.ready_groups)
     if not ready:
         return JSONResponse({"error": "no shard group is connected",
@@ -80,6 +85,11 @@ async def info(request: Request) -> Response:
     })
 
 
+async def metrics(request: Request) -> Response:
+    state: RouterState = request.app.state.router
+    return state.metrics.response()
+
+
 def build(config: RouterConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -100,6 +110,9 @@ def build(config: RouterConfig) -> Starlette:
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),
         Route("/v1/models", openai_api.models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        RouterError: _router_error, HTTPException: _http_error, Exception: _unexpected})
+    return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(RequestMiddleware)], exception_handlers={
+                         RouterError: _router_error, HTTPException: _http_error,
+                         Exception: _unexpected})

@@ -15,7 +15,8 @@ from router.state import RouterState
 from router.validation import Prepared, prepare, sampling
 
 # TGI's finish reasons in OpenAI's words.
-FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop",
+          "content_filter": "content_filter"}
 
 
 def _sampling(body):
@@ -79,7 +80,7 @@ async def chat_completions(request: Request) -> Response:
     state: RouterState = request.app.state.router
     body = parse(ChatCompletionRequest, await request.body())
     prepared = await _prepare_chat(state, body)
-    gen = state.dispatcher.submit(prepared.request)
+    gen = await state.admit(request, prepared)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": state.model_name}
     if body.stream:
@@ -123,7 +124,7 @@ async def completions(request: Request) -> Response:
     state: RouterState = request.app.state.router
     body = parse(CompletionRequest, await request.body())
     prepared = await _prepare_completion(state, body)
-    gen = state.dispatcher.submit(prepared.request)
+    gen = await state.admit(request, prepared)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": state.model_name}
     prefix = body.prompt if isinstance(body.prompt, str) else body.prompt[0]

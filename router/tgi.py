@@ -48,7 +48,7 @@ def _full_text(params: TGIParameters, body: TGIRequest, text: str) -> str:
 
 async def _generate(request: Request, state: RouterState, body: TGIRequest) -> dict:
     prepared = await _prepare(state, body)
-    gen = state.dispatcher.submit(prepared.request)
+    gen = await state.admit(request, prepared)
     tokens, finish = await streaming.unless_disconnected(
         request, gen, streaming.collect(state.tokenizer, gen, prepared.stop))
     p = body.parameters
@@ -65,9 +65,9 @@ async def _generate(request: Request, state: RouterState, body: TGIRequest) -> d
     return answer
 
 
-async def _stream(state: RouterState, body: TGIRequest) -> Response:
+async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
     prepared = await _prepare(state, body)
-    gen = state.dispatcher.submit(prepared.request)
+    gen = await state.admit(request, prepared)
     p = body.parameters
 
     async def events():
@@ -100,7 +100,7 @@ async def generate(request: Request) -> Response:
 
 async def generate_stream(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return await _stream(state, parse(TGIRequest, await request.body()))
+    return await _stream(request, state, parse(TGIRequest, await request.body()))
 
 
 async def compat_generate(request: Request) -> Response:
@@ -108,5 +108,5 @@ async def compat_generate(request: Request) -> Response:
     state: RouterState = request.app.state.router
     body = parse(TGIRequest, await request.body())
     if body.stream:
-        return await _stream(state, body)
+        return await _stream(request, state, body)
     return JSONResponse([await _generate(request, state, body)])
