@@ -62,7 +62,8 @@ async def admit(state: RouterState, request: Request, prepared: Prepared) -> Gen
     tenant: Tenant | None = request.state.tenant
     limits = _limits(state, tenant)
     # Without keys, each client address is its own tenant.
-    bucket = f"tenant:{tenant.name}" if tenant else f"client:{request.client.host}"
+    client = request.client.host if request.client else "unknown"
+    bucket = f"tenant:{tenant.name}" if tenant else f"client:{client}"
     reserved = prepared.input_length + max_new_tokens
     if limits.requests_per_minute or limits.tokens_per_minute:
         decision = await state.limiter.acquire(bucket, limits, reserved)
