@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import Redis, start_router, start_shard, wait_healthy
+from conftest import Redis, start_router, start_shard
 from router.ratelimit import Limits, RateLimiter
 
 KEYS = """

@@ -62,11 +62,13 @@ def parse_keys(document: str, where: str, default_rpm: int, default_tpm: int) ->
     except yaml.YAMLError as exc:
         raise ValueError(f"{where} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("keys"), dict) or not data["keys"]:
-        raise ValueError(f"{where} must hold a non-empty mapping 'keys: {{<key>: {{tenant: ...}}}}'")
+        raise ValueError(f"{where} must hold a non-empty mapping "
+                         f"'keys: {{<key>: {{tenant: ...}}}}'")
     tenants: dict[str, Tenant] = {}
     by_name: dict[str, Tenant] = {}
     for key, entry in data["keys"].items():
-        place = f"{where}: a key of tenant {entry.get('tenant') if isinstance(entry, dict) else '?'}"
+        named = entry.get("tenant") if isinstance(entry, dict) else "?"
+        place = f"{where}: a key of tenant {named}"
         if not isinstance(key, str) or not key.strip():
             raise ValueError(f"{where}: every key must be a non-empty string")
         if not isinstance(entry, dict) or not isinstance(entry.get("tenant"), str):

@@ -45,7 +45,8 @@ def _pattern(rules: dict, where: str) -> regex.Pattern | None:
         raise ValueError(f"{where}.regex must be a list of non-empty strings")
     # A word counts only where it is not part of a longer word: lookarounds rather than \b, so
     # that words that start or end with punctuation ("c++") work too.
-    parts = [rf"(?<!\w)(?:{'|'.join(regex.escape(w.strip()) for w in words)})(?!\w)"] if words else []
+    alternatives = "|".join(regex.escape(w.strip()) for w in words)
+    parts = [rf"(?<!\w)(?:{alternatives})(?!\w)"] if words else []
     for p in patterns:
         try:
             compiled = regex.compile(p, regex.IGNORECASE)
@@ -100,7 +101,7 @@ class ContentFilter:
 
 
 class OutputGuard:
-    """One response's growing text: how much of it is cleared for sending, or where it is blocked."""
+    """One response's growing text: how much is cleared for sending, or where it is blocked."""
 
     def __init__(self, content_filter: ContentFilter):
         self._filter = content_filter

@@ -158,7 +158,9 @@ return {string.format('%.6f', tats[1]), string.format('%.6f', tats[2])}
 
 _GIVE_BACK = """
 local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat then redis.call('SET', KEYS[1], string.format('%.6f', tat - tonumber(ARGV[1])), 'KEEPTTL') end
+if tat then
+  redis.call('SET', KEYS[1], string.format('%.6f', tat - tonumber(ARGV[1])), 'KEEPTTL')
+end
 """
 
 

@@ -70,7 +70,8 @@ class _BudgetCollector:
     def collect(self):
         a, s = self._allocator, self._scheduler
         yield GaugeMetricFamily("sluice_shard_kv_budget_total_tokens",
-                                "KV-cache budget in tokens (max_batch_total_tokens)", a.total_tokens)
+                                "KV-cache budget in tokens (max_batch_total_tokens)",
+                                a.total_tokens)
         yield GaugeMetricFamily("sluice_shard_kv_budget_used_tokens",
                                 "KV-cache budget reserved by admitted requests",
                                 a.total_tokens - a.free_tokens)
