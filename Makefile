@@ -15,9 +15,17 @@ PROTOS := $(wildcard proto/sluice/v1/*.proto)
 PORT ?= 8080
 MODEL ?=
 
-.PHONY: install run test proto check-proto clean
+.PHONY: install run test proto check-proto redis-server clean
 
 install: $(VENV)/.installed
+
+# Integration tests start their own redis-server on loopback (shared rate limits); CI machines
+# are fresh Debian, where we are root.
+redis-server:
+	command -v redis-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/sluice serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
 
-test: install check-proto
+test: install check-proto redis-server
 	$(BIN)/python -m pytest
 
 $(PROTO_VENV)/.installed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ class Service:
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env={**os.environ, **(env or {})})
         self.output: list[str] = []
+        self.ready: dict = {}  # the ready line: address, and the shard's metrics_address
         self.address = self._wait_ready()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -41,6 +43,7 @@ class Service:
             if line.startswith("{"):
                 event = json.loads(line)
                 if event.get("event") == "ready":
+                    self.ready = event
                     return event["address"]
             if time.monotonic() > deadline:
                 break
@@ -65,23 +68,78 @@ class Service:
                 self.process.wait()
         return self.process.returncode
 
+    def log_lines(self) -> list[dict]:
+        """What it logged so far as JSON objects (its other output skipped)."""
+        lines = []
+        for line in list(self.output):
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
 
 def sluice(*args: str) -> list[str]:
     return [sys.executable, "-m", "sluice", *args]
 
 
-def start_shard(model: str | None = None, *flags: str) -> Service:
+def start_shard(model: str | None = None, *flags: str,
+                env: dict[str, str] | None = None) -> Service:
     argv = sluice("shard", "--port", "0", "--num-threads", "1", *flags)
-    return Service(argv + (["--model", model] if model else []))
+    return Service(argv + (["--model", model] if model else []), env)
 
 
-def start_router(*shards: Service, flags: tuple[str, ...] = ()) -> Service:
+def start_router(*shards: Service, flags: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> Service:
     argv = sluice("router", "--port", "0", *flags)
     for shard in shards:
         argv += ["--shard-uri", shard.address]
-    router = Service(argv)
+    router = Service(argv, env)
     wait_healthy(router.url)
     return router
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Redis:
+    """A real redis-server on a free loopback port, without persistence."""
+
+    def __init__(self) -> None:
+        for _ in range(3):  # the free port may be taken before redis-server binds it
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        return
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Redis]:
+    server = Redis()
+    yield server
+    server.stop()
 
 
 def wait_healthy(url: str, timeout_s: float = 60) -> None:

@@ -7,6 +7,7 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -17,6 +18,7 @@ from router import openai_responses as openai_out
 from router import tgi_responses as tgi_out
 from router.config import RouterConfig
 from router.errors import RouterError, ShardUnavailable
+from router.middleware import RequestMiddleware
 from router.openapi import Operation
 from router.schemas import ChatCompletionRequest, CompletionRequest, TGIRequest
 from router.state import RouterState
@@ -45,6 +47,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
+    if state.draining:
+        return JSONResponse({"error": "the router is shutting down",
+                             "error_type": "unavailable"}, 503)
     ready = len(state.dispatcher.ready_groups)
     if not ready:
         raise ShardUnavailable("no shard group is connected")
@@ -105,6 +110,11 @@ async def docs(request: Request) -> Response:
     return HTMLResponse(openapi.docs_page("/openapi.json"))
 
 
+async def metrics(request: Request) -> Response:
+    state: RouterState = request.app.state.router
+    return state.metrics.response()
+
+
 def build(config: RouterConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -117,9 +127,13 @@ def build(config: RouterConfig) -> Starlette:
             await state.stop()
 
     routes = [Route(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS]
+    # Prometheus' text format, outside the API description.
     routes += [Route("/openapi.json", openapi_json, methods=["GET"]),
-               Route("/docs", docs, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        RouterError: _router_error, HTTPException: _http_error, Exception: _unexpected})
+               Route("/docs", docs, methods=["GET"]),
+               Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(RequestMiddleware)], exception_handlers={
+                        RouterError: _router_error, HTTPException: _http_error,
+                        Exception: _unexpected})
     app.state.openapi = openapi.document(OPERATIONS, sluice.__version__)
     return app

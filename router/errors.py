@@ -14,10 +14,12 @@ class RouterError(Exception):
     error_type = "internal"
     openai_type = "server_error"
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
     def tgi_body(self) -> dict:
         return {"error": self.message, "error_type": self.error_type}
@@ -27,7 +29,8 @@ class RouterError(Exception):
                           "param": self.param, "code": self.error_type}}
 
     def response(self, openai: bool) -> JSONResponse:
-        return JSONResponse(self.openai_body() if openai else self.tgi_body(), self.status)
+        return JSONResponse(self.openai_body() if openai else self.tgi_body(), self.status,
+                            headers=self.headers)
 
 
 class ValidationError(RouterError):
@@ -58,3 +61,41 @@ class GenerationError(RouterError):
 
     status = 424
     error_type = "generation"
+
+
+class Unauthorized(RouterError):
+    """No API key, or one the keys file does not hold."""
+
+    status = 401
+    error_type = "authentication"
+    openai_type = "invalid_request_error"
+
+
+class RateLimited(RouterError):
+    """The tenant's requests or tokens per minute are spent; headers say when to retry."""
+
+    status = 429
+    error_type = "rate_limited"
+    openai_type = "rate_limit_error"
+
+
+class ContentFiltered(RouterError):
+    """The prompt matched a content filter rule."""
+
+    status = 422
+    error_type = "content_filter"
+    openai_type = "invalid_request_error"
+
+
+class Draining(RouterError):
+    """The router got SIGTERM: it finishes what it has and takes nothing new."""
+
+    status = 503
+    error_type = "unavailable"
+
+
+class RequestTimeout(RouterError):
+    """The request ran past --request-timeout (queue wait included); the shard stops it."""
+
+    status = 504
+    error_type = "timeout"

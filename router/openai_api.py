@@ -17,7 +17,8 @@ from router.state import RouterState
 from router.validation import Prepared, sampling
 
 # TGI's finish reasons in OpenAI's words.
-FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop",
+          "content_filter": "content_filter"}
 
 
 @dataclass(slots=True, frozen=True)

@@ -34,7 +34,7 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     prepared = await _prepare(state, body)
     runs = choices(prepared, body.n)
-    gens = state.submit([run.request for run in runs])
+    gens = await state.admit(request, runs)
     head = Head.new("chatcmpl", state)
     if body.stream:
         return streaming.sse_response(_events(state, body, prepared, runs, gens, head), gens)

@@ -101,7 +101,7 @@ async def completions(request: Request) -> Response:
                         prefill_logprobs=body.echo and wants_logprobs) for p in prompts]
     runs = [run for p in prepared for run in choices(p, body.n)]
     run_prompts = [p for p in prompts for _ in range(body.n)]
-    gens = state.submit([run.request for run in runs])
+    gens = await state.admit(request, runs)
     head = Head.new("cmpl", state)
     if body.stream:
         return streaming.sse_response(

@@ -15,10 +15,15 @@ from router import openai_responses, tgi_responses
 _REF = "#/components/schemas/{model}"
 
 # Statuses each kind of route can answer besides 200, as router/errors.py maps failures.
-_POST_ERRORS = {"400": "the body is not JSON", "422": "invalid parameters or limits exceeded",
+_POST_ERRORS = {"400": "the body is not JSON",
+                "401": "a missing or unknown API key (when keys are configured)",
+                "422": "invalid parameters, limits exceeded, or a prompt the content filter "
+                       "rejects",
                 "424": "the shard group failed the request",
-                "429": "too many requests in flight (max_concurrent_requests)",
-                "503": "no shard group is connected"}
+                "429": "too many requests in flight (max_concurrent_requests), or a rate limit "
+                       "(Retry-After says when to retry)",
+                "503": "no shard group is connected, or the router is shutting down",
+                "504": "the request took longer than --request-timeout"}
 _GET_ERRORS = {"503": "no shard group is connected"}
 
 

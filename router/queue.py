@@ -11,7 +11,7 @@ import asyncio
 import itertools
 from collections import deque
 
-from router.errors import Overloaded, ShardUnavailable
+from router.errors import Overloaded, RouterError, ShardUnavailable
 from router.shard_client import Generation, ShardGroup
 from sluice.v1 import generate_pb2 as pb
 
@@ -52,6 +52,13 @@ class Dispatcher:
         self.in_flight -= 1
         if gen.group is None and gen in self._pending:
             self._pending.remove(gen)
+
+    def fail_all(self, error: RouterError) -> int:
+        """End every queued and running request with `error`; how many there were."""
+        gens = list(self._pending) + [g for group in self.groups for g in group.generations]
+        for gen in gens:
+            gen.fail(error)
+        return len(gens)
 
     def wake(self) -> None:
         self._wakeup.set()

@@ -1,23 +1,46 @@
-"""The router process: the HTTP app on uvicorn.
+"""The router process: the HTTP app on uvicorn, and its drain on SIGTERM.
 
 When it listens it prints one JSON line on stdout, {"event": "ready", "service": "router",
 "address": "HOST:PORT"}, so that --port 0 can be used and the chosen port learned.
+
+On SIGTERM (or SIGINT) it drains: /health turns 503 so that Kubernetes stops sending traffic,
+new requests get 503, requests in flight run to their end for up to --shutdown-grace seconds
+(then end with an error, never silently), and the process exits 0. A second signal cuts the
+grace short.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import uvicorn
 
 from router import app as router_app
 from router import config as router_config
+from router.errors import Draining
+from router.state import RouterState
+from sluice import logs, tracing
+
+log = logging.getLogger("router")
+# After the drain, what uvicorn gets to write the last responses and close connections.
+_CLOSE_GRACE_S = 5
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn's handlers would close connections at once and re-raise the signal (exit
+        # code -15); serve() drains first and exits 0.
+        yield
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -28,10 +51,35 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def drain(state: RouterState, grace_s: float, cut_short: asyncio.Event) -> None:
+    """Refuse new work, let what is in flight finish within `grace_s`, then fail the rest."""
+    state.draining = True
+    dispatcher = state.dispatcher
+    log.info("draining: %d requests in flight, up to %g s", dispatcher.in_flight, grace_s)
+    deadline = time.monotonic() + grace_s
+    while dispatcher.in_flight and time.monotonic() < deadline and not cut_short.is_set():
+        await asyncio.sleep(0.05)
+    if dispatcher.in_flight:
+        failed = dispatcher.fail_all(Draining("the router shut down before the request ended "
+                                              "(--shutdown-grace ran out)"))
+        log.warning("drain grace over: %d requests ended with an error", failed)
+    log.info("drained")
+
+
 async def serve(config: router_config.RouterConfig) -> None:
     sock = _bind(config.host, config.port)
-    server = uvicorn.Server(uvicorn.Config(
-        router_app.build(config), log_level="warning", timeout_graceful_shutdown=30))
+    app = router_app.build(config)
+    server = _Server(uvicorn.Config(app, log_level="warning", log_config=None, access_log=False,
+                                    timeout_graceful_shutdown=_CLOSE_GRACE_S))
+    signals = asyncio.Event()
+    second_signal = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (second_signal if signals.is_set() else signals).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -40,18 +88,25 @@ async def serve(config: router_config.RouterConfig) -> None:
         await asyncio.sleep(0.02)
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    logging.getLogger("router").info("router listening on http://%s", address)
+    log.info("router listening on http://%s", address)
     print(json.dumps({"event": "ready", "service": "router", "address": address}), flush=True)
+    waiter = asyncio.create_task(signals.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if signals.is_set() and not task.done():
+        await drain(app.state.router, config.shutdown_grace_s, second_signal)
+        server.should_exit = True
+    waiter.cancel()
     await task
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = router_config.parse(argv, os.environ)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_format)
+    provider = tracing.start(config.tracing)
     try:
         asyncio.run(serve(config))
     except OSError as exc:
-        logging.getLogger("router").error("cannot listen on %s:%d: %s", config.host,
-                                          config.port, exc)
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         sys.exit(2)
+    finally:
+        tracing.stop(provider)

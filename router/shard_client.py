@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from router.content_filter import OutputGuard
 from router.errors import GenerationError, RouterError, ShardUnavailable
+from router.telemetry import RequestTelemetry
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
@@ -52,8 +54,15 @@ class Generation:
         self.group: ShardGroup | None = None
         self.finished = False
         self.prompt_scores: PromptScores | None = None  # set before the first token arrives
+        self.closed = False
         self._events: asyncio.Queue[TokenEvent | RouterError] = asyncio.Queue()
         self._release = release
+        # Set by admission (router/admission.py); None for a bare request.
+        self.telemetry: RequestTelemetry | None = None
+        self.output_guard: OutputGuard | None = None
+        self.outcome: str | None = None  # finish reason or error kind, once known
+        self.generated_tokens = 0  # tokens the shard produced for it (the rate-limit refund)
+        self.on_close: list[Callable[["Generation"], None]] = []
 
     def reserved_tokens(self, block_size: int) -> int:
         """The budget this request takes on a shard group: whole blocks."""
@@ -71,12 +80,26 @@ class Generation:
             raise event
         return event
 
+    def fail(self, error: RouterError) -> None:
+        """End it from the router's side (a timeout, a drain): stop it on the shard, report."""
+        if not self.finished and self.group is not None:
+            self.group.cancel(self)
+        self.push(error)
+
     def close(self) -> None:
-        """The handler is done with it: cancel on the shard if still running, free its slot."""
+        """The handler is done with it: cancel on the shard if still running, free its slot.
+
+        Several paths close a request (the stream's end, a disconnect, a background task);
+        only the first counts."""
+        if self.closed:
+            return
+        self.closed = True
         if not self.finished and self.group is not None:
             self.group.cancel(self)
         self.finished = True
         self._release(self)
+        for callback in self.on_close:
+            callback(self)
 
 
 def _prompt_scores(message: pb.PrefillLogprobs, top_n: int) -> PromptScores:
@@ -105,9 +128,16 @@ class ShardGroup:
         """Free budget as last reported, minus what this router sent since and is not admitted."""
         return self.free_budget_tokens - sum(self._unacknowledged.values())
 
+    @property
+    def generations(self) -> list[Generation]:
+        """Requests sent to this group and not ended."""
+        return list(self._in_flight.values())
+
     def reserve(self, gen: Generation) -> None:
         """Take `gen` on; it counts against available_tokens at once and is sent by flush()."""
         gen.group = self
+        if gen.telemetry is not None:
+            gen.telemetry.dispatched(self.uri, gen.request.trace_context)
         self._in_flight[gen.id] = gen
         self._unacknowledged[gen.id] = gen.reserved_tokens(self.info.block_size)
         self._unsent.append(gen.request)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 
+from starlette.requests import Request
+
+from router import admission
 from router.config import RouterConfig
 from router.errors import ShardUnavailable
+from router.metrics import RouterMetrics
 from router.queue import Dispatcher
+from router.ratelimit import RateLimiter
 from router.shard_client import Generation
 from router.tokenizer import RouterTokenizer
-from router.validation import Limits
+from router.validation import Limits, Prepared
 from sluice.v1 import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -24,9 +30,13 @@ class RouterState:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.dispatcher = Dispatcher(config.shard_uri, config.max_concurrent_requests)
+        self.metrics = RouterMetrics(self.dispatcher)
+        self.limiter = RateLimiter(config.rate_limit_redis_url)
+        self.draining = False  # SIGTERM came: /health is unready, new requests get 503
         self.started_at = int(time.time())
         self._tokenizer: RouterTokenizer | None = None
         self._tasks: list[asyncio.Task] = []
+        self._spawned: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(g.run(), name=f"shard {g.uri}")
@@ -36,7 +46,18 @@ class RouterState:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        await self.limiter.close()
+
+    def spawn(self, work: Coroutine) -> None:
+        """Run `work` in the background (a rate-limit refund), keeping it referenced."""
+        task = asyncio.create_task(work)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def admit(self, request: Request, runs: list[Prepared]) -> list[Generation]:
+        """Filter, rate-limit and queue the runs of a validated request (router/admission.py)."""
+        return await admission.admit(self, request, runs)
 
     @property
     def info(self) -> pb.InfoResponse:

@@ -20,8 +20,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from router.content_filter import OutputGuard
 from router.detokenize import TextStream
-from router.shard_client import Generation
+from router.errors import RouterError
+from router.shard_client import Generation, TokenEvent
 from router.tokenizer import RouterTokenizer
 from sluice.v1 import generate_pb2 as pb
 
@@ -36,7 +38,7 @@ FINISH_REASONS = {
 
 @dataclass(slots=True)
 class Finish:
-    reason: str  # TGI's names: length, eos_token, stop_sequence
+    reason: str  # TGI's names: length, eos_token, stop_sequence; OpenAI's content_filter
     text: str  # the whole generated text
     generated_tokens: int
 
@@ -51,24 +53,84 @@ class Token:
     finish: Finish | None = None  # set on the last token
 
 
+# The id of the last token of a response stopped by the content filter: the token that
+# completed the match is withheld, like its text.
+WITHHELD_TOKEN_ID = -1
+
+
+class _Release:
+    """Per token, what a client may see of it: after stop strings and the output filter.
+
+    With an output filter, tokens wait (text, id and logprobs alike) until the filter has
+    cleared their text; when it blocks, the tokens of the matched text are never released.
+    """
+
+    def __init__(self, tokenizer: RouterTokenizer, stop: list[str], guard: OutputGuard | None):
+        self._tokenizer = tokenizer
+        self._text = TextStream(tokenizer, stop)
+        self._guard = guard
+        self._held: list[tuple[Token, int]] = []  # (token, end of its text in guard.text)
+        self._sent = 0  # characters of guard.text released
+        self.count = 0
+
+    def push(self, event: TokenEvent) -> list[Token]:
+        self.count += 1
+        text = self._text
+        piece = text.push(event.token_id)
+        reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
+        if reason is not None and text.stopped_by is None:
+            piece += text.flush()
+        token = Token(event.token_id, piece, event.logprob,
+                      self._tokenizer.is_special(event.token_id),
+                      list(zip(event.top_ids, event.top_logprobs)))
+        if self._guard is None:
+            if reason is not None:
+                token.finish = Finish(reason, text.text, self.count)
+            return [token]
+        return self._guarded(token, reason)
+
+    def _guarded(self, token: Token, reason: str | None) -> list[Token]:
+        guard = self._guard
+        guard.feed(token.text, final=reason is not None)
+        self._held.append((token, len(guard.text)))
+        if guard.blocked_at is not None:
+            out = self._take(guard.blocked_at)
+            last = Token(WITHHELD_TOKEN_ID, guard.text[self._sent:guard.blocked_at], 0.0, False,
+                         [], Finish("content_filter", guard.text[:guard.blocked_at], self.count))
+            return out + [last]
+        out = self._take(guard.cleared)
+        if reason is not None:  # the final check cleared everything
+            out[-1].finish = Finish(reason, guard.text, self.count)
+        return out
+
+    def _take(self, upto: int) -> list[Token]:
+        """The held tokens whose text lies wholly within guard.text[:upto], in order."""
+        out = []
+        while self._held and self._held[0][1] <= upto:
+            token, self._sent = self._held.pop(0)
+            out.append(token)
+        return out
+
+
 async def run(tokenizer: RouterTokenizer, gen: Generation,
               stop: list[str]) -> AsyncIterator[Token]:
     """Tokens as they come; the last carries the Finish. Raises RouterError on failure."""
-    text = TextStream(tokenizer, stop)
-    count = 0
+    release = _Release(tokenizer, stop, gen.output_guard)
     try:
         while True:
             event = await gen.next_event()
-            count += 1
-            piece = text.push(event.token_id)
-            reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
-            if reason is not None and text.stopped_by is None:
-                piece += text.flush()
-            finish = None if reason is None else Finish(reason, text.text, count)
-            yield Token(event.token_id, piece, event.logprob, tokenizer.is_special(event.token_id),
-                        list(zip(event.top_ids, event.top_logprobs)), finish)
-            if finish is not None:
-                return
+            gen.generated_tokens += 1
+            if gen.telemetry is not None:
+                gen.telemetry.token()
+            for token in release.push(event):
+                if token.finish is not None:
+                    gen.outcome = token.finish.reason
+                yield token
+                if token.finish is not None:
+                    return
+    except RouterError as exc:
+        gen.outcome = exc.error_type
+        raise
     finally:
         gen.close()
 

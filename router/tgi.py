@@ -88,7 +88,7 @@ def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generati
 
 async def _generate(request: Request, state: RouterState, body: TGIRequest) -> out.GenerateResponse:
     runs = await _prepare(state, body, stream=False)
-    gens = state.submit([run.request for run in runs])
+    gens = await state.admit(request, runs)
     results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     sequences = [_sequence(state, body, run, gen, tokens, finish)
@@ -105,9 +105,9 @@ async def _generate(request: Request, state: RouterState, body: TGIRequest) -> o
     return answer
 
 
-async def _stream(state: RouterState, body: TGIRequest) -> Response:
+async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
     [run] = await _prepare(state, body, stream=True)
-    gens = state.submit([run.request])
+    gens = await state.admit(request, [run])
     p = body.parameters
 
     async def events():
@@ -140,7 +140,7 @@ async def generate(request: Request) -> Response:
 
 async def generate_stream(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return await _stream(state, parse(TGIRequest, await request.body()))
+    return await _stream(request, state, parse(TGIRequest, await request.body()))
 
 
 async def compat_generate(request: Request) -> Response:
@@ -148,7 +148,7 @@ async def compat_generate(request: Request) -> Response:
     state: RouterState = request.app.state.router
     body = parse(TGIRequest, await request.body())
     if body.stream:
-        return await _stream(state, body)
+        return await _stream(request, state, body)
     return streaming.json_response([await _generate(request, state, body)])
 
 

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-FinishReason = Literal["length", "eos_token", "stop_sequence"]
+# content_filter is not a TGI value: Sluice ends a filtered output with it (docs/api.md).
+FinishReason = Literal["length", "eos_token", "stop_sequence", "content_filter"]
 
 
 class Token(BaseModel):

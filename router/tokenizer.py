@@ -72,6 +72,8 @@ class RouterTokenizer:
         return DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
+        if token_id < 0:  # streaming.WITHHELD_TOKEN_ID: a token the content filter withheld
+            return ""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> list[int]:

@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sluice import logs, tracing
 from sluice.flags import apply_environment
+from sluice.tracing import TracingConfig
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,6 +33,9 @@ class ShardConfig:
     cuda_memory_fraction: float
     num_threads: int | None
     cuda_graphs: str
+    metrics_port: int | None  # None: no metrics server; 0: any free port
+    log_format: str
+    tracing: TracingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "8/16/32 up to --max-batch-size. Needs the flash backend")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads; default: torch's own choice")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics over HTTP on this port (0: any free; "
+                             "the ready line names it); default: no metrics server")
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig:
@@ -85,6 +93,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
     parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     parser.add_argument("--port", type=int, default=50051, help="gRPC listen port")
     add_arguments(parser)
+    logs.add_arguments(parser)
+    tracing.add_arguments(parser)
     apply_environment(parser, environ)
     args = parser.parse_args(argv)
     for name in ("block_size", "max_batch_prefill_tokens", "max_batch_size", "num_shard"):
@@ -92,4 +102,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0.0 < args.cuda_memory_fraction <= 1.0:
         parser.error("--cuda-memory-fraction must be in (0, 1]")
-    return ShardConfig(**vars(args))
+    fields = vars(args)
+    traced = tracing.config_from(args, environ, "sluice-shard")
+    del fields["otlp_endpoint"], fields["otlp_protocol"]
+    return ShardConfig(**fields, tracing=traced)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from shard import batch as step_batch
 from shard.kv_cache import BlockAllocator, KVCache
+from shard.metrics import ShardMetrics
 from shard.sampling import SampleOutput, Sampler
 from shard.scheduler import Scheduler, Sequence, Step
 from sluice.v1 import generate_pb2 as pb
@@ -80,7 +82,8 @@ class Limits:
 
 class Engine:
     def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
-                 limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device):
+                 limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device,
+                 with_metrics: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = allocator
@@ -91,6 +94,7 @@ class Engine:
         self.scheduler = Scheduler(allocator, limits.max_batch_size,
                                    limits.max_batch_prefill_tokens, limits.max_total_tokens)
         self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device)
+        self.metrics = ShardMetrics(allocator, self.scheduler) if with_metrics else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sequences: dict[tuple[Stream, int], Sequence] = {}
         self._reported_budget: dict[Stream, int] = {}
@@ -139,6 +143,7 @@ class Engine:
             outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
         step = self.last_step = self.scheduler.schedule()               # 2. plan one step
         if step is not None:
+            started_s = time.perf_counter()
             batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
                                      self.allocator.block_size, self.device)
             with torch.inference_mode():
@@ -148,6 +153,8 @@ class Engine:
                                    max((s.top_n_tokens for s in batch.samplers), default=0))
             self._advance(step)
             self._record_tokens(batch.samplers, out, outgoing)          # 6. emit, free
+            if self.metrics is not None:
+                self.metrics.step_done(step, time.perf_counter() - started_s)
         self._publish(outgoing)
 
     def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
@@ -191,6 +198,8 @@ class Engine:
         if reason is not None:
             outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
                 pb.RequestError(id=seq.request_id, message=reason))
+            if self.metrics is not None:
+                self.metrics.admission_rejections.inc()
             return
         self._sequences[(seq.stream, seq.request_id)] = seq
         self.scheduler.add(seq)
@@ -268,6 +277,8 @@ class Engine:
             token = tokens[i]
             seq.last_token = token
             seq.num_generated += 1
+            if seq.trace is not None and seq.num_generated == 1:
+                seq.trace.first_token()
             reason = self._finish_reason(seq, token)
             o = outgoing.setdefault(seq.stream, _Outgoing())
             if seq.prefill_logprobs and seq.num_generated == 1:  # its prefill ended this step

@@ -15,6 +15,7 @@ import torch
 
 from shard.kv_cache import BlockAllocator, blocks_for
 from shard.sampling import SamplingParams
+from shard.tracing import SequenceTrace
 
 
 @dataclass(slots=True, eq=False)
@@ -35,6 +36,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     num_generated: int = 0
     last_token: int = -1  # the token the next decode feeds
+    trace: SequenceTrace | None = None  # set when the request carries a trace context
 
     @property
     def prompt_len(self) -> int:
@@ -102,6 +104,8 @@ class Scheduler:
             self.block_tables[seq.slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             self.running.append(seq)
             admitted.append(seq)
+            if seq.trace is not None:
+                seq.trace.admitted()
         return admitted
 
     def schedule(self) -> Step | None:
@@ -120,6 +124,8 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished or cancelled sequence and return its blocks and slot."""
+        if seq.trace is not None:
+            seq.trace.ended(seq.num_generated)
         if seq.slot < 0:
             self.waiting.remove(seq)
             return

@@ -31,6 +31,8 @@ from shard.parallel import TensorParallel
 from shard.sampling import SamplingParams
 from shard.scheduler import Sequence
 from shard.source import ModelNotFound, resolve
+from shard.tracing import SequenceTrace
+from sluice import logs, tracing
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
@@ -80,7 +82,8 @@ class Runtime:
             self.loaded.model, kv_cache, allocator, self.attention,
             Limits(self.budget.max_input_tokens, self.budget.max_total_tokens,
                    config.max_batch_prefill_tokens, config.max_batch_size),
-            self.loaded.tokenizer.eos_token_ids, self.device)
+            self.loaded.tokenizer.eos_token_ids, self.device,
+            with_metrics=config.metrics_port is not None)
         self.config = config
 
     def warm_up(self) -> None:
@@ -139,7 +142,7 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def to_sequence(request: pb.Request, stream: Stream) -> Sequence:
+def to_sequence(request: pb.Request, stream: Stream, traced: bool = False) -> Sequence:
     s, stop = request.sampling, request.stopping
     return Sequence(
         request_id=request.id,
@@ -155,6 +158,7 @@ def to_sequence(request: pb.Request, stream: Stream) -> Sequence:
         stop_token_ids=frozenset(stop.stop_token_ids),
         top_n_tokens=request.top_n_tokens,
         prefill_logprobs=request.prefill_logprobs,
+        trace=SequenceTrace.start(request.trace_context, request.id) if traced else None,
     )
 
 
@@ -183,7 +187,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         try:
             async for message in request_iterator:
                 if message.HasField("batch"):
-                    engine.submit(stream, [to_sequence(r, stream) for r in message.batch.requests])
+                    traced = self.runtime.config.tracing.enabled
+                    engine.submit(stream, [to_sequence(r, stream, traced)
+                                           for r in message.batch.requests])
                 elif message.HasField("cancel"):
                     engine.cancel(stream, list(message.cancel.ids))
         finally:
@@ -208,7 +214,12 @@ async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = listen_address(config.host, port)
     log.info("shard serving %s on %s", runtime.loaded.source.model_id, address)
-    print(json.dumps({"event": "ready", "service": "shard", "address": address}), flush=True)
+    ready = {"event": "ready", "service": "shard", "address": address}
+    if runtime.engine.metrics is not None:
+        metrics_port = runtime.engine.metrics.serve(config.host, config.metrics_port)
+        ready["metrics_address"] = listen_address(config.host, metrics_port)
+        log.info("shard metrics on http://%s/metrics", ready["metrics_address"])
+    print(json.dumps(ready), flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -224,8 +235,7 @@ async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
 
 def main(argv: Seq[str] | None = None) -> None:
     config = shard_config.parse(argv, os.environ)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_format)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
@@ -234,4 +244,8 @@ def main(argv: Seq[str] | None = None) -> None:
     except (ModelNotFound, ValueError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
-    asyncio.run(serve(runtime))
+    provider = tracing.start(config.tracing)
+    try:
+        asyncio.run(serve(runtime))
+    finally:
+        tracing.stop(provider)

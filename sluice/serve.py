@@ -23,9 +23,12 @@ from collections.abc import Callable, Sequence
 
 from router import config as router_config
 from shard import config as shard_config
+from sluice import logs, tracing
 from sluice.flags import apply_environment
 
 _PR_SET_PDEATHSIG = 1
+# What a part gets beyond --shutdown-grace to stop before it is killed.
+_STOP_MARGIN_S = 10.0
 
 
 def _die_with_parent() -> None:
@@ -102,6 +105,12 @@ def _wait_healthy(address: str, timeout_s: float, router: Child) -> None:
     raise RuntimeError("the router did not become healthy")
 
 
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags both parts take: each gets the same value."""
+    logs.add_arguments(parser)
+    tracing.add_arguments(parser)
+
+
 def parse(argv: Sequence[str] | None, environ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sluice serve",
@@ -112,10 +121,9 @@ def parse(argv: Sequence[str] | None, environ) -> argparse.Namespace:
                         help="the shard group's gRPC port on 127.0.0.1 (0: any free)")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="seconds to wait for the model to load and the router to be ready")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0,
-                        help="seconds each part gets to stop before it is killed")
     shard_config.add_arguments(parser)
-    router_config.add_arguments(parser)
+    router_config.add_arguments(parser)  # its --shutdown-grace bounds the whole stop, too
+    _common_arguments(parser)
     apply_environment(parser, environ)
     return parser.parse_args(argv)
 
@@ -135,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         shard = Child("shard", python + ["shard", "--host", "127.0.0.1", "--port",
                                          str(args.shard_port)]
-                      + _forwarded(args, shard_config.add_arguments))
+                      + _forwarded(args, shard_config.add_arguments)
+                      + _forwarded(args, _common_arguments))
         children.append(shard)
         shard_address = shard.wait_ready(args.startup_timeout)
         router = Child("router", python + ["router", "--host", args.host, "--port",
                                            str(args.port), "--shard-uri", shard_address]
-                       + _forwarded(args, router_config.add_arguments))
+                       + _forwarded(args, router_config.add_arguments)
+                       + _forwarded(args, _common_arguments))
         children.append(router)
         address = router.wait_ready(args.startup_timeout)
         _wait_healthy(address, args.startup_timeout, router)
@@ -157,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sluice: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        for child in reversed(children):  # the router first: it finishes what is in flight
-            child.stop(args.shutdown_grace)
+        # The router first: it drains (up to --shutdown-grace), then the shard stops.
+        for child in reversed(children):
+            child.stop(args.shutdown_grace + _STOP_MARGIN_S)
     sys.exit(code)

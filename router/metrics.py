@@ -1,0 +1,102 @@
+"""The router's Prometheus metrics (GET /metrics). docs/metrics.md lists every one.
+
+Latency buckets span what LLM serving sees: milliseconds between tokens, seconds to minutes
+for whole requests. Gauges of the queue and the shard groups' budget are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from router.queue import Dispatcher
+
+prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
+
+REQUEST_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+FIRST_TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25,
+                         0.5, 1, 2.5)
+SHORT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
+TOKEN_BUCKETS = tuple(2 ** i for i in range(0, 18))  # 1 .. 131072
+
+
+class RouterMetrics:
+    def __init__(self, dispatcher: "Dispatcher"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("sluice_router_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "sluice_router_request_duration_seconds", "Whole HTTP requests, streams included",
+            ["route"], buckets=REQUEST_BUCKETS_S, registry=r)
+        self.validation_duration = Histogram(
+            "sluice_router_validation_duration_seconds",
+            "Parsing, tokenization and checks of a generation request", buckets=SHORT_BUCKETS_S,
+            registry=r)
+        self.queue_duration = Histogram(
+            "sluice_router_queue_duration_seconds",
+            "Wait in the router's queue until a shard group takes the request",
+            buckets=REQUEST_BUCKETS_S, registry=r)
+        self.time_to_first_token = Histogram(
+            "sluice_router_time_to_first_token_seconds",
+            "From receiving a request to its first generated token", buckets=FIRST_TOKEN_BUCKETS_S,
+            registry=r)
+        self.inter_token_latency = Histogram(
+            "sluice_router_inter_token_latency_seconds",
+            "Between consecutive generated tokens of one request", buckets=INTER_TOKEN_BUCKETS_S,
+            registry=r)
+        self.input_tokens = Histogram("sluice_router_input_tokens", "Prompt tokens per request",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.generated_tokens = Histogram(
+            "sluice_router_generated_tokens", "Generated tokens per finished request",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.finished = Counter("sluice_router_generations",
+                                "Generations by how they ended (finish reason or error kind)",
+                                ["reason"], registry=r)
+        self.rate_limited = Counter("sluice_router_rate_limited",
+                                    "Requests refused by a tenant's rate limit", ["tenant"],
+                                    registry=r)
+        self.filtered = Counter("sluice_router_content_filtered",
+                                "Requests stopped by the content filter", ["direction"],
+                                registry=r)
+        r.register(_DispatcherCollector(dispatcher))
+
+    def response(self) -> Response:
+        """GET /metrics: the Prometheus text format."""
+        return Response(prometheus_client.generate_latest(self.registry),
+                        media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+class _DispatcherCollector:
+    """Queue, running requests and each group's free budget, as the dispatcher sees them now."""
+
+    def __init__(self, dispatcher: "Dispatcher"):
+        self._dispatcher = dispatcher
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        d = self._dispatcher
+        yield GaugeMetricFamily("sluice_router_queue_size",
+                                "Requests waiting in the router for a shard group", d.queue_size)
+        yield GaugeMetricFamily("sluice_router_running_requests",
+                                "Requests sent to a shard group and not finished",
+                                d.in_flight - d.queue_size)
+        budget = GaugeMetricFamily("sluice_router_shard_group_free_budget_tokens",
+                                   "KV-cache budget a shard group last reported free",
+                                   labels=["shard_group"])
+        ready = GaugeMetricFamily("sluice_router_shard_group_ready",
+                                  "1 while the router's stream to a shard group is up",
+                                  labels=["shard_group"])
+        for group in d.groups:
+            budget.add_metric([group.uri], group.free_budget_tokens)
+            ready.add_metric([group.uri], 1 if group.ready else 0)
+        yield budget
+        yield ready
