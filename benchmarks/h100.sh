@@ -75,18 +75,30 @@ step_reference() {
     --num-requests 128 --batch 128 --input-len 512 --output-len 128
 }
 
-step_serving() {
+serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
+  local name=$1; shift
+  local streams=() flags=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do streams+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && flags=("$@")
   python3 -m sluice serve --port 8080 --model benchmarks/configs/llama-3.1-8b \
-    --load-format dummy > "$OUT/serve.log" 2>&1 &
+    --load-format dummy "${flags[@]}" > "$OUT/serve-$name.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 300); do grep -q '"service": "serve"' "$OUT/serve.log" && break; sleep 1; done
-  for c in 1 16 64; do
-    echo "== serving 8B, $c concurrent streams"
+  for _ in $(seq 300); do grep -q '"service": "serve"' "$OUT/serve-$name.log" && break; sleep 1; done
+  for c in "${streams[@]}"; do
+    echo "== serving 8B ($name), $c concurrent streams"
     python3 benchmarks/serving.py --num-prompts $((c * 4)) --max-concurrency $c \
-      --input-len 512 --output-len 128 --json-out "$OUT/serving-8b-c$c.json"
+      --input-len 512 --output-len 128 --json-out "$OUT/serving-8b-$name-c$c.json"
   done
   kill -TERM $pid; wait $pid
-  grep -E "ERROR|Traceback" "$OUT/serve.log" | head -5
+  grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$name.log" | head -5
+}
+
+step_serving() {
+  serve_8b default 1 16 64
+}
+
+step_serving_chunked() {  # smaller prefill chunks: shorter stalls for the running streams
+  serve_8b prefill1024 64 -- --max-batch-prefill-tokens 1024
 }
 
 setup
