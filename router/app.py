@@ -17,7 +17,7 @@ from router import openai_api, openai_chat, openai_completions, openapi, streami
 from router import openai_responses as openai_out
 from router import tgi_responses as tgi_out
 from router.config import RouterConfig
-from router.errors import RouterError, ShardUnavailable
+from router.errors import Draining, RouterError, ShardUnavailable
 from router.middleware import RequestMiddleware
 from router.openapi import Operation
 from router.schemas import ChatCompletionRequest, CompletionRequest, TGIRequest
@@ -48,8 +48,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
     if state.draining:
-        return JSONResponse({"error": "the router is shutting down",
-                             "error_type": "unavailable"}, 503)
+        raise Draining("the router is shutting down")
     ready = len(state.dispatcher.ready_groups)
     if not ready:
         raise ShardUnavailable("no shard group is connected")

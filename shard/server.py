@@ -40,6 +40,13 @@ log = logging.getLogger("shard")
 SERVICE_NAME = "sluice.v1.TextGeneration"
 
 
+class _Discard(Stream):
+    """Where the warm-up request's tokens go."""
+
+    def send(self, response: pb.GenerateResponse) -> None:
+        pass
+
+
 class _RouterStream(Stream):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -88,8 +95,7 @@ class Runtime:
 
     def warm_up(self) -> None:
         """Run one short request through the whole step path before serving."""
-        sink = Stream()
-        sink.send = lambda response: None
+        sink = _Discard()
         prompt_len = min(16, self.budget.max_input_tokens)
         seq = Sequence(request_id=0, stream=sink,
                        prompt=torch.arange(prompt_len) % self.loaded.config.vocab_size,
