@@ -75,6 +75,21 @@ step_reference() {
     --num-requests 128 --batch 128 --input-len 512 --output-len 128
 }
 
+profile() {  # profile NAME ARGS...: where one engine step's time goes
+  echo "== profile $1"; local name=$1; shift
+  timeout 300 python3 benchmarks/profile_step.py "$@" > "$OUT/profile-$name.txt" 2>&1
+  grep -v " INFO " "$OUT/profile-$name.txt" | grep -E "^==|device busy|Traceback|Error" | tail -4
+}
+
+step_profile() {
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  profile 1b-decode-b1 $m1 --phase decode --batch 1 --input-len 512
+  profile 1b-decode-b64 $m1 --phase decode --batch 64 --input-len 512
+  profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
+  profile 8b-decode-b1 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --phase decode --batch 1 --input-len 512
+}
+
 serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
   local name=$1; shift
   local streams=() flags=()
