@@ -33,6 +33,8 @@ class ShardConfig:
     cuda_memory_fraction: float
     num_threads: int | None
     cuda_graphs: str
+    compile: str
+    async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
     log_format: str
     tracing: TracingConfig
@@ -80,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes to capture as CUDA graphs, comma-separated "
                              "(e.g. 1,2,4,8,16,32); 0 disables; auto: 1, 2, 4 and steps of "
                              "8/16/32 up to --max-batch-size. Needs the flash backend")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
+                             "into one kernel with torch.compile; auto: on cuda only")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="plan and launch step n+1 while step n runs, its tokens still on "
+                             "the device, so host work overlaps the GPU; auto: on cuda only")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads; default: torch's own choice")
     parser.add_argument("--metrics-port", type=int, default=None,

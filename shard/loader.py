@@ -14,6 +14,7 @@ from shard import tokenizer as tokenizers
 from shard.gguf_model import GGUFModel
 from shard.models.config import ModelConfig
 from shard.models.llama import LlamaForCausalLM
+from shard.models.ops import Ops
 from shard.parallel import TensorParallel
 from shard.quantization import int4_available
 from shard.source import ModelNotFound, ModelSource
@@ -50,8 +51,10 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
-         attention, load_format: str = "auto", quantize: str = "none") -> LoadedModel:
-    """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel."""
+         attention, load_format: str = "auto", quantize: str = "none",
+         compiled: bool = False) -> LoadedModel:
+    """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel.
+    compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py)."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
         raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "
@@ -68,7 +71,7 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
             tokenizer = tokenizers.from_folder(source.path)
         weights = None if load_format == "dummy" else _safetensors(source.path)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, tp, attention)
+        model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled))
     if load_format == "dummy":
         _randomize(model)
     else:

@@ -27,6 +27,7 @@ from shard.attention import FlashAttention, select_backend
 from shard.cuda_graphs import DecodeGraphs, parse_batch_sizes
 from shard.engine import Engine, Limits, Stream
 from shard.kv_cache import BlockAllocator, KVCache
+from shard.models.ops import compile_wanted
 from shard.parallel import TensorParallel
 from shard.sampling import SamplingParams
 from shard.scheduler import Sequence
@@ -69,9 +70,12 @@ class Runtime:
         source = resolve(config.model, config.revision)
         log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
                  self.dtype)
+        self.compiled = compile_wanted(config.compile, self.device)
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
-                                  self.attention, config.load_format, config.quantize)
-        log.info("weights: %s; quantization: %s", self.dtype, self.loaded.quantization)
+                                  self.attention, config.load_format, config.quantize,
+                                  self.compiled)
+        log.info("weights: %s; quantization: %s; elementwise stages %s", self.dtype,
+                 self.loaded.quantization, "compiled" if self.compiled else "eager")
         peak = 0
         if self.device.type == "cuda":
             peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,

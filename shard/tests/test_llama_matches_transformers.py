@@ -179,3 +179,16 @@ def test_smollm2_gguf_prefill_then_paged_decode_matches_transformers(smollm2):
 def test_smollm2_gguf_chunked_prefill_matches_transformers(smollm2):
     ours, hf = smollm2
     assert_matches(ours, hf, SMOLLM2_PROMPT, block_size=4, max_prefill_tokens=5)
+
+
+def test_compiled_elementwise_stages_match_transformers(tmp_path):
+    """--compile on: the same model with its norms, rotary and SiLU as torch.compile'd kernels
+    (Inductor's C++ backend here, Triton on a GPU), through chunked prefill and decode, where
+    token counts of 1, 4 and 12 exercise the dynamic shapes."""
+    folder = write_tiny_model(tmp_path / "qwen2", family="qwen2",
+                              rope_scaling=TINY_CASES["llama3_rope_scaling"]["rope_scaling"])
+    ours = loader.load(ModelSource("compiled", folder), TensorParallel(), CPU, torch.float32,
+                       TorchAttention(), compiled=True)
+    assert ours.model.layers[0].mlp.ops.compiled
+    prompt = tiny_prompt("llama3_rope_scaling", ours.config.vocab_size)
+    assert_matches(ours, load_transformers(folder), prompt, block_size=4, max_prefill_tokens=32)

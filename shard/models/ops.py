@@ -1,0 +1,78 @@
+"""The decoder's elementwise stages as plain functions, run eagerly or compiled.
+
+Eagerly each stage is a handful of small kernels (RMSNorm alone is eight: add, upcast, square,
+mean, rsqrt, two products, downcast), and on a GPU at small batch those launches cost more than
+the matrix products they sit between. Compiled by torch.compile (Inductor), each stage becomes one
+fused kernel over the same arithmetic: same inputs, same float32 intermediates, same outputs.
+
+`--compile auto` compiles on CUDA only: on CPU the stages are a small share of a step and
+Inductor's C++ build would add tens of seconds to every start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x + residual, and x + residual itself (the next residual)."""
+    x = x + residual
+    return rms_norm(x, weight, eps), x
+
+
+def rotary(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           num_heads: int, num_kv_heads: int, head_dim: int):
+    """Split a fused QKV projection [T, (Hq + 2 Hkv) D] into q [T, Hq, D], k, v [T, Hkv, D] and
+    rotate q and k (rotate-half, cos/sin tables [positions, D/2] indexed by position)."""
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+    def rotate(x: torch.Tensor, heads: int) -> torch.Tensor:
+        x1, x2 = x.reshape(-1, heads, head_dim).float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)
+
+    return rotate(q, num_heads), rotate(k, num_kv_heads), v.reshape(-1, num_kv_heads, head_dim)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rotary: Callable
+    silu_mul: Callable
+    compiled: bool
+
+    @classmethod
+    def build(cls, compiled: bool) -> "Ops":
+        functions = (rms_norm, add_rms_norm, rotary, silu_mul)
+        if compiled:
+            # dynamic: one kernel for every token count (sizes 0 and 1 get their own).
+            functions = tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in functions)
+        return cls(*functions, compiled=compiled)
+
+
+EAGER = Ops.build(compiled=False)
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """--compile: auto compiles on CUDA."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
