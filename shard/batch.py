@@ -3,6 +3,10 @@
 Tokens are laid out ragged, with no padding: first one token per decoding sequence, then the
 prefill chunks. Per-sequence values come from Python ints; per-token values (prefill chunks)
 are built with tensor ops, never a Python object per token.
+
+A decoding sequence's input token is the one it sampled last, read on the device from
+`last_tokens` (one row per slot, written by sampling): the host need not have seen it yet, so
+a step can be planned and launched while the previous one still runs.
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ class StepBatch:
     positions: torch.Tensor  # [T]
     layout: StepLayout
     sample_rows: torch.Tensor  # [S] row of each sampling sequence's last token
+    sample_slots: torch.Tensor  # [S] slot of each sampling sequence: where its token goes
     samplers: list[Sequence]
     sample_positions: list[int]  # position of the token each sampler is about to produce
     prompt_rows: PromptRows | None = None  # None unless a prefill asked for prompt logprobs
 
 
-def build(step: Step, block_tables: torch.Tensor, block_size: int,
-          device: torch.device) -> StepBatch:
+def build(step: Step, block_tables: torch.Tensor, block_size: int, device: torch.device,
+          last_tokens: torch.Tensor) -> StepBatch:
+    """last_tokens: [slots] on `device`, each running sequence's latest sampled token."""
     decodes, prefills = step.decodes, step.prefills
     seqs = decodes + [s for s, _ in prefills]
     slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
     tables = block_tables.index_select(0, slots)
 
-    ids_parts = [torch.tensor([s.last_token for s in decodes], dtype=torch.long)]
+    ids_parts = [torch.zeros(len(decodes), dtype=torch.long)]  # filled on the device below
     pos_parts = [torch.tensor([s.num_cached for s in decodes], dtype=torch.long)]
     lengths = [1] * len(decodes)
     for seq, n in prefills:
@@ -66,10 +72,15 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int,
         if s.num_cached + n == s.prompt_len]
     # long even when empty: a step of only unfinished prefill chunks samples nothing.
     sample_rows = torch.tensor([starts[i + 1] - 1 for i in sample_index], dtype=torch.long)
-    input_ids, positions, slot_mapping, sample_rows, cu_seqlens_q, seqused_k, tables = to_device(
-        device, input_ids, positions, slot_mapping, sample_rows,
+    sample_slots = torch.tensor([seqs[i].slot for i in sample_index], dtype=torch.long)
+    (input_ids, positions, slot_mapping, sample_rows, sample_slots, decode_slots, cu_seqlens_q,
+     seqused_k, tables) = to_device(
+        device, input_ids, positions, slot_mapping, sample_rows, sample_slots,
+        slots[:len(decodes)],
         torch.tensor(starts, dtype=torch.int32), torch.tensor(context_lens, dtype=torch.int32),
         tables)
+    if decodes:
+        torch.index_select(last_tokens, 0, decode_slots, out=input_ids[:len(decodes)])
     layout = StepLayout(
         num_decodes=len(decodes),
         query_starts=starts,
@@ -85,6 +96,7 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int,
         positions=positions,
         layout=layout,
         sample_rows=sample_rows,
+        sample_slots=sample_slots,
         samplers=[seqs[i] for i in sample_index],
         sample_positions=[context_lens[i] for i in sample_index],
         prompt_rows=_prompt_rows(prefills, starts[len(decodes):], device),

@@ -2,6 +2,15 @@
 
 Routers' streams hand it batches and cancels through an inbox; once per step it emits, to each
 stream, one GenerateResponse with every new token of that stream's requests.
+
+With async scheduling (on CUDA by default) the loop plans and launches step n+1 before it
+waits for step n's tokens, so the host's work (planning, step tensors, emitting) overlaps the
+GPU's. Step n+1 feeds each decoding sequence the token step n sampled, read on the device. What
+the host learns one step late is only whether a sequence ended on an EOS or stop token: such a
+sequence decodes once more in step n+1, and that token is dropped. Length limits are known
+ahead, so no sequence is planned past its max_new_tokens. The KV blocks of a sequence that ends
+(or is cancelled) while a step using them is in flight go back at once: any later step that
+reuses them runs after it on the same CUDA stream.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +27,7 @@ import torch
 from shard import batch as step_batch
 from shard.kv_cache import BlockAllocator, KVCache
 from shard.metrics import ShardMetrics
-from shard.sampling import SampleOutput, Sampler
+from shard.sampling import Sampler
 from shard.scheduler import Scheduler, Sequence, Step
 from sluice.v1 import generate_pb2 as pb
 
@@ -72,6 +82,19 @@ class _Outgoing:
     prefill_logprobs: list[pb.PrefillLogprobs] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Launched:
+    """A step whose forward and sampling are queued on the device; its results travel to
+    `host` (pinned, on CUDA), complete once `ready` has passed."""
+
+    step: Step
+    samplers: list[Sequence]
+    host: torch.Tensor  # [S, 2 + 2 n] float64: token, logprob, top-n ids, top-n logprobs
+    top_n: int
+    ready: torch.cuda.Event | None
+    started_s: float
+
+
 @dataclass(slots=True, frozen=True)
 class Limits:
     max_input_tokens: int
@@ -83,7 +106,7 @@ class Limits:
 class Engine:
     def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
                  limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device,
-                 with_metrics: bool = False):
+                 with_metrics: bool = False, async_scheduling: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = allocator
@@ -94,6 +117,10 @@ class Engine:
         self.scheduler = Scheduler(allocator, limits.max_batch_size,
                                    limits.max_batch_prefill_tokens, limits.max_total_tokens)
         self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device)
+        # Each slot's latest sampled token, where the next step's decode reads it.
+        self.last_tokens = torch.zeros(limits.max_batch_size, dtype=torch.long, device=device)
+        self.async_scheduling = async_scheduling
+        self._in_flight: deque[_Launched] = deque()
         self.metrics = ShardMetrics(allocator, self.scheduler) if with_metrics else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sequences: dict[tuple[Stream, int], Sequence] = {}
@@ -136,26 +163,55 @@ class Engine:
                 self._fail_running("internal error in the engine step")
 
     def step(self) -> None:
+        """One iteration: take commands, launch one step, emit what finished steps sampled.
+
+        Synchronous, a step's tokens are emitted in the iteration that launched it; with async
+        scheduling, in the next one, after the next step has been launched."""
         outgoing: dict[Stream, _Outgoing] = {}
-        self._take_inbox(outgoing, block=self.scheduler.idle)          # 1. new work, cancels
+        self._take_inbox(outgoing, block=self.scheduler.idle and not self._in_flight)  # 1.
         for seq in self.scheduler.admit():                              #    admission
             self.sampler.admit(seq.slot, seq.sampling, seq.prompt)
             outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
         step = self.last_step = self.scheduler.schedule()               # 2. plan one step
         if step is not None:
-            started_s = time.perf_counter()
-            batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
-                                     self.allocator.block_size, self.device)
-            with torch.inference_mode():
-                logits = self._forward(step, batch)                     # 4. forward
-                out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
-                                   [s.slot for s in batch.samplers], batch.sample_positions,
-                                   max((s.top_n_tokens for s in batch.samplers), default=0))
-            self._advance(step)
-            self._record_tokens(batch.samplers, out, outgoing)          # 6. emit, free
-            if self.metrics is not None:
-                self.metrics.step_done(step, time.perf_counter() - started_s)
+            self._in_flight.append(self._launch(step))                  # 3.-5.
+        keep = 1 if self.async_scheduling and step is not None else 0
+        while len(self._in_flight) > keep:
+            self._collect(self._in_flight.popleft(), outgoing)          # 6. emit, free
         self._publish(outgoing)
+
+    def _launch(self, step: Step) -> _Launched:
+        """Queue the step's forward and sampling, and the copy of its results to the host."""
+        started_s = time.perf_counter()
+        batch = step_batch.build(step, self.scheduler.block_tables,     # 3. step tensors
+                                 self.allocator.block_size, self.device, self.last_tokens)
+        top_n = max((s.top_n_tokens for s in batch.samplers), default=0)
+        with torch.inference_mode():
+            logits = self._forward(step, batch)                         # 4. forward
+            out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
+                               [s.slot for s in batch.samplers], batch.sample_positions, top_n)
+            self.last_tokens.index_copy_(0, batch.sample_slots, out.tokens)
+            # Everything the step reports travels in one float64 tensor (token ids are exact
+            # in float64): one transfer, one wait.
+            parts = [out.tokens[:, None], out.logprobs[:, None]]
+            if out.top_ids is not None:
+                parts += [out.top_ids, out.top_logprobs]
+            packed = torch.cat([p.double() for p in parts], dim=1)
+        ready = None
+        if self.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = packed
+        for seq in step.decodes:
+            seq.num_cached += 1
+        for seq, n in step.prefills:
+            seq.num_cached += n
+        for seq in batch.samplers:
+            seq.num_pending += 1
+        return _Launched(step, batch.samplers, host, top_n, ready, started_s)
 
     def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
         """float32 logits of the step's sampling rows."""
@@ -221,12 +277,6 @@ class Engine:
             return f"top_n_tokens must be at most the vocabulary size ({vocab})"
         return None
 
-    def _advance(self, step: Step) -> None:
-        for seq in step.decodes:
-            seq.num_cached += 1
-        for seq, n in step.prefills:
-            seq.num_cached += n
-
     def _score_prompt(self, hidden: torch.Tensor, prompt: step_batch.PromptRows) -> None:
         """Logprobs of the prompt tokens this step's chunks predict, kept on their sequences.
 
@@ -260,21 +310,17 @@ class Engine:
             message.top_n_token_ids.extend(chunks[2].flatten().tolist())
         return message
 
-    def _record_tokens(self, samplers: list[Sequence], out: SampleOutput,
-                       outgoing: dict[Stream, _Outgoing]) -> None:
-        # The step's one host sync: everything it reports travels in one float64 tensor
-        # (token ids are exact in float64).
-        parts = [out.tokens[:, None], out.logprobs[:, None]]
-        if out.top_ids is not None:
-            parts += [out.top_ids, out.top_logprobs]
-        rows = torch.cat([p.double() for p in parts], dim=1).tolist()
-        n_top = 0 if out.top_ids is None else out.top_ids.shape[1]
-        tokens = [int(r[0]) for r in rows]
-        logprobs = [r[1] for r in rows]
-        top_ids = [[int(x) for x in r[2:2 + n_top]] for r in rows] if n_top else None
-        top_logprobs = [r[2 + n_top:] for r in rows] if n_top else None
-        for i, seq in enumerate(samplers):
-            token = tokens[i]
+    def _collect(self, launched: _Launched, outgoing: dict[Stream, _Outgoing]) -> None:
+        """Wait for a launched step's results and emit them; free the sequences that ended."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        rows = launched.host.tolist()
+        n_top = launched.top_n
+        for seq, row in zip(launched.samplers, rows):
+            seq.num_pending -= 1
+            if seq.slot < 0:
+                continue  # ended (EOS, stop token) or cancelled while this step was in flight
+            token = int(row[0])
             seq.last_token = token
             seq.num_generated += 1
             if seq.trace is not None and seq.num_generated == 1:
@@ -285,16 +331,18 @@ class Engine:
                 o.prefill_logprobs.append(self._prompt_logprobs(seq))
             o.ids.append(seq.request_id)
             o.token_ids.append(token)
-            o.logprobs.append(logprobs[i])
+            o.logprobs.append(row[1])
             o.finish_reasons.append(reason)
-            if top_ids is not None:
+            if n_top:
                 n = seq.top_n_tokens
                 o.top_n_counts.append(n)
-                o.top_n_token_ids.extend(top_ids[i][:n])
-                o.top_n_logprobs.extend(top_logprobs[i][:n])
+                o.top_n_token_ids.extend(int(x) for x in row[2:2 + n])
+                o.top_n_logprobs.extend(row[2 + n_top:2 + n_top + n])
             if reason != pb.FINISH_REASON_NONE:
                 del self._sequences[(seq.stream, seq.request_id)]
                 self.scheduler.release(seq)
+        if self.metrics is not None:
+            self.metrics.step_done(launched.step, time.perf_counter() - launched.started_s)
 
     def _finish_reason(self, seq: Sequence, token: int) -> int:
         if token in self.eos_token_ids and not seq.ignore_eos:
@@ -324,6 +372,7 @@ class Engine:
             stream.send(response)
 
     def _fail_running(self, message: str) -> None:
+        self._in_flight.clear()
         outgoing: dict[Stream, _Outgoing] = {}
         for (stream, request_id), seq in list(self._sequences.items()):
             self.scheduler.release(seq)

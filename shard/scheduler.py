@@ -2,7 +2,8 @@
 
 Requests wait in arrival order until their whole reservation (prompt + max_new_tokens, in
 blocks) fits; a request is admitted exactly once and then runs to its end. Each step every
-running sequence past its prompt decodes one token, and prompts advance in chunks that share
+running sequence past its prompt decodes one token (unless its last allowed token is already
+in flight), and prompts advance in chunks that share
 `max_batch_prefill_tokens` (chunked prefill), oldest first.
 """
 
@@ -34,8 +35,9 @@ class Sequence:
     slot: int = -1  # row in the per-sequence tables while admitted
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
-    num_generated: int = 0
-    last_token: int = -1  # the token the next decode feeds
+    num_generated: int = 0  # tokens emitted
+    num_pending: int = 0  # tokens sampled by launched steps, not yet emitted (async scheduling)
+    last_token: int = -1  # the latest emitted token (the device holds the one decodes read)
     trace: SequenceTrace | None = None  # set when the request carries a trace context
 
     @property
@@ -113,7 +115,9 @@ class Scheduler:
         prefill_budget = self.max_prefill_tokens
         for seq in self.running:
             if not seq.prefilling:
-                decodes.append(seq)
+                # In flight already up to its last token: plan nothing past max_new_tokens.
+                if seq.num_generated + seq.num_pending < seq.max_new_tokens:
+                    decodes.append(seq)
             elif prefill_budget > 0:
                 chunk = min(seq.prompt_len - seq.num_cached, prefill_budget)
                 prefills.append((seq, chunk))

@@ -94,7 +94,9 @@ class Runtime:
             Limits(self.budget.max_input_tokens, self.budget.max_total_tokens,
                    config.max_batch_prefill_tokens, config.max_batch_size),
             self.loaded.tokenizer.eos_token_ids, self.device,
-            with_metrics=config.metrics_port is not None)
+            with_metrics=config.metrics_port is not None,
+            async_scheduling=config.async_scheduling == "on" or (
+                config.async_scheduling == "auto" and self.device.type == "cuda"))
         self.config = config
 
     def warm_up(self) -> None:

@@ -3,6 +3,10 @@
 The engine is built as shard/server.py's Runtime builds it (model, KV cache, allocator, torch
 attention), and `engine.step()` runs in the test thread. A recording Stream keeps every
 GenerateResponse, and checks on each one that the reported free budget is the allocator's.
+
+Every test runs twice: with synchronous steps, and with async scheduling (step n+1 launched
+before step n's tokens are read, as on CUDA), where tokens reach the streams one iteration
+later but must be the same tokens, with the same finishes, budgets and cancellations.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from sluice.v1 import generate_pb2 as pb
 CPU = torch.device("cpu")
 NONE, LENGTH = pb.FINISH_REASON_NONE, pb.FINISH_REASON_LENGTH
 EOS, STOP = pb.FINISH_REASON_EOS_TOKEN, pb.FINISH_REASON_STOP_TOKEN
+
+
+ASYNC_SCHEDULING = False  # make_engine's default; the autouse fixture below sets it per run
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request, monkeypatch):
+    monkeypatch.setattr(__import__(__name__, fromlist=["_"]), "ASYNC_SCHEDULING", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +127,18 @@ class Driver:
 
 
 def make_engine(model, total_tokens: int = 1024, block_size: int = 4, max_prefill_tokens: int = 64,
-                max_batch_size: int = 16, eos_token_ids: tuple[int, ...] = (2,)):
+                max_batch_size: int = 16, eos_token_ids: tuple[int, ...] = (2,),
+                async_scheduling: bool | None = None):
     num_blocks = total_tokens // block_size
     allocator = BlockAllocator(num_blocks, block_size)
     kv_cache = KVCache(model.config, 1, num_blocks, block_size, torch.float32, CPU)
     max_total = min(total_tokens, model.config.max_position_embeddings)
     limits = Limits(max_input_tokens=max_total - 1, max_total_tokens=max_total,
                     max_batch_prefill_tokens=max_prefill_tokens, max_batch_size=max_batch_size)
-    engine = Engine(model, kv_cache, allocator, TorchAttention(), limits, eos_token_ids, CPU)
+    if async_scheduling is None:
+        async_scheduling = ASYNC_SCHEDULING
+    engine = Engine(model, kv_cache, allocator, TorchAttention(), limits, eos_token_ids, CPU,
+                    async_scheduling=async_scheduling)
     return engine, Driver(engine), Recorder(engine)
 
 
@@ -179,8 +196,13 @@ def test_each_step_emits_one_message_per_stream_with_all_its_new_tokens(model):
     engine, driver, stream = make_engine(model)
     driver.submit(stream, [request(stream, i, random_prompt(4, i), 3) for i in range(5)])
     driver.run_until_done()
-    assert len(stream.responses) == driver.steps == 3  # prefill + 2 decodes, all together
-    for r in stream.responses:
+    # Prefill + 2 decodes, all together. Async: the first iteration only admits, and a fourth
+    # launches nothing and emits the last decode's tokens.
+    overlap = engine.async_scheduling
+    assert len(stream.responses) == driver.steps == (4 if overlap else 3)
+    with_tokens = stream.responses[1:] if overlap else stream.responses
+    assert list(stream.responses[0].admitted_ids) == list(range(5))
+    for r in with_tokens:
         assert sorted(r.tokens.ids) == list(range(5))
         assert len(r.tokens.token_ids) == len(r.tokens.logprobs) == 5
 
@@ -192,8 +214,9 @@ def test_a_prompt_longer_than_the_prefill_budget_is_prefilled_in_chunks_when_alo
     driver.submit(stream, [request(stream, 0, prompt, 4)])
     driver.run_until_done()
     # Chunks of 16, 16 and 8 tokens; the first two chunks sample nothing (the first step
-    # reports the admission, the second sends nothing), then 3 decodes.
-    assert driver.steps == 3 + 3
+    # reports the admission, the second sends nothing), then 3 decodes (async: one more
+    # iteration emits the last).
+    assert driver.steps == 3 + 3 + engine.async_scheduling
     assert [len(r.tokens.ids) for r in stream.responses] == [0, 1, 1, 1, 1]
     assert stream.tokens(0) == whole and not stream.errors()
 
@@ -240,7 +263,9 @@ def test_cancel_frees_running_and_waiting_requests(model):
     driver.cancel(stream, [0, 3])  # one running, one waiting
     driver.step()
     assert list(stream.responses[-1].admitted_ids) == [4]  # 0's blocks went to 4, not to 3
-    assert sorted(stream.responses[-1].tokens.ids) == [1, 2, 4]
+    # Emitted: the step before's tokens (async; 0's, in flight, is dropped) or this step's.
+    emitted = [1, 2] if engine.async_scheduling else [1, 2, 4]
+    assert sorted(stream.responses[-1].tokens.ids) == emitted
     tokens_of_0 = len(stream.tokens(0))
     driver.cancel(stream, [1, 2, 4])
     driver.step()

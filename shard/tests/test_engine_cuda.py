@@ -32,9 +32,11 @@ def relative_error(a, b) -> float:
     return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention", ["torch", "flash"])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(folder,
-                                                                                   attention):
+                                                                                   attention,
+                                                                                   compiled):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
     from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
@@ -45,7 +47,7 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
-                       torch.bfloat16, select_backend(attention, CUDA)).model
+                       torch.bfloat16, select_backend(attention, CUDA), compiled=compiled).model
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
@@ -57,9 +59,9 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
     assert relative_error(got, truth) <= 1.25 * reference_error + 1e-3, reference_error
 
 
-def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int):
+def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *flags: str):
     runtime = Runtime(parse(["--model", str(folder), "--max-batch-total-tokens", "4096",
-                             "--cuda-graphs", graphs, "--max-batch-size", "16"], {}))
+                             "--cuda-graphs", graphs, "--max-batch-size", "16", *flags], {}))
     runtime.warm_up()
     from shard.tests.test_engine import Driver, Recorder, request
 
@@ -87,7 +89,7 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder):
     step = engine.scheduler.schedule()
     assert not step.prefills and len(step.decodes) == 3
     batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
-                             CUDA)
+                             CUDA, engine.last_tokens)
     with torch.inference_mode():
         graphed = engine.graphs.replay(batch).float().clone()
         hidden = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
@@ -101,3 +103,15 @@ def test_engine_with_cuda_graphs_serves_a_mixed_batch_to_its_lengths(folder):
                for n in (3, 17, 40, 9, 64)]
     _, tokens = run_greedy(folder, "auto", prompts, 12)
     assert [len(t) for t in tokens] == [12] * 5
+
+
+def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
+    """Greedy tokens of requests joining at once, with graphs and compiled stages (the CUDA
+    defaults), are the same whether step n+1 is launched before step n's tokens are read."""
+    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (5, 30, 12, 61, 2)]
+    runtime, overlapped = run_greedy(folder, "auto", prompts, 9)
+    assert runtime.engine.async_scheduling and runtime.compiled
+    _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off",
+                                "--compile", "off")
+    assert overlapped == synchronous

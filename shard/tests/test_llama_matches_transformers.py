@@ -54,12 +54,14 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     assert scheduler.admit() == [seq]
     assert seq.blocks[0] != 0 and seq.blocks != sorted(seq.blocks)
     attention = model.layers[0].self_attn.backend  # the backend the model was built with
+    last_tokens = torch.zeros(2, dtype=torch.long, device=device)  # decodes read their token here
     rows, prefill_chunks = [], 0
     total_fed = prompt.shape[0] + len(decode_tokens)
     with torch.inference_mode():
         while seq.num_cached < total_fed:
             step = scheduler.schedule()
-            batch = step_batch.build(step, scheduler.block_tables, block_size, device)
+            batch = step_batch.build(step, scheduler.block_tables, block_size, device,
+                                     last_tokens)
             hidden = model(batch.input_ids, batch.positions, cache.layers,
                            attention.prepare(batch.layout))
             # All positions of the step, prefill rows included, in position order.
@@ -72,7 +74,7 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
                 s.num_cached += n
                 prefill_chunks += 1
             if not seq.prefilling and seq.num_cached < total_fed:
-                seq.last_token = decode_tokens[seq.num_cached - prompt.shape[0]]
+                last_tokens[seq.slot] = decode_tokens[seq.num_cached - prompt.shape[0]]
     assert prefill_chunks == -(-prompt.shape[0] // max_prefill_tokens)
     return torch.cat(rows).cpu()
 

@@ -17,6 +17,7 @@ from shard.attention import TorchAttention
 from shard.parallel import TensorParallel
 from shard.source import ModelSource
 from shard.tests.test_engine import CPU, make_engine, random_prompt, request
+from shard.tests.test_engine import scheduling  # noqa: F401 (autouse: sync and async runs)
 from sluice.v1 import generate_pb2 as pb
 
 TOLERANCE = 1e-4  # max |Δlogprob|, float32
