@@ -12,11 +12,13 @@ need, once per step; `forward` runs once per layer.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class StepLayout:
@@ -193,20 +195,62 @@ class FlashMetadata:
     seqused_k: torch.Tensor
     block_table: torch.Tensor
     max_query_len: int
+    # The kernel and arguments the step's first layer resolved, replayed by the other layers.
+    launch: tuple | None = None
+
+
+class _LaunchRecorder:
+    """Stands in for FlashAttention-4's cache of compiled forward kernels and remembers the
+    last kernel handed out with the arguments it was called with."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.last: tuple | None = None
+
+    def __contains__(self, key) -> bool:
+        return key in self.cache
+
+    def __setitem__(self, key, kernel) -> None:
+        self.cache[key] = kernel
+
+    def __getitem__(self, key):
+        kernel = self.cache[key]
+
+        def launch(*args):
+            self.last = (kernel, args)
+            return kernel(*args)
+
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
 
 
 class FlashAttention:
     """FlashAttention-4 (flash_attn.cute) on Hopper and newer: one varlen call per layer reads
     the pages through the block table, prefill chunks and decodes alike (causal, bottom-right
-    aligned, so a query sees its cached context)."""
+    aligned, so a query sees its cached context).
+
+    FA4's Python interface spends ~0.3 ms per call choosing and checking its kernel, which a
+    step outside CUDA graphs pays on every layer. All layers of a step share the metadata, so
+    only the first goes through the interface; the others launch the kernel it chose with the
+    same arguments but their own q, KV cache and output. That is checked on the first call (the
+    recorded arguments must be exactly those tensors); where it does not hold, for instance in
+    another FA4 version, every layer takes the interface."""
 
     name = "flash"
 
     def __init__(self, num_splits: int = 1):
         from flash_attn.cute import flash_attn_varlen_func
+        from flash_attn.cute import interface
 
         self._varlen = flash_attn_varlen_func
         self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
+        forward = interface._flash_attn_fwd
+        if not isinstance(forward.compile_cache, _LaunchRecorder):
+            forward.compile_cache = _LaunchRecorder(forward.compile_cache)
+        self._recorder = forward.compile_cache
+        self.replay = True  # off once a recorded launch does not look as expected
 
     def prepare(self, layout: StepLayout) -> FlashMetadata:
         return FlashMetadata(layout.slot_mapping, layout.cu_seqlens_q, layout.seqused_k,
@@ -214,11 +258,29 @@ class FlashAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: FlashMetadata) -> torch.Tensor:
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        if meta.launch is not None and meta.launch[0] == (q.shape, q.dtype):
+            _, kernel, args = meta.launch
+            out = torch.empty_like(q)
+            kernel(q.detach(), k_cache.detach(), v_cache.detach(), out, *args[4:])
+            return out
+        self._recorder.last = None
         out = self._varlen(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
                            max_seqlen_q=meta.max_query_len, seqused_k=meta.seqused_k,
                            page_table=meta.block_table, causal=True,
                            num_splits=self.num_splits)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if self.replay and self._recorder.last is not None:
+            kernel, args = self._recorder.last
+            expected = (q, k_cache, v_cache, out)
+            if len(args) > 4 and all(isinstance(a, torch.Tensor) and
+                                     a.data_ptr() == t.data_ptr() and a.shape == t.shape
+                                     for a, t in zip(args, expected)):
+                meta.launch = ((q.shape, q.dtype), kernel, args)
+            else:
+                self.replay = False
+                log.warning("FlashAttention-4's launch is not the expected one; each layer "
+                            "goes through its Python interface")
+        return out
 
 
 def flash_unavailable(device: torch.device) -> str | None:

@@ -50,21 +50,25 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int, device: torch
 
     ids_parts = [torch.zeros(len(decodes), dtype=torch.long)]  # filled on the device below
     pos_parts = [torch.tensor([s.num_cached for s in decodes], dtype=torch.long)]
+    # A decode's one slot from Python ints; prefill chunks' slots with tensor ops.
+    slot_parts = [torch.tensor([s.blocks[s.num_cached // block_size] * block_size +
+                                s.num_cached % block_size for s in decodes], dtype=torch.long)]
     lengths = [1] * len(decodes)
-    for seq, n in prefills:
+    for i, (seq, n) in enumerate(prefills, start=len(decodes)):
         ids_parts.append(seq.prompt[seq.num_cached:seq.num_cached + n])
-        pos_parts.append(torch.arange(seq.num_cached, seq.num_cached + n))
+        positions = torch.arange(seq.num_cached, seq.num_cached + n)
+        pos_parts.append(positions)
+        slot_parts.append(tables[i, positions // block_size].long() * block_size +
+                          positions % block_size)
         lengths.append(n)
     input_ids = torch.cat(ids_parts)
     positions = torch.cat(pos_parts)
+    slot_mapping = torch.cat(slot_parts)
 
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
     context_lens = [s.num_cached + n for s, n in zip(seqs, lengths)]
-    row_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))
-    block_of_token = tables[row_of_token, positions // block_size].long()
-    slot_mapping = block_of_token * block_size + positions % block_size
 
     # Decodes always sample; a prefill samples once its chunk reaches the end of the prompt.
     sample_index = list(range(len(decodes))) + [

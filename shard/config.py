@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch CPU threads; default: torch's own choice")
+                        help="torch CPU threads when the model runs on cpu (default: torch's "
+                             "own choice; sluice serve: cores - 1); on cuda always 1")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics over HTTP on this port (0: any free; "
                              "the ready line names it); default: no metrics server")

@@ -11,7 +11,8 @@ import torch
 
 from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable
 from shard.tests.test_attention import (BATCHES, MIXED, check_against_reference, make_step,
-                                        random_batch, run_backend)
+                                        RaggedStep, random_batch, reference, relative_error,
+                                        run_backend)
 
 CUDA = torch.device("cuda")
 
@@ -61,3 +62,29 @@ def test_cuda_new_keys_and_values_land_exactly_in_their_slots(backend):
     expected_k.view(-1, 8, 128)[step.layout.slot_mapping] = step.k
     expected_v.view(-1, 8, 128)[step.layout.slot_mapping] = step.v
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_flash_layers_after_the_first_replay_its_launch_with_their_own_tensors(batch):
+    """One step's metadata serves every layer: the first goes through FA4's interface, the
+    others relaunch the kernel it chose. Each layer (its own q, K/V and cache) must get exactly
+    what the interface gives it, and match the float64 reference."""
+    if flash_unavailable(CUDA):
+        pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
+    sequences, num_decodes = BATCHES[batch]
+    backend = FlashAttention()
+    base, *others = [make_step(sequences, num_decodes, 16, torch.bfloat16, seed,
+                               heads=(32, 8, 128)).to(CUDA) for seed in range(3)]
+    # Every layer: the base step's sequences and block tables, its own tensors.
+    layers = [base] + [RaggedStep(base.layout, o.q, o.k, o.v, o.k_cache, o.v_cache,
+                                  base.cached_lens, base.query_lens, base.tables) for o in others]
+    meta = backend.prepare(base.layout)
+    for i, step in enumerate(layers):
+        k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
+        out = backend.forward(step.q, step.k, step.v, k_cache, v_cache, meta)
+        assert (meta.launch is not None) == backend.replay, "the first layer recorded its launch"
+        alone = run_backend(step, FlashAttention())[0]  # fresh metadata: the interface
+        assert torch.equal(out, alone), f"layer {i}"
+        error = relative_error(out, reference(step))
+        assert error < 1e-2, f"layer {i}: relative error {error}"
+    assert backend.replay, "the recorded launch had the expected arguments"

@@ -112,6 +112,6 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
                for n in (5, 30, 12, 61, 2)]
     runtime, overlapped = run_greedy(folder, "auto", prompts, 9)
     assert runtime.engine.async_scheduling and runtime.compiled
-    _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off",
-                                "--compile", "off")
+    # Same kernels both ways (compiled and eager stages round differently in bfloat16).
+    _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous
