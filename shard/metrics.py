@@ -26,8 +26,8 @@ class ShardMetrics:
         r = self.registry
         self.step_duration = Histogram(
             "sluice_shard_step_duration_seconds",
-            "One engine step: step tensors, forward, sampling, emitting", buckets=STEP_BUCKETS_S,
-            registry=r)
+            "One engine step, from building its tensors to emitting its tokens",
+            buckets=STEP_BUCKETS_S, registry=r)
         self.batch_sequences = Histogram("sluice_shard_batch_sequences",
                                          "Sequences in one engine step (decodes + prefill chunks)",
                                          buckets=COUNT_BUCKETS, registry=r)
