@@ -87,7 +87,7 @@ step_reference() {
 profile() {  # profile NAME ARGS...: where one engine step's time goes
   echo "== profile $1"; local name=$1; shift
   timeout 300 python3 benchmarks/profile_step.py "$@" > "$OUT/profile-$name.txt" 2>&1
-  grep -v " INFO " "$OUT/profile-$name.txt" | grep -E "^==|device busy|Traceback|Error" | tail -4
+  grep -v " INFO " "$OUT/profile-$name.txt" | grep -E "^==|Self CUDA time total|Traceback|Error" | tail -4
 }
 
 step_profile() {

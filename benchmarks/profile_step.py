@@ -125,11 +125,8 @@ def main() -> None:
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     print(f"-- torch.profiler, by {key}, over {args.steps} steps")
+    # The table ends with "Self CUDA time total": the kernels' time over the steps profiled.
     print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
-    if device.type == "cuda":
-        busy_us = sum(e.self_device_time_total for e in events)
-        print(f"device busy {busy_us / args.steps / 1000:.3f} ms/step (kernels' sum) against "
-              f"{wall_ms:.3f} ms/step of wall time")
 
 
 if __name__ == "__main__":
