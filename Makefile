@@ -15,17 +15,18 @@ PROTOS := $(wildcard proto/sluice/v1/*.proto)
 PORT ?= 8080
 MODEL ?=
 
-.PHONY: install run test proto check-proto redis-server clean
+.PHONY: install run test proto check-proto system-packages clean
 
 install: $(VENV)/.installed
 
-# Integration tests start their own redis-server on loopback (shared rate limits); CI machines
-# are fresh Debian, where we are root.
-redis-server:
-	command -v redis-server >/dev/null || { \
+# Integration tests start their own redis-server on loopback (shared rate limits); the compiled
+# model test runs torch.compile's C++ backend (g++). CI machines are fresh Debian, where we are
+# root.
+system-packages:
+	command -v redis-server >/dev/null && command -v g++ >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends redis-server; }
+			--no-install-recommends redis-server g++; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/sluice serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
 
-test: install check-proto redis-server
+test: install check-proto system-packages
 	$(BIN)/python -m pytest
 
 $(PROTO_VENV)/.installed:
