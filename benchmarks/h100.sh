@@ -62,15 +62,6 @@ step_offline_1b() {
   offline 1b-b1-nographs $m --num-requests 1 --input-len 512 --output-len 128 --cuda-graphs 0
 }
 
-step_ablation() {  # what each of async scheduling and compiled stages buys, 1B batch 1 and 256
-  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b1-sync $m --num-requests 1 --input-len 512 --output-len 128 --async-scheduling off
-  offline 1b-b1-eager $m --num-requests 1 --input-len 512 --output-len 128 --compile off
-  offline 1b-b256-sync $m --num-requests 256 --input-len 512 --output-len 128 \
-    --async-scheduling off
-  offline 1b-b256-eager $m --num-requests 256 --input-len 512 --output-len 128 --compile off
-}
-
 step_offline_8b() {
   local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   offline 8b-b1 $m --num-requests 1 --input-len 512 --output-len 128

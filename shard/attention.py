@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class StepLayout:
     """Where a step's tokens come from and go to; all tensors already on the device."""

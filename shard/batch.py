@@ -77,14 +77,14 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int, device: torch
     # long even when empty: a step of only unfinished prefill chunks samples nothing.
     sample_rows = torch.tensor([starts[i + 1] - 1 for i in sample_index], dtype=torch.long)
     sample_slots = torch.tensor([seqs[i].slot for i in sample_index], dtype=torch.long)
-    (input_ids, positions, slot_mapping, sample_rows, sample_slots, decode_slots, cu_seqlens_q,
-     seqused_k, tables) = to_device(
+    (input_ids, positions, slot_mapping, sample_rows, sample_slots, cu_seqlens_q, seqused_k,
+     tables) = to_device(
         device, input_ids, positions, slot_mapping, sample_rows, sample_slots,
-        slots[:len(decodes)],
         torch.tensor(starts, dtype=torch.int32), torch.tensor(context_lens, dtype=torch.int32),
         tables)
-    if decodes:
-        torch.index_select(last_tokens, 0, decode_slots, out=input_ids[:len(decodes)])
+    if decodes:  # decodes are the first samplers
+        torch.index_select(last_tokens, 0, sample_slots[:len(decodes)],
+                           out=input_ids[:len(decodes)])
     layout = StepLayout(
         num_decodes=len(decodes),
         query_starts=starts,

@@ -321,7 +321,6 @@ class Engine:
             if seq.slot < 0:
                 continue  # ended (EOS, stop token) or cancelled while this step was in flight
             token = int(row[0])
-            seq.last_token = token
             seq.num_generated += 1
             if seq.trace is not None and seq.num_generated == 1:
                 seq.trace.first_token()

@@ -69,9 +69,9 @@ class Sampler:
                  positions: list[int], top_n: int) -> SampleOutput:
         """logits [S, vocab] float32 for S sequences; positions: index of each new token."""
         dev = logits.device
-        rows = _on(slots, dev)
         penalized = self._output_counts is not None and any(p.penalized for p in params)
-        if penalized:
+        if penalized:  # only then do the slots travel to the device
+            rows = _on(slots, dev)
             logits = self._penalize(logits, params, rows)
         all_greedy = all(p.greedy for p in params)
         if all_greedy:

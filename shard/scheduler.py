@@ -37,7 +37,6 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     num_generated: int = 0  # tokens emitted
     num_pending: int = 0  # tokens sampled by launched steps, not yet emitted (async scheduling)
-    last_token: int = -1  # the latest emitted token (the device holds the one decodes read)
     trace: SequenceTrace | None = None  # set when the request carries a trace context
 
     @property

@@ -27,7 +27,6 @@ from shard.attention import FlashAttention, select_backend
 from shard.cuda_graphs import DecodeGraphs, parse_batch_sizes
 from shard.engine import Engine, Limits, Stream
 from shard.kv_cache import BlockAllocator, KVCache
-from shard.models.ops import compile_wanted
 from shard.parallel import TensorParallel
 from shard.sampling import SamplingParams
 from shard.scheduler import Sequence
@@ -74,7 +73,7 @@ class Runtime:
         source = resolve(config.model, config.revision)
         log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
                  self.dtype)
-        self.compiled = compile_wanted(config.compile, self.device)
+        self.compiled = _wanted(config.compile, self.device)
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
                                   self.attention, config.load_format, config.quantize,
                                   self.compiled)
@@ -99,8 +98,7 @@ class Runtime:
                    config.max_batch_prefill_tokens, config.max_batch_size),
             self.loaded.tokenizer.eos_token_ids, self.device,
             with_metrics=config.metrics_port is not None,
-            async_scheduling=config.async_scheduling == "on" or (
-                config.async_scheduling == "auto" and self.device.type == "cuda"))
+            async_scheduling=_wanted(config.async_scheduling, self.device))
         self.config = config
 
     def warm_up(self) -> None:
@@ -142,6 +140,11 @@ class Runtime:
             vocab_size=self.loaded.config.vocab_size,
             quantization=self.loaded.quantization,
         )
+
+
+def _wanted(setting: str, device: torch.device) -> bool:
+    """An auto|on|off flag whose auto means on for CUDA (--compile, --async-scheduling)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def _device(name: str) -> torch.device:

@@ -69,10 +69,3 @@ class Ops:
 
 
 EAGER = Ops.build(compiled=False)
-
-
-def compile_wanted(setting: str, device: torch.device) -> bool:
-    """--compile: auto compiles on CUDA."""
-    if setting == "auto":
-        return device.type == "cuda"
-    return setting == "on"

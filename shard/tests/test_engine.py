@@ -34,7 +34,7 @@ ASYNC_SCHEDULING = False  # make_engine's default; the autouse fixture below set
 
 @pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
 def scheduling(request, monkeypatch):
-    monkeypatch.setattr(__import__(__name__, fromlist=["_"]), "ASYNC_SCHEDULING", request.param)
+    monkeypatch.setitem(globals(), "ASYNC_SCHEDULING", request.param)
     return request.param
 
 
