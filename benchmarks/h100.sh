@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (docs/benchmarks.md says how it is called): installs the wheels
 # carried in .whl (and the cutlass cu13 libraries unpacked earlier into /tmp/cu13x), then runs
-# the named steps: env, tests, offline, serving. Output for the record goes to $OUT.
+# the named steps (the step_* functions below). Output for the record goes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=/tmp/site
@@ -62,6 +62,16 @@ step_offline_1b() {
   offline 1b-b1-nographs $m --num-requests 1 --input-len 512 --output-len 128 --cuda-graphs 0
 }
 
+step_offline_1b_chunks() {  # 1,024-token chunks, and the piecewise graphs' share
+  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  offline 1b-b256-chunk1024 $m --num-requests 256 --input-len 512 --output-len 128 \
+    --max-batch-prefill-tokens 1024
+  offline 1b-b256-chunk1024-nopiecewise $m --num-requests 256 --input-len 512 --output-len 128 \
+    --max-batch-prefill-tokens 1024 --cuda-graph-tokens 0
+  offline 1b-b1-nopiecewise $m --num-requests 1 --input-len 512 --output-len 128 \
+    --cuda-graph-tokens 0
+}
+
 step_offline_8b() {
   local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   offline 8b-b1 $m --num-requests 1 --input-len 512 --output-len 128
@@ -88,6 +98,40 @@ step_profile() {
   profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
   profile 8b-decode-b1 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
     --phase decode --batch 1 --input-len 512
+}
+
+step_profile_mixed() {  # a steady decode batch plus one prompt chunk per step
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  profile 1b-mixed-b192-1024 $m1 --phase mixed --batch 192 --chunk 1024 --steps 10
+  profile 1b-mixed-b192-4096 $m1 --phase mixed --batch 192 --chunk 4096 --steps 10
+  profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
+}
+
+step_attention() {  # FA4's paged decode kernel alone, per tile shape and page size
+  python3 benchmarks/decode_attention.py --batch 128 --head-dim 128 2>&1 \
+    | tee "$OUT/attention-8b.txt"
+  python3 benchmarks/decode_attention.py --batch 256 --head-dim 64 \
+    --tiles default,64x128,128x128,64x64 2>&1 | tee "$OUT/attention-1b.txt"
+}
+
+step_attention_small() {  # the same at small batches: where the 64-row tile stops paying
+  for b in 1 8 16; do
+    for d in 128 64; do
+      python3 benchmarks/decode_attention.py --batch $b --head-dim $d --block-sizes 16 \
+        --tiles default,64x128 2>&1 | grep -v Warn | grep -v exe_args
+    done
+  done | tee "$OUT/attention-small.txt"
+}
+
+step_elementwise() {  # the compiled elementwise stages alone, 1B and 8B prefill shapes
+  python3 benchmarks/elementwise.py 2>&1 | grep -v Warning | tee "$OUT/elementwise-1b.txt"
+  python3 benchmarks/elementwise.py --hidden 4096 --head-dim 128 --intermediate 14336 2>&1 \
+    | grep -v Warning | tee "$OUT/elementwise-8b.txt"
+}
+
+step_profile_decode256() {
+  profile 1b-decode-b256 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+    --phase decode --batch 256 --input-len 576 --steps 20
 }
 
 serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count

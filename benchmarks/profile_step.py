@@ -1,9 +1,11 @@
 """Where one engine step's time goes: wall time per step, the Python functions (cProfile) and
-the device kernels (torch.profiler), for a steady decode batch or for prefill-only steps.
+the device kernels (torch.profiler), for a steady decode batch, prefill-only steps, or mixed steps
+(the decode batch plus one fresh prompt of --chunk tokens per step).
 
     python benchmarks/profile_step.py --model benchmarks/configs/llama-3.2-1b --load-format dummy \\
         --phase decode --batch 1 --input-len 512
     python benchmarks/profile_step.py ... --phase prefill --input-len 4096
+    python benchmarks/profile_step.py ... --phase mixed --batch 192 --chunk 1024
 
 Flags this script does not know go to the shard unchanged (`sluice shard --help`).
 """
@@ -40,8 +42,8 @@ def _sync(device: torch.device) -> None:
 
 
 class Workload:
-    """Keeps the engine stepping in one phase: a steady decode batch, or one fresh prompt per
-    step that finishes as it is prefilled."""
+    """Keeps the engine stepping in one phase: a steady decode batch, one fresh prompt per
+    step that finishes as it is prefilled, or both at once."""
 
     def __init__(self, runtime: Runtime, args):
         self.engine = runtime.engine
@@ -51,11 +53,11 @@ class Workload:
         self.next_id = 0
         self.gen = torch.Generator().manual_seed(0)
 
-    def _sequences(self, count: int, max_new: int) -> list[Sequence]:
+    def _sequences(self, count: int, max_new: int, length: int | None = None) -> list[Sequence]:
         out = []
         for _ in range(count):
             out.append(Sequence(request_id=self.next_id, stream=self.sink,
-                                prompt=torch.randint(3, self.vocab, (self.args.input_len,),
+                                prompt=torch.randint(3, self.vocab, (length or self.args.input_len,),
                                                      generator=self.gen),
                                 sampling=SamplingParams(), max_new_tokens=max_new,
                                 ignore_eos=True))
@@ -63,7 +65,7 @@ class Workload:
         return out
 
     def start(self) -> None:
-        if self.args.phase == "decode":
+        if self.args.phase in ("decode", "mixed"):
             self.engine.submit(self.sink, self._sequences(self.args.batch, 3 * self.args.steps + 8))
             while any(s.prefilling for s in self.engine.scheduler.running) or \
                     self.engine.scheduler.waiting or not self.engine.scheduler.running:
@@ -72,14 +74,18 @@ class Workload:
     def step(self) -> None:
         if self.args.phase == "prefill":
             self.engine.submit(self.sink, self._sequences(self.args.batch, 1))
+        elif self.args.phase == "mixed":
+            self.engine.submit(self.sink, self._sequences(1, 1, self.args.chunk))
         self.engine.step()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    parser.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=1024,
+                        help="mixed: prompt tokens added to each step")
     parser.add_argument("--steps", type=int, default=30, help="steps per measurement")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
     args, shard_argv = parser.parse_known_args()
