@@ -6,7 +6,8 @@ Every backend reads and writes the same layout: per layer, `k_cache` and `v_cach
 
 A step is one ragged batch: the first `num_decodes` sequences bring one new token each, the
 rest bring prefill chunks. `prepare` turns the step's layout into whatever the backend's kernels
-need, once per step; `forward` runs once per layer.
+need, once per step. Per layer, `write_kv` stores the step's new keys and values in their slots,
+then the backend's `attend` reads the pages (those new tokens included).
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ class TorchAttention:
             prefills.append(_Prefill(slice(start, end), slots, mask))
         return TorchMetadata(layout.slot_mapping, nd, decode_slots, decode_mask, prefills)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: TorchMetadata) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] for the step's new tokens. Returns [T, Hq, D]."""
-        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: TorchMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, Hq, D] for the step's new tokens, whose K/V are in the cache already.
+        Returns [T, Hq, D] (in `out` when given)."""
         heads, dim = k_cache.shape[-2:]
         flat_k = k_cache.view(-1, heads, dim)
         flat_v = v_cache.view(-1, heads, dim)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         nd = meta.num_decodes
         if nd:
             keys = flat_k[meta.decode_slots].transpose(1, 2)  # [nd, Hkv, ctx, D]
@@ -175,8 +176,7 @@ class TorchVarlenAttention:
         return VarlenMetadata(layout.slot_mapping, layout.cu_seqlens_q, cu_k, slots,
                               layout.max_query_len, max(lens))
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: VarlenMetadata) -> torch.Tensor:
-        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+    def attend(self, q, k_cache, v_cache, meta: VarlenMetadata, out=None) -> torch.Tensor:
         heads, dim = k_cache.shape[-2:]
         keys = k_cache.view(-1, heads, dim)[meta.context_slots]
         values = v_cache.view(-1, heads, dim)[meta.context_slots]
@@ -184,9 +184,10 @@ class TorchVarlenAttention:
         if not self._native_gqa and q.shape[1] != heads:
             keys = keys.repeat_interleave(q.shape[1] // heads, dim=1)
             values = values.repeat_interleave(q.shape[1] // heads, dim=1)
-        return self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                                 meta.max_query_len, meta.max_context_len, **self._causal,
-                                 **extra)
+        result = self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                   meta.max_query_len, meta.max_context_len, **self._causal,
+                                   **extra)
+        return result if out is None else out.copy_(result)
 
 
 @dataclass(slots=True)
@@ -237,17 +238,25 @@ class FlashAttention:
     only the first goes through the interface; the others launch the kernel it chose with the
     same arguments but their own q, KV cache and output. That is checked on the first call (the
     recorded arguments must be exactly those tensors); where it does not hold, for instance in
-    another FA4 version, every layer takes the interface."""
+    another FA4 version, every layer takes the interface.
+
+    The interface entry is FA4's `_flash_attn_fwd` (what `flash_attn_varlen_func` calls, minus
+    autograd): it takes the output buffer and the tile shape. Decode-only steps on Hopper use
+    64×128 tiles: a decode's query rows (its heads per KV head, packed) fill a few rows of the
+    default 128- or 192-row tile. On the H100 the smaller tile was faster at every batch
+    measured, 1 to 256: 9.5 against 12.8 µs per call at batch 1 and d=128, 187 against 255 µs
+    at batch 256 and d=64 (benchmarks/decode_attention.py, docs/benchmarks.md)."""
 
     name = "flash"
 
     def __init__(self, num_splits: int = 1):
-        from flash_attn.cute import flash_attn_varlen_func
         from flash_attn.cute import interface
 
-        self._varlen = flash_attn_varlen_func
-        self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
         forward = interface._flash_attn_fwd
+        self._forward = forward
+        self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        self.decode_tile = (64, 128) if hopper else None
         if not isinstance(forward.compile_cache, _LaunchRecorder):
             forward.compile_cache = _LaunchRecorder(forward.compile_cache)
         self._recorder = forward.compile_cache
@@ -257,19 +266,18 @@ class FlashAttention:
         return FlashMetadata(layout.slot_mapping, layout.cu_seqlens_q, layout.seqused_k,
                              layout.block_table, layout.max_query_len)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: FlashMetadata) -> torch.Tensor:
-        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+    def attend(self, q, k_cache, v_cache, meta: FlashMetadata, out=None) -> torch.Tensor:
+        out = torch.empty_like(q) if out is None else out
         if meta.launch is not None and meta.launch[0] == (q.shape, q.dtype):
             _, kernel, args = meta.launch
-            out = torch.empty_like(q)
             kernel(q.detach(), k_cache.detach(), v_cache.detach(), out, *args[4:])
             return out
         self._recorder.last = None
-        out = self._varlen(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
-                           max_seqlen_q=meta.max_query_len, seqused_k=meta.seqused_k,
-                           page_table=meta.block_table, causal=True,
-                           num_splits=self.num_splits)
-        out = out[0] if isinstance(out, tuple) else out
+        tile = self.decode_tile if meta.max_query_len == 1 else None
+        self._forward(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
+                      max_seqlen_q=meta.max_query_len, seqused_k=meta.seqused_k,
+                      page_table=meta.block_table, causal=True, num_splits=self.num_splits,
+                      tile_mn=tile, out=out)
         if self.replay and self._recorder.last is not None:
             kernel, args = self._recorder.last
             expected = (q, k_cache, v_cache, out)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from shard.attention import write_kv
 from shard.models.config import ModelConfig
 from shard.models.ops import EAGER, Ops
 from shard.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -79,11 +80,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp)
         self.backend = backend
 
-    def forward(self, x, positions, rotary, kv_cache, attn_meta):
-        q, k, v = self.ops.rotary(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
-                                  self.num_heads, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_meta)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+    def project(self, x, positions, rotary):
+        """q [T, Hq, D], k and v [T, Hkv, D] of the step's tokens, q and k rotated."""
+        return self.ops.rotary(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
+                               self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def output(self, attended):
+        return self.o_proj(attended.reshape(-1, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -108,9 +111,22 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, tp, ops)
 
     def forward(self, x, residual, positions, rotary, kv_cache, attn_meta):
+        q, residual = self.before_attention(x, residual, positions, rotary, kv_cache,
+                                            attn_meta.slot_mapping)
+        attended = self.self_attn.backend.attend(q, kv_cache[0], kv_cache[1], attn_meta)
+        return self.after_attention(attended, residual)
+
+    # The two halves around attention, which piecewise CUDA graphs capture separately.
+    def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping):
+        """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
+        (q, residual)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, attn_meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        q, k, v = self.self_attn.project(h, positions, rotary)
+        write_kv(kv_cache[0], kv_cache[1], slot_mapping, k, v)
+        return q, residual
+
+    def after_attention(self, attended, residual):
+        h, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)
         return self.mlp(h), residual
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from shard.attention import StepLayout, TorchAttention
+from shard.attention import StepLayout, TorchAttention, write_kv
 from shard.kv_cache import blocks_for
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -152,10 +152,16 @@ def reference(step: RaggedStep) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def attention_layer(backend, step: RaggedStep, k_cache, v_cache, meta) -> torch.Tensor:
+    """What a decoder layer does with the backend: store the new K/V, then attend."""
+    write_kv(k_cache, v_cache, meta.slot_mapping, step.k, step.v)
+    return backend.attend(step.q, k_cache, v_cache, meta)
+
+
 def run_backend(step: RaggedStep, backend=None):
     k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
     backend = backend or TorchAttention()
-    out = backend.forward(step.q, step.k, step.v, k_cache, v_cache, backend.prepare(step.layout))
+    out = attention_layer(backend, step, k_cache, v_cache, backend.prepare(step.layout))
     return out, k_cache, v_cache
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable
-from shard.tests.test_attention import (BATCHES, MIXED, check_against_reference, make_step,
-                                        RaggedStep, random_batch, reference, relative_error,
-                                        run_backend)
+from shard.tests.test_attention import (BATCHES, MIXED, attention_layer,
+                                        check_against_reference, make_step, RaggedStep,
+                                        random_batch, reference, relative_error, run_backend)
 
 CUDA = torch.device("cuda")
 
@@ -81,10 +81,23 @@ def test_flash_layers_after_the_first_replay_its_launch_with_their_own_tensors(b
     meta = backend.prepare(base.layout)
     for i, step in enumerate(layers):
         k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
-        out = backend.forward(step.q, step.k, step.v, k_cache, v_cache, meta)
+        out = attention_layer(backend, step, k_cache, v_cache, meta)
         assert (meta.launch is not None) == backend.replay, "the first layer recorded its launch"
         alone = run_backend(step, FlashAttention())[0]  # fresh metadata: the interface
         assert torch.equal(out, alone), f"layer {i}"
         error = relative_error(out, reference(step))
         assert error < 1e-2, f"layer {i}: relative error {error}"
     assert backend.replay, "the recorded launch had the expected arguments"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_cuda_decode_batch_filling_the_gpu_matches_float64_reference(backend, heads,
+                                                                     block_size):
+    """48 decodes, more (sequence, KV head) tiles than the GPU has SMs, through the flash
+    backend's 64-row decode tile."""
+    gen = torch.Generator().manual_seed(7)
+    sequences = [(int(c), 1) for c in torch.randint(0, 300, (48,), generator=gen)]
+    step = make_step(sequences, 48, block_size, torch.bfloat16, 7, heads=heads).to(CUDA)
+    check_against_reference(step, 1e-2, "48 decodes", backend())
