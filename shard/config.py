@@ -33,6 +33,7 @@ class ShardConfig:
     cuda_memory_fraction: float
     num_threads: int | None
     cuda_graphs: str
+    cuda_graph_tokens: str
     compile: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
@@ -82,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes to capture as CUDA graphs, comma-separated "
                              "(e.g. 1,2,4,8,16,32); 0 disables; auto: 1, 2, 4 and steps of "
                              "8/16/32 up to --max-batch-size. Needs the flash backend")
+    parser.add_argument("--cuda-graph-tokens", default="auto",
+                        help="token counts of steps with prefill chunks to capture piecewise "
+                             "(each layer's dense work in CUDA graphs, attention eager between "
+                             "them; a step runs padded to the next count), comma-separated; 0 "
+                             "disables; auto: 16..256 by powers of two, then steps of 128 to "
+                             "1024 and of 256 to 2048, up to max prefill + batch size. Larger "
+                             "steps run eagerly. Needs the flash backend")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
                              "into one kernel with torch.compile; auto: on cuda only")

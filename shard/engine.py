@@ -127,7 +127,9 @@ class Engine:
         self._reported_budget: dict[Stream, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.graphs = None  # DecodeGraphs, set once captured (CUDA with the flash backend)
+        # Set once captured (CUDA with the flash backend): DecodeGraphs, PiecewiseGraphs.
+        self.graphs = None
+        self.piecewise = None
         self.last_step: Step | None = None  # the plan of the latest step, for measurements
 
     # -- called from other threads -------------------------------------------------------------
@@ -217,8 +219,11 @@ class Engine:
         """float32 logits of the step's sampling rows."""
         if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
             return self.graphs.replay(batch).float()  # decode only: no prompt rows to score
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers,
-                            self.attention.prepare(batch.layout))
+        meta = self.attention.prepare(batch.layout)
+        if self.piecewise is not None and self.piecewise.fits(batch.input_ids.shape[0]):
+            hidden = self.piecewise.run(batch, meta)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, meta)
         if batch.prompt_rows is not None:  # only requests that asked for them
             self._score_prompt(hidden, batch.prompt_rows)
         return self.model.compute_logits(hidden[batch.sample_rows]).float()

@@ -24,7 +24,8 @@ from shard import budget as budgets
 from shard import config as shard_config
 from shard import loader
 from shard.attention import FlashAttention, select_backend
-from shard.cuda_graphs import DecodeGraphs, parse_batch_sizes
+from shard.cuda_graphs import (DecodeGraphs, PiecewiseGraphs, parse_batch_sizes,
+                               parse_token_sizes)
 from shard.engine import Engine, Limits, Stream
 from shard.kv_cache import BlockAllocator, KVCache
 from shard.parallel import TensorParallel
@@ -102,7 +103,9 @@ class Runtime:
         self.config = config
 
     def warm_up(self) -> None:
-        """Run one short request through the whole step path before serving."""
+        """Capture the CUDA graphs, then run one short request through the whole step path
+        before serving."""
+        self._capture_graphs()
         sink = _Discard()
         prompt_len = min(16, self.budget.max_input_tokens)
         seq = Sequence(request_id=0, stream=sink,
@@ -112,12 +115,26 @@ class Runtime:
         self.engine.step()
         while not self.engine.scheduler.idle:
             self.engine.step()
-        sizes = parse_batch_sizes(self.config.cuda_graphs, self.config.max_batch_size)
-        if self.device.type == "cuda" and sizes and isinstance(self.attention, FlashAttention):
+
+    def _capture_graphs(self) -> None:
+        """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache."""
+        if self.device.type != "cuda" or not isinstance(self.attention, FlashAttention):
+            return
+        config, model, kv_cache = self.config, self.loaded.model, self.engine.kv_cache
+        scratch_block = self.budget.num_blocks  # the KV cache's one block past the budget
+        sizes = parse_batch_sizes(config.cuda_graphs, config.max_batch_size)
+        if sizes:
             self.engine.graphs = DecodeGraphs(
-                self.loaded.model, self.engine.kv_cache, self.attention, sizes,
+                model, kv_cache, self.attention, sizes,
                 self.engine.scheduler.block_tables.shape[1], self.budget.block_size,
-                scratch_block=self.budget.num_blocks, device=self.device)
+                scratch_block=scratch_block, device=self.device)
+        token_sizes = parse_token_sizes(config.cuda_graph_tokens,
+                                        config.max_batch_prefill_tokens + config.max_batch_size)
+        if token_sizes:
+            self.engine.piecewise = PiecewiseGraphs(
+                model, kv_cache, self.attention, token_sizes,
+                scratch_slot=scratch_block * self.budget.block_size, device=self.device)
+
     def info(self) -> pb.InfoResponse:
         tok = self.loaded.tokenizer
         return pb.InfoResponse(

@@ -11,6 +11,7 @@ import torch
 from shard import loader
 from shard.attention import FlashAttention, flash_unavailable, select_backend
 from shard.config import parse
+from shard.cuda_graphs import PiecewiseGraphs
 from shard.parallel import TensorParallel
 from shard.server import Runtime
 from shard.source import ModelSource
@@ -115,3 +116,67 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     # Same kernels both ways (compiled and eager stages round differently in bfloat16).
     _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous
+
+
+def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(folder):
+    """A step with prefill chunks and decodes, padded to its token bucket: the real rows get the
+    hidden states an eager forward gives, the real K/V land in their slots, and the padding rows
+    write only the scratch block."""
+    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2)
+    engine = runtime.engine
+    assert engine.piecewise is not None
+    from shard import batch as step_batch
+    from shard.tests.test_engine import Recorder, request
+
+    stream = Recorder(engine)
+    engine.submit(stream, [request(stream, 200 + i, torch.arange(5, 12 + i), 6)
+                           for i in range(2)])
+    engine.step()  # their prefill: now they decode
+    engine.scheduler.add(request(stream, 300, torch.randint(3, 320, (33,)), 2))
+    for seq in engine.scheduler.admit():
+        engine.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+    step = engine.scheduler.schedule()
+    assert len(step.decodes) == 2 and sum(n for _, n in step.prefills) == 33
+    batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
+                             CUDA, engine.last_tokens)
+    assert batch.input_ids.shape[0] == 35 and engine.piecewise.fits(35)  # padded to 64
+    scratch = engine.allocator.num_blocks
+    with torch.inference_mode():
+        before = [(k.clone(), v.clone()) for k, v in engine.kv_cache.layers]
+        meta = engine.attention.prepare(batch.layout)
+        graphed = engine.piecewise.run(batch, meta).clone()
+        after_graphs = [(k.clone(), v.clone()) for k, v in engine.kv_cache.layers]
+        for (k, v), (k0, v0) in zip(engine.kv_cache.layers, before):  # undo, then eagerly
+            k.copy_(k0)
+            v.copy_(v0)
+        eager = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
+                             engine.attention.prepare(batch.layout))
+    assert relative_error(graphed, eager) < 1e-2
+    written = batch.layout.slot_mapping.cpu()
+    for layer, ((k, v), (k0, v0)) in enumerate(zip(after_graphs, before)):
+        heads, dim = k.shape[-2:]
+        for got, eager_cache, old in ((k, engine.kv_cache.layers[layer][0], k0),
+                                      (v, engine.kv_cache.layers[layer][1], v0)):
+            got, eager_cache, old = (t.view(-1, heads, dim).cpu() for t in (got, eager_cache, old))
+            assert relative_error(got[written], eager_cache[written]) < 1e-2, f"layer {layer}"
+            untouched = torch.ones(got.shape[0], dtype=torch.bool)
+            untouched[written] = False
+            untouched.view(-1, engine.allocator.block_size)[scratch] = False
+            assert torch.equal(got[untouched], old[untouched]), f"layer {layer}: padding leaked"
+
+
+def test_engine_runs_every_chunked_step_through_piecewise_graphs(folder, monkeypatch):
+    """Prompts in chunks of 48 tokens beside decodes: every step with a chunk replays the
+    piecewise graphs (whose rows the test above checks against eager), and every request
+    reaches its length."""
+    calls = []
+    real_run = PiecewiseGraphs.run
+    monkeypatch.setattr(PiecewiseGraphs, "run", lambda self, batch, meta: calls.append(
+        batch.input_ids.shape[0] - batch.layout.num_decodes) or real_run(self, batch, meta))
+    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (5, 30, 12, 61, 2, 100)]
+    _, tokens = run_greedy(folder, "auto", prompts, 8, "--max-batch-prefill-tokens", "48")
+    assert [len(t) for t in tokens] == [8] * 6
+    # Every prompt token went through them: 210, plus the warm-up request's 16; no step with
+    # a chunk ran eagerly (the buckets reach 48 + 16 tokens).
+    assert sum(calls) == 210 + 16 and max(calls) <= 48
