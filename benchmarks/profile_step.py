@@ -54,11 +54,10 @@ class Workload:
         self.gen = torch.Generator().manual_seed(0)
 
     def _sequences(self, count: int, max_new: int, length: int | None = None) -> list[Sequence]:
-        out = []
+        out, length = [], length or self.args.input_len
         for _ in range(count):
             out.append(Sequence(request_id=self.next_id, stream=self.sink,
-                                prompt=torch.randint(3, self.vocab, (length or self.args.input_len,),
-                                                     generator=self.gen),
+                                prompt=torch.randint(3, self.vocab, (length,), generator=self.gen),
                                 sampling=SamplingParams(), max_new_tokens=max_new,
                                 ignore_eos=True))
             self.next_id += 1

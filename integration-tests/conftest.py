@@ -17,10 +17,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 from shard.tests.tiny_model import write_tiny_model
+from sluice.v1 import generate_pb2 as pb
+from sluice.v1 import generate_pb2_grpc as pb_grpc
 
 STARTUP_TIMEOUT_S = 300
 
@@ -98,6 +101,21 @@ def start_router(*shards: Service, flags: tuple[str, ...] = (),
     router = Service(argv, env)
     wait_healthy(router.url)
     return router
+
+
+def shard_info(shard: Service) -> pb.InfoResponse:
+    with grpc.insecure_channel(shard.address) as channel:
+        return pb_grpc.TextGenerationStub(channel).Info(pb.InfoRequest(), timeout=10)
+
+
+def wait_for_free_budget(shard: Service, expected: int, timeout_s: float = 10) -> int:
+    """The shard's free budget once it is `expected`, or whatever it is after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (free := shard_info(shard).free_budget_tokens) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return free
 
 
 def free_port() -> int:

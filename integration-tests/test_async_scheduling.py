@@ -10,8 +10,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import start_router, start_shard
-from test_budget import shard_info, wait_for_free_budget
+from conftest import shard_info, start_router, start_shard, wait_for_free_budget
 
 PROMPTS = ["hello world", "a b c d e f g h i j k l", "zz", "the quick brown fox jumps"]
 

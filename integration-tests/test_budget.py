@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import httpx
 import pytest
 
-from conftest import start_router, start_shard
-from sluice.v1 import generate_pb2 as pb
-from sluice.v1 import generate_pb2_grpc as pb_grpc
+from conftest import shard_info, start_router, start_shard, wait_for_free_budget
 
 BUDGET = 64  # four blocks of 16 tokens
 REQUEST = {"inputs": "abc", "parameters": {"max_new_tokens": 20, "details": True}}
@@ -25,20 +22,6 @@ def small_budget(tiny_model):
     yield shard, router
     router.stop()
     shard.stop()
-
-
-def shard_info(shard) -> pb.InfoResponse:
-    with grpc.insecure_channel(shard.address) as channel:
-        return pb_grpc.TextGenerationStub(channel).Info(pb.InfoRequest(), timeout=10)
-
-
-def wait_for_free_budget(shard, expected: int, timeout_s: float = 10) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (free := shard_info(shard).free_budget_tokens) != expected:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    return free
 
 
 def test_budget_is_what_the_flag_says(small_budget):

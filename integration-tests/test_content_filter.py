@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
-import grpc
 import httpx
 import pytest
 import regex
 
-from conftest import start_router, start_shard
-from sluice.v1 import generate_pb2 as pb
-from sluice.v1 import generate_pb2_grpc as pb_grpc
+from conftest import start_router, start_shard, wait_for_free_budget
 
 PROMPT = "abc"
 GREEDY = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "details": True}}
@@ -71,19 +67,6 @@ def filtered_router(shard, blocked, tmp_path_factory):
     router.stop()
 
 
-def free_budget(shard) -> int:
-    with grpc.insecure_channel(shard.address) as channel:
-        return pb_grpc.TextGenerationStub(channel).Info(pb.InfoRequest(),
-                                                        timeout=10).free_budget_tokens
-
-
-def wait_for_full_budget(shard, timeout_s: float = 10) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (free := free_budget(shard)) != 128 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return free
-
-
 def test_prompt_matches_get_422_in_each_apis_shape(filtered_router):
     answer = httpx.post(f"{filtered_router.url}/generate",
                         json={"inputs": "a FORBIDDEN word", "parameters": {"max_new_tokens": 2}})
@@ -109,7 +92,7 @@ def test_output_stops_before_a_match_split_across_tokens(shard, filtered_router,
     assert answer["generated_text"] == greedy_text[:start]
     assert answer["details"]["finish_reason"] == "content_filter"
     # The sequence was cancelled on the shard: its budget is back.
-    assert wait_for_full_budget(shard) == 128
+    assert wait_for_free_budget(shard, 128) == 128
 
 
 def test_streamed_output_never_sends_the_matched_text(shard, filtered_router, greedy_text,
@@ -126,7 +109,7 @@ def test_streamed_output_never_sends_the_matched_text(shard, filtered_router, gr
     assert last["generated_text"] == greedy_text[:start]
     assert last["token"]["id"] == -1  # the token that completed the match is withheld too
     assert all(e["details"] is None for e in events[:-1])
-    assert wait_for_full_budget(shard) == 128
+    assert wait_for_free_budget(shard, 128) == 128
 
 
 def test_openai_finish_reason_is_content_filter(filtered_router, greedy_text, blocked):

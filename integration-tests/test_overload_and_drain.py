@@ -13,14 +13,11 @@ import signal
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_router, start_shard
-from sluice.v1 import generate_pb2 as pb
-from sluice.v1 import generate_pb2_grpc as pb_grpc
+from conftest import start_router, start_shard, wait_for_free_budget
 
 BUDGET = 256
 MAX_NEW = 8
@@ -40,19 +37,6 @@ def frozen(shard):
         yield
     finally:
         shard.process.send_signal(signal.SIGCONT)
-
-
-def free_budget(shard) -> int:
-    with grpc.insecure_channel(shard.address) as channel:
-        return pb_grpc.TextGenerationStub(channel).Info(pb.InfoRequest(),
-                                                        timeout=10).free_budget_tokens
-
-
-def wait_for_full_budget(shard, timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (free := free_budget(shard)) != BUDGET and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return free
 
 
 def gauges(router) -> dict[str, float]:
@@ -83,7 +67,7 @@ def test_overload_answers_each_request_fully_or_with_429_and_the_budget_returns(
                     or details["finish_reason"] == "eos_token")
         for answer in refused:
             assert answer.json()["error_type"] == "overloaded"
-        assert wait_for_full_budget(shard) == BUDGET
+        assert wait_for_free_budget(shard, BUDGET, timeout_s=20) == BUDGET
         g = gauges(router)
         assert g["sluice_router_queue_size"] == 0
         assert g["sluice_router_running_requests"] == 0  # every slot was given back once
@@ -109,7 +93,7 @@ def test_a_request_past_its_timeout_ends_with_504_and_is_cancelled(shard):
             assert events == [{"error": "the request took longer than 1 s "
                                         "(--request-timeout), queue wait included",
                                "error_type": "timeout"}]
-        assert wait_for_full_budget(shard) == BUDGET
+        assert wait_for_free_budget(shard, BUDGET, timeout_s=20) == BUDGET
         assert gauges(router)["sluice_router_running_requests"] == 0
     finally:
         router.stop()
@@ -179,4 +163,4 @@ def test_when_the_grace_runs_out_in_flight_requests_get_an_error_not_silence(sha
     assert stream.events == [{"error": "the router shut down before the request ended "
                                        "(--shutdown-grace ran out)",
                               "error_type": "unavailable"}]
-    assert wait_for_full_budget(shard) == BUDGET
+    assert wait_for_free_budget(shard, BUDGET, timeout_s=20) == BUDGET

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -28,29 +29,33 @@ from shard.batch import StepBatch
 log = logging.getLogger(__name__)
 
 
-def parse_batch_sizes(spec: str, max_batch_size: int) -> list[int]:
-    """'1,2,4,8' → sizes; '0' or '' → none; 'auto' → 1, 2, 4, 8 then steps of 8..32 up to max."""
+def _parse_sizes(spec: str, flag: str, auto: Callable[[], list[int]]) -> list[int]:
+    """'0', 'none' or '' → none; 'auto' → auto(); else a comma-separated list of sizes."""
     spec = spec.strip()
     if spec in ("", "0", "none"):
         return []
     if spec == "auto":
-        sizes = [1, 2, 4] + list(range(8, 64, 8)) + list(range(64, 256, 16)) + list(
-            range(256, 1025, 32))
-    else:
-        sizes = [int(part) for part in spec.split(",") if part.strip()]
+        return auto()
+    sizes = sorted({int(part) for part in spec.split(",") if part.strip()})
     if any(size < 1 for size in sizes):
-        raise ValueError(f"--cuda-graphs: batch sizes must be positive, got {spec!r}")
-    return sorted({size for size in sizes if size <= max_batch_size} | (
-        {max_batch_size} if spec == "auto" else set()))
+        raise ValueError(f"{flag}: sizes must be positive, got {spec!r}")
+    return sizes
+
+
+def parse_batch_sizes(spec: str, max_batch_size: int) -> list[int]:
+    """'auto' → 1, 2, 4, 8 then steps of 8..32, and max_batch_size; never above it."""
+    def auto() -> list[int]:
+        candidates = [1, 2, 4] + list(range(8, 64, 8)) + list(range(64, 256, 16)) + list(
+            range(256, 1025, 32))
+        return sorted(set(candidates) | {max_batch_size})
+
+    return [size for size in _parse_sizes(spec, "--cuda-graphs", auto) if size <= max_batch_size]
 
 
 def parse_token_sizes(spec: str, largest_step: int) -> list[int]:
     """'auto' → 16..256 in powers of two, then steps of 128 to 1024 and of 256 to 2048, up to
-    the first size that holds `largest_step` tokens; '0' or '' → none; else a list."""
-    spec = spec.strip()
-    if spec in ("", "0", "none"):
-        return []
-    if spec == "auto":
+    the first size that holds `largest_step` tokens."""
+    def auto() -> list[int]:
         candidates = [16, 32, 64, 128, 256] + list(range(384, 1025, 128)) + list(
             range(1280, 2049, 256))
         sizes = []
@@ -59,10 +64,29 @@ def parse_token_sizes(spec: str, largest_step: int) -> list[int]:
             if size >= largest_step:
                 break
         return sizes
-    sizes = sorted({int(part) for part in spec.split(",") if part.strip()})
-    if any(size < 1 for size in sizes):
-        raise ValueError(f"--cuda-graph-tokens: token counts must be positive, got {spec!r}")
-    return sizes
+
+    return _parse_sizes(spec, "--cuda-graph-tokens", auto)
+
+
+def _capture(pieces: list[Callable[[], None]], pool, device: torch.device,
+             warmups: int) -> list[torch.cuda.CUDAGraph]:
+    """One graph per piece, in one memory pool; each piece first runs `warmups` times on a side
+    stream, so that kernels compile and the allocator settles outside the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    graphs = []
+    with torch.inference_mode():
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                for piece in pieces:
+                    piece()
+        torch.cuda.current_stream(device).wait_stream(side)
+        for piece in pieces:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                piece()
+            graphs.append(graph)
+    return graphs
 
 
 class DecodeGraphs:
@@ -102,17 +126,7 @@ class DecodeGraphs:
                                meta)
                 self.logits[:size].copy_(model.compute_logits(hidden))
 
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.inference_mode():
-                with torch.cuda.stream(side):  # warm up: kernels compile, allocator settles
-                    decode()
-                    decode()
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    decode()
-            self._graphs[size] = graph
+            self._graphs[size] = _capture([decode], pool, device, warmups=2)[0]
         log.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
 
     def fits(self, num_decodes: int) -> bool:
@@ -164,20 +178,7 @@ class PiecewiseGraphs:
         num_pieces = len(model.layers) + 1
         for size in reversed(self.token_sizes):  # the largest first: the others reuse its pool
             pieces = [functools.partial(self._piece, i, size) for i in range(num_pieces)]
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            graphs = []
-            with torch.inference_mode():
-                with torch.cuda.stream(side):  # warm up: kernels compile, allocator settles
-                    for piece in pieces:
-                        piece()
-                torch.cuda.current_stream(device).wait_stream(side)
-                for piece in pieces:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        piece()
-                    graphs.append(graph)
-            self._graphs[size] = graphs
+            self._graphs[size] = _capture(pieces, pool, device, warmups=1)
         log.info("captured piecewise CUDA graphs for steps of up to %s tokens (%d graphs each)",
                  self.token_sizes, num_pieces)
 

@@ -66,7 +66,7 @@ class GGUFModel:
         if "rope_freqs.weight" in self._tensor_names():
             raise ValueError(f"{self.path.name}: GGUF rope frequency factors (Llama 3.1 style) are "
                              "not supported yet; use the Hugging Face folder of this model")
-        has_bias = f"blk.0.attn_q.bias" in self._tensor_names()
+        has_bias = "blk.0.attn_q.bias" in self._tensor_names()
         return ModelConfig(
             family=SUPPORTED[a],
             vocab_size=int(vocab),

@@ -119,14 +119,14 @@ def _filter(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     dev = logprobs.device
     vocab = logprobs.shape[-1]
     needs_sort = any(p.top_p < 1.0 or p.typical_p < 1.0 for p in params)
-    if not needs_sort and not any(0 < p.top_k < vocab for p in params):
+    k_values = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if not needs_sort and all(k == vocab for k in k_values):
         return logprobs
-    if not needs_sort:  # top-k alone: a partial sort suffices
-        ks = _on([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev)
-        top = logprobs.topk(int(ks.max()), dim=-1).values
+    ks = _on(k_values, dev)
+    if not needs_sort:  # top-k alone: a partial sort suffices (its width known on the host)
+        top = logprobs.topk(max(k_values), dim=-1).values
         kth = top.gather(1, (ks.clamp(max=top.shape[1]) - 1)[:, None])
         return logprobs.masked_fill(logprobs < kth, float("-inf"))
-    ks = _on([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev)
     top_ps = _on([p.top_p for p in params], dev)[:, None]
     sorted_lp, order = logprobs.sort(dim=-1, descending=True)
     # top-k by value, as the partial-sort path above: tokens tied with the k-th all stay.
