@@ -1,5 +1,6 @@
 """Paged decode attention alone: FlashAttention-4's kernel on one decode step's shapes, with the
-tile shapes and page sizes it can be given, against a float64 reference.
+tile shapes and page sizes it can be given, and our Triton kernel (shard/paged_decode.py) in
+several configurations, each against a float64 reference.
 
 Prints, per variant, µs per call, the KV bytes it must read over that time (GB/s), and the
 largest error relative to the reference's largest value.
@@ -12,8 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def reference(q, k_cache, v_cache, table, lens):
@@ -30,6 +35,30 @@ def reference(q, k_cache, v_cache, table, lens):
     return out
 
 
+def fa4_call(tile, q, k_cache, v_cache, cu_q, seqused, table):
+    from flash_attn.cute import interface
+
+    extra = {} if tile == "default" else {"tile_mn": tuple(int(x) for x in tile.split("x"))}
+
+    def call():
+        return interface._flash_attn_fwd(q, k_cache, v_cache, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                                         seqused_k=seqused, page_table=table, causal=True,
+                                         **extra)[0]
+    return call
+
+
+def triton_call(cfg, splits, q, k_cache, v_cache, table, seqused):
+    from shard.paged_decode import PagedDecode
+
+    block_n, warps, stages = (int(x) for x in cfg.split("/"))
+    kernel = PagedDecode(q.device, block_n=block_n, num_warps=warps, num_stages=stages)
+    out = torch.empty_like(q)
+
+    def call():
+        return kernel(q, k_cache, v_cache, table, seqused, out, num_splits=splits)
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -39,10 +68,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-sizes", default="16,128")
     parser.add_argument("--tiles", default="default,64x128,64x64,128x64")
+    parser.add_argument("--triton", default="64/4/3,128/4/3,64/4/4,32/4/4,128/8/3",
+                        help="Triton configurations: BLOCK_N/warps/stages, comma-separated")
+    parser.add_argument("--splits", type=int, default=None,
+                        help="Triton split-KV parts (default: chosen from the batch)")
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
-
-    from flash_attn.cute import interface
 
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -62,14 +93,13 @@ def main() -> None:
         table = torch.randperm(num_blocks - 1, generator=gen)[:args.batch * per_seq]
         table = table.view(args.batch, per_seq).to(torch.int32).to(dev)
         expected = reference(q, k_cache, v_cache, table, lens.tolist())
-        for tile in args.tiles.split(","):
-            extra = {} if tile == "default" else {
-                "tile_mn": tuple(int(x) for x in tile.split("x"))}
+        variants = [("fa4 " + tile, fa4_call(tile, q, k_cache, v_cache, cu_q, seqused, table))
+                    for tile in args.tiles.split(",") if tile]
+        variants += [("triton " + cfg, triton_call(cfg, args.splits, q, k_cache, v_cache, table,
+                                                   seqused))
+                     for cfg in args.triton.split(",") if cfg]
+        for name, call in variants:
             try:
-                def call():
-                    return interface._flash_attn_fwd(
-                        q, k_cache, v_cache, cu_seqlens_q=cu_q, max_seqlen_q=1,
-                        seqused_k=seqused, page_table=table, causal=True, **extra)[0]
                 out = call()
                 torch.cuda.synchronize()
                 err = ((out.double() - expected).abs().max() / expected.abs().max()).item()
@@ -92,10 +122,10 @@ def main() -> None:
                 end.record()
                 end.synchronize()
                 us = 1000 * start.elapsed_time(end) / (args.iters // 10 * 10)
-                print(f"  block {block:4d} tile {tile:8s}: {us:8.1f} µs/call in a graph, "
+                print(f"  block {block:4d} {name:16s}: {us:8.1f} µs/call in a graph, "
                       f"{kv_bytes / us / 1e3:7.0f} GB/s, max rel. error {err:.1e}")
             except Exception as exc:  # a tile this FA4 build rejects: say so, go on
-                print(f"  block {block:4d} tile {tile:8s}: failed: {repr(exc)[:300]}")
+                print(f"  block {block:4d} {name:16s}: failed: {repr(exc)[:300]}")
 
 
 if __name__ == "__main__":

@@ -193,9 +193,15 @@ class TorchVarlenAttention:
 @dataclass(slots=True)
 class FlashMetadata:
     slot_mapping: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    seqused_k: torch.Tensor
-    block_table: torch.Tensor
+    # Decode rows [0, num_decodes) through the Triton kernel (0 when FA4 takes every row).
+    num_decodes: int
+    decode_table: torch.Tensor | None
+    decode_lens: torch.Tensor | None
+    # Rows [first_row, T) through FA4: cu_seqlens_q counts from first_row. None: no such rows.
+    first_row: int
+    cu_seqlens_q: torch.Tensor | None
+    seqused_k: torch.Tensor | None
+    block_table: torch.Tensor | None
     max_query_len: int
     # The kernel and arguments the step's first layer resolved, replayed by the other layers.
     launch: tuple | None = None
@@ -229,9 +235,15 @@ class _LaunchRecorder:
 
 
 class FlashAttention:
-    """FlashAttention-4 (flash_attn.cute) on Hopper and newer: one varlen call per layer reads
-    the pages through the block table, prefill chunks and decodes alike (causal, bottom-right
-    aligned, so a query sees its cached context).
+    """FlashAttention-4 (flash_attn.cute) on Hopper and newer for prefill chunks, one varlen call
+    per layer over the pages through the block table (causal, bottom-right aligned, so a query
+    sees its cached context); decode rows through our Triton kernel (shard/paged_decode.py),
+    or through FA4 as well when `decode` is "flash" or Triton is missing.
+
+    Why two kernels: FA4 has no split-KV on Hopper and reads a decode batch's pages at 1.6–2.5
+    TB/s; the Triton kernel reached 2.65–2.8 TB/s on the H100 on the same batches (114 against
+    188 µs per call at batch 256 and d=64, 108 against 122 µs at batch 128 and d=128) and, with
+    split-KV, 6 against 9.6 µs at batch 1 (benchmarks/decode_attention.py, docs/benchmarks.md).
 
     FA4's Python interface spends ~0.3 ms per call choosing and checking its kernel, which a
     step outside CUDA graphs pays on every layer. All layers of a step share the metadata, so
@@ -241,15 +253,14 @@ class FlashAttention:
     another FA4 version, every layer takes the interface.
 
     The interface entry is FA4's `_flash_attn_fwd` (what `flash_attn_varlen_func` calls, minus
-    autograd): it takes the output buffer and the tile shape. Decode-only steps on Hopper use
-    64×128 tiles: a decode's query rows (its heads per KV head, packed) fill a few rows of the
-    default 128- or 192-row tile. On the H100 the smaller tile was faster at every batch
-    measured, 1 to 256: 9.5 against 12.8 µs per call at batch 1 and d=128, 187 against 255 µs
-    at batch 256 and d=64 (benchmarks/decode_attention.py, docs/benchmarks.md)."""
+    autograd): it takes the output buffer and the tile shape. When FA4 runs decode-only steps
+    on Hopper it uses 64×128 tiles: a decode's query rows (its heads per KV head, packed) fill a
+    few rows of the default 128- or 192-row tile, and the smaller tile was faster at every
+    batch measured, 1 to 256."""
 
     name = "flash"
 
-    def __init__(self, num_splits: int = 1):
+    def __init__(self, decode: str = "auto", num_splits: int = 1):
         from flash_attn.cute import interface
 
         forward = interface._flash_attn_fwd
@@ -257,21 +268,44 @@ class FlashAttention:
         self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
         hopper = torch.cuda.get_device_capability()[0] == 9
         self.decode_tile = (64, 128) if hopper else None
+        self.decode = _triton_decode(decode)
         if not isinstance(forward.compile_cache, _LaunchRecorder):
             forward.compile_cache = _LaunchRecorder(forward.compile_cache)
         self._recorder = forward.compile_cache
         self.replay = True  # off once a recorded launch does not look as expected
 
     def prepare(self, layout: StepLayout) -> FlashMetadata:
-        return FlashMetadata(layout.slot_mapping, layout.cu_seqlens_q, layout.seqused_k,
-                             layout.block_table, layout.max_query_len)
+        nd = layout.num_decodes if self.decode is not None else 0
+        rows = len(layout.context_lens)
+        decode_table = decode_lens = cu_seqlens_q = seqused_k = block_table = None
+        if nd:
+            decode_table, decode_lens = layout.block_table[:nd], layout.seqused_k[:nd]
+        first_row, max_query_len = layout.query_starts[nd], 0
+        if nd < rows:  # FA4 takes the rest: prefill chunks (and decodes, without Triton)
+            cu_seqlens_q = layout.cu_seqlens_q
+            if nd:
+                cu_seqlens_q = cu_seqlens_q[nd:] - first_row
+            seqused_k, block_table = layout.seqused_k[nd:], layout.block_table[nd:]
+            starts = layout.query_starts[nd:]
+            max_query_len = max(b - a for a, b in zip(starts, starts[1:]))
+        return FlashMetadata(layout.slot_mapping, nd, decode_table, decode_lens, first_row,
+                             cu_seqlens_q, seqused_k, block_table, max_query_len)
 
     def attend(self, q, k_cache, v_cache, meta: FlashMetadata, out=None) -> torch.Tensor:
         out = torch.empty_like(q) if out is None else out
+        nd = meta.num_decodes
+        if nd:
+            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
+        if meta.cu_seqlens_q is not None:
+            first = meta.first_row
+            self._flash(q[first:], k_cache, v_cache, meta, out[first:])
+        return out
+
+    def _flash(self, q, k_cache, v_cache, meta: FlashMetadata, out) -> None:
         if meta.launch is not None and meta.launch[0] == (q.shape, q.dtype):
             _, kernel, args = meta.launch
             kernel(q.detach(), k_cache.detach(), v_cache.detach(), out, *args[4:])
-            return out
+            return
         self._recorder.last = None
         tile = self.decode_tile if meta.max_query_len == 1 else None
         self._forward(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
@@ -289,7 +323,20 @@ class FlashAttention:
                 self.replay = False
                 log.warning("FlashAttention-4's launch is not the expected one; each layer "
                             "goes through its Python interface")
-        return out
+
+
+def _triton_decode(requested: str):
+    """The Triton decode kernel for --decode-attention, or None where FA4 takes decodes too."""
+    if requested == "flash":
+        return None
+    try:
+        from shard.paged_decode import PagedDecode
+    except ImportError as exc:
+        if requested == "triton":
+            raise ValueError(f"--decode-attention triton: Triton is not importable: {exc}")
+        log.info("Triton is not importable (%s): FlashAttention-4 takes decode rows too", exc)
+        return None
+    return PagedDecode(torch.device("cuda", torch.cuda.current_device()))
 
 
 def flash_unavailable(device: torch.device) -> str | None:
@@ -307,13 +354,14 @@ def flash_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(requested: str, device: torch.device):
-    """The backend for --attention: flash where FlashAttention-4 runs, else torch."""
+def select_backend(requested: str, device: torch.device, decode: str = "auto"):
+    """The backend for --attention: flash where FlashAttention-4 runs, else torch. `decode`
+    (--decode-attention) picks the flash backend's kernel for decode rows."""
     reason = flash_unavailable(device)
     if requested == "flash" and reason:
         raise ValueError(f"--attention flash: {reason} (use --attention torch)")
     if requested in ("auto", "flash") and reason is None:
-        return FlashAttention()
+        return FlashAttention(decode)
     if device.type == "cuda":
         return TorchVarlenAttention()
     return TorchAttention()

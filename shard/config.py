@@ -20,6 +20,7 @@ class ShardConfig:
     device: str
     dtype: str
     attention: str
+    decode_attention: str
     load_format: str
     quantize: str
     num_shard: int
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=["auto", "flash", "torch"],
                         help="attention backend; auto: flash where its kernels are installed "
                              "for this GPU, else torch")
+    parser.add_argument("--decode-attention", default="auto", choices=["auto", "triton", "flash"],
+                        help="kernel for decode rows under the flash backend; triton: our "
+                             "split-KV paged decode kernel (shard/paged_decode.py); flash: "
+                             "FlashAttention-4, as prefill; auto: triton where Triton imports")
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's config (for benchmarks)")
     parser.add_argument("--quantize", default="none", choices=["none", "int4"],

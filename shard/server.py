@@ -70,7 +70,7 @@ class Runtime:
         if config.num_shard != 1:
             raise ValueError("--num-shard > 1 needs the multi-rank runtime, which is not built "
                              "yet; the layers are tensor-parallel already")
-        self.attention = select_backend(config.attention, self.device)
+        self.attention = select_backend(config.attention, self.device, config.decode_attention)
         source = resolve(config.model, config.revision)
         log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
                  self.dtype)

@@ -6,10 +6,12 @@ nothing here is skipped there): each backend that can run on this GPU gets every
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable
+from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable, write_kv
 from shard.tests.test_attention import (BATCHES, MIXED, attention_layer,
                                         check_against_reference, make_step, RaggedStep,
                                         random_batch, reference, relative_error, run_backend)
@@ -21,8 +23,9 @@ def _backends() -> list:
     if not torch.cuda.is_available():
         return []
     found = [pytest.param(TorchVarlenAttention, id="torch-varlen")]
-    if flash_unavailable(CUDA) is None:
-        found.append(pytest.param(FlashAttention, id="flash"))
+    if flash_unavailable(CUDA) is None:  # decode rows through our Triton kernel, or FA4
+        found.append(pytest.param(functools.partial(FlashAttention, "triton"), id="flash"))
+        found.append(pytest.param(functools.partial(FlashAttention, "flash"), id="flash-fa4"))
     return found
 
 
@@ -64,15 +67,18 @@ def test_cuda_new_keys_and_values_land_exactly_in_their_slots(backend):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize("decode", ["triton", "flash"])
 @pytest.mark.parametrize("batch", list(BATCHES))
-def test_flash_layers_after_the_first_replay_its_launch_with_their_own_tensors(batch):
+def test_flash_layers_after_the_first_replay_its_launch_with_their_own_tensors(batch, decode):
     """One step's metadata serves every layer: the first goes through FA4's interface, the
     others relaunch the kernel it chose. Each layer (its own q, K/V and cache) must get exactly
-    what the interface gives it, and match the float64 reference."""
+    what the interface gives it, and match the float64 reference. With the Triton decode
+    kernel, FA4 sees only the prefill rows, and a decode-only step launches no FA4 at all."""
     if flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     sequences, num_decodes = BATCHES[batch]
-    backend = FlashAttention()
+    backend = FlashAttention(decode)
+    fa4_rows = decode == "flash" or num_decodes < len(sequences)
     base, *others = [make_step(sequences, num_decodes, 16, torch.bfloat16, seed,
                                heads=(32, 8, 128)).to(CUDA) for seed in range(3)]
     # Every layer: the base step's sequences and block tables, its own tensors.
@@ -82,8 +88,9 @@ def test_flash_layers_after_the_first_replay_its_launch_with_their_own_tensors(b
     for i, step in enumerate(layers):
         k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
         out = attention_layer(backend, step, k_cache, v_cache, meta)
-        assert (meta.launch is not None) == backend.replay, "the first layer recorded its launch"
-        alone = run_backend(step, FlashAttention())[0]  # fresh metadata: the interface
+        assert (meta.launch is not None) == (backend.replay and fa4_rows), \
+            "the first layer recorded its launch"
+        alone = run_backend(step, FlashAttention(decode))[0]  # fresh metadata: the interface
         assert torch.equal(out, alone), f"layer {i}"
         error = relative_error(out, reference(step))
         assert error < 1e-2, f"layer {i}: relative error {error}"
@@ -101,3 +108,42 @@ def test_cuda_decode_batch_filling_the_gpu_matches_float64_reference(backend, he
     sequences = [(int(c), 1) for c in torch.randint(0, 300, (48,), generator=gen)]
     step = make_step(sequences, 48, block_size, torch.bfloat16, 7, heads=heads).to(CUDA)
     check_against_reference(step, 1e-2, "48 decodes", backend())
+
+
+@pytest.mark.parametrize("heads", HEADS + [pytest.param((12, 4, 96), id="h12-kv4-d96"),
+                                           pytest.param((8, 1, 64), id="h8-kv1-d64"),
+                                           pytest.param((4, 4, 128), id="h4-kv4-d128")])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("splits", [1, 2, 8, 32])
+def test_triton_decode_kernel_matches_float64_reference_at_every_split(heads, block_size,
+                                                                       splits):
+    """The kernel alone, over contexts of 1 to 700 tokens (some shorter than a split's share,
+    leaving splits empty), any head dim and GQA group, pages of any size."""
+    from shard.paged_decode import PagedDecode
+
+    gen = torch.Generator().manual_seed(11)
+    sequences = [(int(c), 1) for c in torch.randint(0, 700, (13,), generator=gen)]
+    sequences += [(0, 1), (63, 1), (64, 1), (127, 1)]
+    step = make_step(sequences, len(sequences), block_size, torch.bfloat16, 11,
+                     heads=heads).to(CUDA)
+    k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
+    write_kv(k_cache, v_cache, step.layout.slot_mapping, step.k, step.v)
+    out = torch.full_like(step.q, float("nan"))
+    PagedDecode(CUDA)(step.q, k_cache, v_cache, step.layout.block_table, step.layout.seqused_k,
+                      out, num_splits=splits)
+    ref = reference(step)
+    for i, (cached, _) in enumerate(sequences):
+        error = relative_error(out[i], ref[i])
+        assert error < 1e-2, f"sequence {i} ({cached + 1} tokens): relative error {error}"
+
+
+def test_triton_decode_splits_fill_the_gpu_from_the_batch_alone():
+    from shard.paged_decode import PagedDecode
+
+    kernel = PagedDecode(CUDA)
+    sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    for batch in (1, 2, 3, 8, 16, 64, 256):
+        splits = kernel.splits_for(batch, 8)
+        assert splits & (splits - 1) == 0 and 1 <= splits <= 32
+        assert batch * 8 * splits >= sms or splits == 32, batch
+        assert splits == 1 or batch * 8 * splits // 2 < sms, batch

@@ -34,9 +34,11 @@ def relative_error(a, b) -> float:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attention", ["torch", "flash"])
+@pytest.mark.parametrize("attention, decode", [("torch", "auto"), ("flash", "triton"),
+                                               ("flash", "flash")])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(folder,
                                                                                    attention,
+                                                                                   decode,
                                                                                    compiled):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
@@ -48,7 +50,8 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
-                       torch.bfloat16, select_backend(attention, CUDA), compiled=compiled).model
+                       torch.bfloat16, select_backend(attention, CUDA, decode),
+                       compiled=compiled).model
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
