@@ -93,8 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(each layer's dense work in CUDA graphs, attention eager between "
                              "them; a step runs padded to the next count), comma-separated; 0 "
                              "disables; auto: 16..256 by powers of two, then steps of 128 to "
-                             "1024 and of 256 to 2048, up to max prefill + batch size. Larger "
-                             "steps run eagerly. Needs the flash backend")
+                             "1024 and of 256 beyond, up to max prefill + batch size; past 2048 "
+                             "only while a layer's matrix products stay under 0.8 TFLOP (the "
+                             "1B model's 4096-token chunks: yes; 8B's: no). Larger steps run "
+                             "eagerly. Needs the flash backend")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
                              "into one kernel with torch.compile; auto: on cuda only")

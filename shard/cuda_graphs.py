@@ -52,14 +52,26 @@ def parse_batch_sizes(spec: str, max_batch_size: int) -> list[int]:
     return [size for size in _parse_sizes(spec, "--cuda-graphs", auto) if size <= max_batch_size]
 
 
-def parse_token_sizes(spec: str, largest_step: int) -> list[int]:
-    """'auto' → 16..256 in powers of two, then steps of 128 to 1024 and of 256 to 2048, up to
-    the first size that holds `largest_step` tokens."""
+# Piecewise graphs pay where the host's ~0.5 ms of Python per eager layer is not hidden behind
+# the layer's own GPU work. Measured on the H100 with 4,352-token buckets (docs/benchmarks.md):
+# Llama-3.2-1B's 4,096-token steps (0.5 TFLOP of matrix products per layer) ran 17% faster in
+# graphs, Llama-3.1-8B's (1.8 TFLOP per layer) 4% slower, from the padding. Past 2,048 tokens,
+# `auto` captures only while a layer's matrix products stay under this:
+GRAPHED_LAYER_FLOPS = 0.8e12
+
+
+def parse_token_sizes(spec: str, largest_step: int, layer_flops_per_token: float = 0.0
+                      ) -> list[int]:
+    """'auto' → 16..256 in powers of two, then steps of 128 to 1024 and of 256 beyond, up to
+    the first size that holds `largest_step` tokens; past 2048 only while a layer's matrix
+    products (`layer_flops_per_token` each token) stay under GRAPHED_LAYER_FLOPS."""
     def auto() -> list[int]:
         candidates = [16, 32, 64, 128, 256] + list(range(384, 1025, 128)) + list(
-            range(1280, 2049, 256))
+            range(1280, max(2048, largest_step) + 256, 256))
         sizes = []
         for size in candidates:
+            if size > 2048 and size * layer_flops_per_token > GRAPHED_LAYER_FLOPS:
+                break
             sizes.append(size)
             if size >= largest_step:
                 break

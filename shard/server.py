@@ -128,8 +128,11 @@ class Runtime:
                 model, kv_cache, self.attention, sizes,
                 self.engine.scheduler.block_tables.shape[1], self.budget.block_size,
                 scratch_block=scratch_block, device=self.device)
+        layer = model.layers[0]
+        layer_flops = 2 * sum(p.numel() for p in layer.parameters() if p.dim() == 2)
         token_sizes = parse_token_sizes(config.cuda_graph_tokens,
-                                        config.max_batch_prefill_tokens + config.max_batch_size)
+                                        config.max_batch_prefill_tokens + config.max_batch_size,
+                                        layer_flops)
         if token_sizes:
             self.engine.piecewise = PiecewiseGraphs(
                 model, kv_cache, self.attention, token_sizes,

@@ -14,8 +14,21 @@ def test_auto_token_buckets_reach_the_largest_step_and_stop_there():
     # 1,024-token chunks beside 256 decodes: steps of 128 to 1,024, then of 256.
     assert parse_token_sizes("auto", 1280) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896,
                                                1024, 1280]
-    # The default 4,096-token chunks: buckets end at 2,048; larger steps run eagerly.
-    assert parse_token_sizes("auto", 4096 + 256)[-1] == 2048
+    # Without a cost given, past 2,048 in steps of 256 up to the largest step.
+    assert parse_token_sizes("auto", 4096 + 256)[-1] == 4352
+    assert parse_token_sizes("auto", 2100)[-4:] == [1536, 1792, 2048, 2304]
+
+
+def test_auto_token_buckets_past_2048_only_while_a_layer_stays_small():
+    # Llama-3.2-1B: 2 x 60.8M weights per layer; the default 4,096-token chunks + 256 decodes
+    # are all captured.
+    one_b = 2 * 60_817_408
+    assert parse_token_sizes("auto", 4096 + 256, one_b)[-3:] == [3840, 4096, 4352]
+    # Llama-3.1-8B: 2 x 218.1M per layer; graphs end at 2,048 and larger steps run eagerly.
+    eight_b = 2 * 218_103_808
+    assert parse_token_sizes("auto", 4096 + 256, eight_b)[-1] == 2048
+    # Below 2,048 tokens the cost does not matter.
+    assert parse_token_sizes("auto", 1280, eight_b)[-1] == 1280
 
 
 def test_token_buckets_from_a_list_or_none():
