@@ -78,6 +78,48 @@ step_offline_8b() {
   offline 8b-b128 $m --num-requests 128 --input-len 512 --output-len 128
 }
 
+step_offline_1b_b256() {
+  offline 1b-b256 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+    --num-requests 256 --input-len 512 --output-len 128
+}
+
+step_large_buckets() {  # piecewise graphs up to 4,352 tokens: the 4,096-token mixed steps too
+  local sizes=16,32,64,128,256,384,512,640,768,896,1024,1280,1536,1792,2048,2560,3072,3584,4096,4352
+  offline 1b-b256-buckets4352 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+    --num-requests 256 --input-len 512 --output-len 128 --cuda-graph-tokens $sizes
+  offline 8b-b128-buckets4352 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --num-requests 128 --input-len 512 --output-len 128 --cuda-graph-tokens $sizes
+}
+
+step_engine_tests() {
+  python3 -m pytest shard/tests/test_engine_cuda.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu-engine-tests.log" | tail -3
+}
+
+step_targets() {  # the workloads still short of their targets, and the mixed one
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128
+  offline 1b-mixed $m1 --num-requests 512 --mixed
+  offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --num-requests 128 --input-len 512 --output-len 128
+}
+
+step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 1b-b256-fa4decode $m1 --num-requests 256 --input-len 512 --output-len 128 \
+    --decode-attention flash
+  offline 8b-b128-fa4decode $m8 --num-requests 128 --input-len 512 --output-len 128 \
+    --decode-attention flash
+}
+
+step_mixed_ab() {  # 1B mixed steps (192 decodes + a 4,096-token chunk), Triton or FA4 decode rows
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  profile 1b-mixed-b192-4000-triton $m1 --phase mixed --batch 192 --chunk 4000 --steps 10
+  profile 1b-mixed-b192-4000-fa4 $m1 --phase mixed --batch 192 --chunk 4000 --steps 10 \
+    --decode-attention flash
+}
+
 step_reference() {
   offline ref-8b-b1 --model benchmarks/configs/llama-3.1-8b --reference transformers \
     --num-requests 1 --batch 1 --input-len 512 --output-len 128
@@ -103,7 +145,7 @@ step_profile() {
 step_profile_mixed() {  # a steady decode batch plus one prompt chunk per step
   local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   profile 1b-mixed-b192-1024 $m1 --phase mixed --batch 192 --chunk 1024 --steps 10
-  profile 1b-mixed-b192-4096 $m1 --phase mixed --batch 192 --chunk 4096 --steps 10
+  profile 1b-mixed-b192-4000 $m1 --phase mixed --batch 192 --chunk 4000 --steps 10
   profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
 }
 
@@ -121,6 +163,26 @@ step_attention_small() {  # the same at small batches: where the 64-row tile sto
         --tiles default,64x128 2>&1 | grep -v Warn | grep -v exe_args
     done
   done | tee "$OUT/attention-small.txt"
+}
+
+step_kernels() {  # decode attention, FA4 against our Triton kernel; the decode step's GEMMs
+  python3 benchmarks/decode_attention.py --batch 128 --head-dim 128 --tiles 64x128 \
+    2>&1 | grep -v Warn | tee "$OUT/kernels-attention-8b.txt"
+  python3 benchmarks/decode_attention.py --batch 256 --head-dim 64 --tiles 64x128 \
+    2>&1 | grep -v Warn | tee "$OUT/kernels-attention-1b.txt"
+  for b in 1 16 64; do
+    python3 benchmarks/decode_attention.py --batch $b --head-dim 128 --block-sizes 16 \
+      --tiles 64x128 --triton 64/4/3,32/4/3,64/4/4 2>&1 | grep -v Warn
+  done | tee "$OUT/kernels-attention-small.txt"
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128,256 \
+    2>&1 | tee "$OUT/kernels-gemm-8b.txt"
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.2-1b --batches 1,64,128,256 \
+    2>&1 | tee "$OUT/kernels-gemm-1b.txt"
+}
+
+step_profile_decode8b() {
+  profile 8b-decode-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --phase decode --batch 128 --input-len 576 --steps 20
 }
 
 step_elementwise() {  # the compiled elementwise stages alone, 1B and 8B prefill shapes

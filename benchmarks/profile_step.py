@@ -33,7 +33,8 @@ from shard.server import Runtime  # noqa: E402
 
 class _Sink(Stream):
     def send(self, response) -> None:
-        pass
+        if response.errors:  # a rejected prompt would leave the phase silently decode-only
+            raise SystemExit(f"request rejected: {response.errors[0].message}")
 
 
 def _sync(device: torch.device) -> None:
