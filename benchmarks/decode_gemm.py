@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from elementwise import timed_us
 from offline import measure_ceilings
 
 
@@ -32,25 +33,6 @@ def projections(config: dict) -> dict[str, tuple[int, int, int]]:
             "gate_up": (hidden, 2 * inter, layers),
             "down": (inter, hidden, layers),
             "lm_head": (hidden, config["vocab_size"], 1)}
-
-
-def time_graph(fn, repeats: int = 20, replays: int = 10) -> float:
-    """µs per call of fn, replayed `repeats` times in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return 1000 * start.elapsed_time(end) / (repeats * replays)
 
 
 def main() -> None:
@@ -76,7 +58,7 @@ def main() -> None:
             for name, (n_in, n_out, count) in shapes.items():
                 x = torch.randn(m, n_in, dtype=torch.bfloat16, device=dev)
                 w = weights[name]
-                us = time_graph(lambda: F.linear(x, w))
+                us = timed_us(lambda: F.linear(x, w), calls=20, replays=10)
                 nbytes = w.numel() * 2 + m * (n_in + n_out) * 2
                 total_us += us * count
                 total_bytes += nbytes * count

@@ -113,7 +113,8 @@ class PagedDecode:
         self.num_warps = num_warps
         self.num_stages = num_stages
         self.max_splits = max_splits
-        # Contexts are split until the programs fill the SMs once.
+        # Contexts are split until the programs fill the SMs once (132: an H100's, for runs
+        # under Triton's CPU interpreter).
         self.target_programs = (torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else 132)
 
