@@ -97,9 +97,9 @@ step_engine_tests() {
 }
 
 step_targets() {  # the workloads still short of their targets, and the mixed one
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128
-  offline 1b-mixed $m1 --num-requests 512 --mixed
+  step_offline_1b_b256
+  offline 1b-mixed --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+    --num-requests 512 --mixed
   offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
     --num-requests 128 --input-len 512 --output-len 128
 }

@@ -260,12 +260,11 @@ class FlashAttention:
 
     name = "flash"
 
-    def __init__(self, decode: str = "auto", num_splits: int = 1):
+    def __init__(self, decode: str = "auto"):
         from flash_attn.cute import interface
 
         forward = interface._flash_attn_fwd
         self._forward = forward
-        self.num_splits = num_splits  # FA4 has no split-KV on Hopper (SM 9.0): 1 there
         hopper = torch.cuda.get_device_capability()[0] == 9
         self.decode_tile = (64, 128) if hopper else None
         self.decode = _triton_decode(decode)
@@ -280,16 +279,15 @@ class FlashAttention:
         decode_table = decode_lens = cu_seqlens_q = seqused_k = block_table = None
         if nd:
             decode_table, decode_lens = layout.block_table[:nd], layout.seqused_k[:nd]
-        first_row, max_query_len = layout.query_starts[nd], 0
+        first_row = layout.query_starts[nd]
         if nd < rows:  # FA4 takes the rest: prefill chunks (and decodes, without Triton)
             cu_seqlens_q = layout.cu_seqlens_q
             if nd:
                 cu_seqlens_q = cu_seqlens_q[nd:] - first_row
             seqused_k, block_table = layout.seqused_k[nd:], layout.block_table[nd:]
-            starts = layout.query_starts[nd:]
-            max_query_len = max(b - a for a, b in zip(starts, starts[1:]))
+        # Decodes bring one row each, so the longest query is the step's, FA4's rows or not.
         return FlashMetadata(layout.slot_mapping, nd, decode_table, decode_lens, first_row,
-                             cu_seqlens_q, seqused_k, block_table, max_query_len)
+                             cu_seqlens_q, seqused_k, block_table, layout.max_query_len)
 
     def attend(self, q, k_cache, v_cache, meta: FlashMetadata, out=None) -> torch.Tensor:
         out = torch.empty_like(q) if out is None else out
@@ -310,8 +308,7 @@ class FlashAttention:
         tile = self.decode_tile if meta.max_query_len == 1 else None
         self._forward(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q,
                       max_seqlen_q=meta.max_query_len, seqused_k=meta.seqused_k,
-                      page_table=meta.block_table, causal=True, num_splits=self.num_splits,
-                      tile_mn=tile, out=out)
+                      page_table=meta.block_table, causal=True, tile_mn=tile, out=out)
         if self.replay and self._recorder.last is not None:
             kernel, args = self._recorder.last
             expected = (q, k_cache, v_cache, out)
