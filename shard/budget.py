@@ -70,15 +70,12 @@ def size(config: ShardConfig, model: ModelConfig, dtype: torch.dtype, cache_byte
     return Budget(num_blocks, block, max_input, max_total)
 
 
-def profile_peak_bytes(model, attention, config: ShardConfig, dtype: torch.dtype,
-                       device: torch.device) -> int:
-    """Peak CUDA memory of the weights plus the largest step the engine may run: a prefill of
-    max_batch_prefill_tokens, and sampling with top-p (a sort) over max_batch_size rows."""
-    tokens = min(config.max_batch_prefill_tokens, model.config.max_position_embeddings)
+def eager_forward(model, attention, tokens: int, config: ShardConfig, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Hidden states of one prompt of `tokens` random ids, run eagerly (no CUDA graph) over a
+    KV cache of its own, which is dropped after."""
     block = config.block_size
     num_blocks = blocks_for(tokens, block)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
     kv_cache = KVCache(model.config, config.num_shard, num_blocks, block, dtype, device)
     layout = StepLayout(
         num_decodes=0, query_starts=[0, tokens], context_lens=[tokens],
@@ -86,17 +83,28 @@ def profile_peak_bytes(model, attention, config: ShardConfig, dtype: torch.dtype
         seqused_k=torch.tensor([tokens], dtype=torch.int32, device=device),
         block_table=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
         slot_mapping=torch.arange(tokens, device=device), block_size=block)
+    with torch.inference_mode():
+        return model(torch.randint(model.config.vocab_size, (tokens,), device=device),
+                     torch.arange(tokens, device=device), kv_cache.layers,
+                     attention.prepare(layout))
+
+
+def profile_peak_bytes(model, attention, config: ShardConfig, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Peak CUDA memory of the weights plus the largest step the engine may run: a prefill of
+    max_batch_prefill_tokens, and sampling with top-p (a sort) over max_batch_size rows."""
+    tokens = min(config.max_batch_prefill_tokens, model.config.max_position_embeddings)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
     rows = config.max_batch_size
     sampler = Sampler(model.config.vocab_size, rows, device)
+    hidden = eager_forward(model, attention, tokens, config, dtype, device)
     with torch.inference_mode():
-        hidden = model(torch.randint(model.config.vocab_size, (tokens,), device=device),
-                       torch.arange(tokens, device=device), kv_cache.layers,
-                       attention.prepare(layout))
         logits = model.compute_logits(hidden[-1:].expand(rows, -1).contiguous()).float()
         sampler(logits, [SamplingParams(temperature=1.0, top_p=0.9)] * rows, list(range(rows)),
                 [tokens] * rows, top_n=0)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    del kv_cache, hidden, logits
+    del hidden, logits
     torch.cuda.empty_cache()
     return peak

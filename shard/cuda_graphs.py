@@ -102,6 +102,9 @@ def _capture(pieces: list[Callable[[], None]], pool, device: torch.device,
 
 
 class DecodeGraphs:
+    # Static buffers as inference tensors, like every tensor a step makes: compiled stages
+    # guard on the kind of tensor too, and must meet only the kind they met in warm-up.
+    @torch.inference_mode()
     def __init__(self, model, kv_cache, attention, batch_sizes: list[int], max_blocks: int,
                  block_size: int, scratch_block: int, device: torch.device):
         self.model = model
@@ -166,6 +169,7 @@ class PiecewiseGraphs:
     """Steps with prefill chunks, up to the largest token bucket: L + 1 graphs per bucket
     around the L attention calls, which run eagerly on the real rows."""
 
+    @torch.inference_mode()  # static buffers as inference tensors (DecodeGraphs says why)
     def __init__(self, model, kv_cache, attention, token_sizes: list[int], scratch_slot: int,
                  device: torch.device):
         self.model = model

@@ -185,10 +185,12 @@ class Engine:
     def _launch(self, step: Step) -> _Launched:
         """Queue the step's forward and sampling, and the copy of its results to the host."""
         started_s = time.perf_counter()
-        batch = step_batch.build(step, self.scheduler.block_tables,     # 3. step tensors
-                                 self.allocator.block_size, self.device, self.last_tokens)
-        top_n = max((s.top_n_tokens for s in batch.samplers), default=0)
+        # Inference tensors throughout, as in warm-up: compiled stages guard on the kind of
+        # tensor too, and a new kind would compile again mid-run.
         with torch.inference_mode():
+            batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
+                                     self.allocator.block_size, self.device, self.last_tokens)
+            top_n = max((s.top_n_tokens for s in batch.samplers), default=0)
             logits = self._forward(step, batch)                         # 4. forward
             out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
                                [s.slot for s in batch.samplers], batch.sample_positions, top_n)

@@ -103,9 +103,16 @@ class Runtime:
         self.config = config
 
     def warm_up(self) -> None:
-        """Capture the CUDA graphs, then run one short request through the whole step path
-        before serving."""
+        """Compile and capture everything a step may run, then run one short request through
+        the whole step path before serving: compiling mid-run would stall every running
+        request for seconds."""
         self._capture_graphs()
+        if self.compiled:
+            # The budget's profile compiled the stages for eager steps of one size; a second
+            # makes the token count dynamic (steps past the largest graph bucket run eagerly).
+            budgets.eager_forward(self.loaded.model, self.attention,
+                                  min(24, self.budget.max_input_tokens), self.config,
+                                  self.dtype, self.device)
         sink = _Discard()
         prompt_len = min(16, self.budget.max_input_tokens)
         seq = Sequence(request_id=0, stream=sink,
