@@ -106,7 +106,8 @@ class Limits:
 class Engine:
     def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
                  limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device,
-                 with_metrics: bool = False, async_scheduling: bool = False):
+                 with_metrics: bool = False, async_scheduling: bool = False,
+                 compiled: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = allocator
@@ -116,7 +117,7 @@ class Engine:
         self.device = device
         self.scheduler = Scheduler(allocator, limits.max_batch_size,
                                    limits.max_batch_prefill_tokens, limits.max_total_tokens)
-        self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device)
+        self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device, compiled)
         # Each slot's latest sampled token, where the next step's decode reads it.
         self.last_tokens = torch.zeros(limits.max_batch_size, dtype=torch.long, device=device)
         self.async_scheduling = async_scheduling
@@ -218,9 +219,9 @@ class Engine:
         return _Launched(step, batch.samplers, host, top_n, ready, started_s)
 
     def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
-        """float32 logits of the step's sampling rows."""
+        """Logits of the step's sampling rows, in the model's dtype (the sampler upcasts)."""
         if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
-            return self.graphs.replay(batch).float()  # decode only: no prompt rows to score
+            return self.graphs.replay(batch)  # decode only: no prompt rows to score
         meta = self.attention.prepare(batch.layout)
         if self.piecewise is not None and self.piecewise.fits(batch.input_ids.shape[0]):
             hidden = self.piecewise.run(batch, meta)
@@ -228,7 +229,7 @@ class Engine:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, meta)
         if batch.prompt_rows is not None:  # only requests that asked for them
             self._score_prompt(hidden, batch.prompt_rows)
-        return self.model.compute_logits(hidden[batch.sample_rows]).float()
+        return self.model.compute_logits(hidden[batch.sample_rows])
 
     def _take_inbox(self, outgoing: dict[Stream, _Outgoing], block: bool) -> None:
         commands = [self._inbox.get()] if block else []

@@ -99,7 +99,8 @@ class Runtime:
                    config.max_batch_prefill_tokens, config.max_batch_size),
             self.loaded.tokenizer.eos_token_ids, self.device,
             with_metrics=config.metrics_port is not None,
-            async_scheduling=_wanted(config.async_scheduling, self.device))
+            async_scheduling=_wanted(config.async_scheduling, self.device),
+            compiled=self.compiled)
         self.config = config
 
     def warm_up(self) -> None:
@@ -113,6 +114,7 @@ class Runtime:
             budgets.eager_forward(self.loaded.model, self.attention,
                                   min(24, self.budget.max_input_tokens), self.config,
                                   self.dtype, self.device)
+            self.engine.sampler.warm_up(self.dtype)
         sink = _Discard()
         prompt_len = min(16, self.budget.max_input_tokens)
         seq = Sequence(request_id=0, stream=sink,

@@ -51,6 +51,28 @@ def test_greedy_rows_stay_argmax_in_a_batch_with_sampled_rows():
         torch.testing.assert_close(out.logprobs[i], logits[i].log_softmax(-1)[out.tokens[i]])
 
 
+def test_greedy_stage_reads_low_precision_logits_as_the_general_path_does():
+    """Greedy rows without top-n take the fused stage (compiled: Inductor, dynamic in the row
+    count), over the model's own dtype; the general path (top-n asked) upcasts and
+    log-softmaxes. Same tokens; log-probabilities of the same float32 values."""
+    compiled = Sampler(VOCAB, 8, CPU, compiled=True)
+    compiled.warm_up(torch.bfloat16)  # rows 1, then any: no compiling left for the calls below
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (1, 2, 5, 8):
+            logits = random_logits(rows, seed=rows).to(torch.bfloat16)
+            expected = logits.double().log_softmax(-1)
+            general = sample(logits, [SamplingParams()] * rows, top_n=1)
+            for sampler in (None, compiled):
+                out = sample(logits, [SamplingParams()] * rows, sampler=sampler)
+                assert torch.equal(out.tokens, logits.float().argmax(-1))
+                assert torch.equal(out.tokens, general.tokens)
+                assert out.logprobs.dtype == torch.float32 and out.top_ids is None
+                torch.testing.assert_close(out.logprobs, general.logprobs, rtol=0, atol=2e-6)
+                torch.testing.assert_close(out.logprobs.double(),
+                                           expected.gather(1, out.tokens[:, None]).squeeze(1),
+                                           rtol=0, atol=2e-6)
+
+
 # -- seeds -------------------------------------------------------------------------------------
 
 ROW_VARIANTS = {
