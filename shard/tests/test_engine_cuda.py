@@ -16,6 +16,7 @@ from shard.parallel import TensorParallel
 from shard.server import Runtime
 from shard.source import ModelSource
 from shard.tests.test_llama_matches_transformers import paged_logits
+from shard.tests.test_warm_up import assert_no_compiling_after_warm_up
 from shard.tests.tiny_model import write_tiny_model
 
 CUDA = torch.device("cuda")
@@ -78,26 +79,11 @@ def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *
 
 @pytest.mark.parametrize("graphs", [("auto", "16,32"), ("0", "0")], ids=["graphs", "eager"])
 def test_steps_after_warm_up_compile_nothing(folder, graphs):
-    """Compiling mid-run stalls every running request for seconds. After warm-up, every step
-    finds its compiled code: decode graphs, eager steps (here, past the largest piecewise
-    bucket, or all of them), and the greedy pick at every batch size."""
-    torch._dynamo.reset()  # other tests compiled the same functions for other models
-    runtime = Runtime(parse(["--model", str(folder), "--max-batch-total-tokens", "4096",
-                             "--max-batch-size", "16", "--cuda-graphs", graphs[0],
-                             "--cuda-graph-tokens", graphs[1]], {}))
-    runtime.warm_up()
-    assert runtime.compiled
-    from shard.tests.test_engine import Driver, Recorder, request
-
-    engine = runtime.engine
-    driver, stream = Driver(engine), Recorder(engine)
-    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
-               for n in (3, 17, 40, 9, 64, 130)]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        # 263 prompt tokens in the first step; then decode batches of 6 down to 1.
-        driver.submit(stream, [request(stream, i, p, 2 + 3 * i) for i, p in enumerate(prompts)])
-        driver.run_until_done()
-    assert [len(stream.tokens(i)) for i in range(6)] == [2 + 3 * i for i in range(6)]
+    """Decode graphs, eager steps (past the largest piecewise bucket, or all of them) and the
+    greedy pick at every batch size find their compiled code (test_warm_up.py)."""
+    assert_no_compiling_after_warm_up(
+        ["--model", str(folder), "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
+         "--cuda-graphs", graphs[0], "--cuda-graph-tokens", graphs[1]])
 
 
 def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder):

@@ -1,0 +1,43 @@
+"""Warm-up compiles everything a step runs. Compiling mid-run would stall every running
+request for a second or more; here (CPU, Inductor's C++ backend, `--compile on`) and on the
+GPU (test_engine_cuda.py, graphs and compiled stages by default) a run after warm-up must
+compile nothing, whatever its step sizes."""
+
+from __future__ import annotations
+
+import torch
+
+from shard.config import parse
+from shard.server import Runtime
+from shard.tests.test_engine import Driver, Recorder, request
+from shard.tests.tiny_model import write_tiny_model
+
+# 263 prompt tokens, in one step or in chunks of --max-batch-prefill-tokens; then decode
+# batches shrinking from 6 rows to 1 as the requests reach their lengths (2 + 3 i tokens).
+PROMPT_LENGTHS = (3, 17, 40, 9, 64, 130)
+
+
+def assert_no_compiling_after_warm_up(argv: list[str]) -> Runtime:
+    torch._dynamo.reset()  # other tests compiled the same functions for other models
+    runtime = Runtime(parse(argv, {}))
+    runtime.warm_up()
+    assert runtime.compiled
+    engine = runtime.engine
+    driver, stream = Driver(engine), Recorder(engine)
+    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
+               for n in PROMPT_LENGTHS]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        driver.submit(stream, [request(stream, i, p, 2 + 3 * i) for i, p in enumerate(prompts)])
+        driver.run_until_done()
+    assert [len(stream.tokens(i)) for i in range(len(prompts))] == [
+        2 + 3 * i for i in range(len(prompts))]
+    return runtime
+
+
+def test_steps_after_warm_up_compile_nothing_on_the_cpu(tmp_path):
+    folder = write_tiny_model(tmp_path / "llama")
+    runtime = assert_no_compiling_after_warm_up(
+        ["--model", str(folder), "--device", "cpu", "--compile", "on", "--async-scheduling", "on",
+         "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
+         "--max-batch-prefill-tokens", "100"])
+    assert runtime.engine.async_scheduling
