@@ -75,12 +75,12 @@ step_offline_1b_chunks() {  # 1,024-token chunks, and the piecewise graphs' shar
 step_offline_8b() {
   local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   offline 8b-b1 $m --num-requests 1 --input-len 512 --output-len 128
-  offline 8b-b128 $m --num-requests 128 --input-len 512 --output-len 128
+  offline 8b-b128 $m --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
-step_offline_1b_b256() {
+step_offline_1b_b256() {  # the median of 3 runs: its steps with prefill vary by up to ~7%
   offline 1b-b256 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --num-requests 256 --input-len 512 --output-len 128
+    --num-requests 256 --input-len 512 --output-len 128 --repeat 3
 }
 
 step_large_buckets() {  # piecewise graphs up to 4,352 tokens: the 4,096-token mixed steps too
@@ -101,7 +101,7 @@ step_targets() {  # the workloads still short of their targets, and the mixed on
   offline 1b-mixed --model benchmarks/configs/llama-3.2-1b --load-format dummy \
     --num-requests 512 --mixed
   offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --num-requests 128 --input-len 512 --output-len 128
+    --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys

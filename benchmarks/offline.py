@@ -7,6 +7,7 @@ its decode steps must read (weights + KV cache) over the measured copy bandwidth
     python benchmarks/offline.py --model benchmarks/configs/llama-3.2-1b --load-format dummy \\
         --num-requests 256 --input-len 512 --output-len 128
     python benchmarks/offline.py ... --mixed        # inputs 32..1024, outputs 16..512, seed 0
+    python benchmarks/offline.py ... --repeat 3     # the same requests 3 times: the median run
     python benchmarks/offline.py ... --reference transformers --batch 64
 
 Flags this script does not know go to the shard unchanged (`sluice shard --help`).
@@ -213,6 +214,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", choices=["transformers"], default=None)
     parser.add_argument("--batch", type=int, default=64, help="reference static batch size")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the workload this many times after one warm-up and report "
+                             "the median run (steps with prefill vary by several % run to run)")
     parser.add_argument("--json-out", default=None)
     args, shard_argv = parser.parse_known_args()
     work = Workload.build(args)
@@ -222,12 +226,14 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         result = run_transformers(config.model, work, args.batch, device, dtype, args.seed)
+        runs = [result]
         label = f"transformers generate(), static batches of {args.batch}"
     else:
         runtime = Runtime(config)
         runtime.warm_up()
         device, dtype = runtime.device, runtime.dtype
-        result = run_engine(runtime, work, args.seed)
+        runs = [run_engine(runtime, work, args.seed) for _ in range(max(args.repeat, 1))]
+        result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
                  f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
                  f"{config.max_batch_size})")
@@ -240,6 +246,12 @@ def main() -> None:
           f"{'mixed lengths' if args.mixed else f'{args.input_len} in / {args.output_len} out'}")
     print(f"  output tokens/s   {result['output_tokens_per_s']:10.1f}   "
           f"({result['output_tokens']} tokens in {result['seconds']:.2f} s)")
+    if len(runs) > 1:
+        report["runs"] = runs
+        print(f"  runs              {len(runs)}, the median above; tokens/s "
+              + ", ".join(f"{r['output_tokens_per_s']:.0f}" for r in runs)
+              + "; steps with prefill "
+              + ", ".join(f"{r['prefill_step_seconds']:.2f}" for r in runs) + " s")
     if runtime is not None:
         f = floor(runtime, work, ceilings, config.max_batch_size)
         report["floor"] = asdict(f)
