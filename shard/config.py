@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "eagerly. Needs the flash backend")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
-                             "into one kernel with torch.compile; auto: on cuda only")
+                             "and the greedy pick of the sampler into one kernel with "
+                             "torch.compile, compiled in warm-up; auto: on cuda only")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

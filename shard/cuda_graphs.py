@@ -83,21 +83,21 @@ def parse_token_sizes(spec: str, largest_step: int, layer_flops_per_token: float
 def _capture(pieces: list[Callable[[], None]], pool, device: torch.device,
              warmups: int) -> list[torch.cuda.CUDAGraph]:
     """One graph per piece, in one memory pool; each piece first runs `warmups` times on a side
-    stream, so that kernels compile and the allocator settles outside the capture."""
+    stream, so that kernels compile and the allocator settles outside the capture. Called in
+    inference mode (the graph classes' constructors)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     graphs = []
-    with torch.inference_mode():
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                for piece in pieces:
-                    piece()
-        torch.cuda.current_stream(device).wait_stream(side)
-        for piece in pieces:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            for piece in pieces:
                 piece()
-            graphs.append(graph)
+    torch.cuda.current_stream(device).wait_stream(side)
+    for piece in pieces:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            piece()
+        graphs.append(graph)
     return graphs
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shard.models.ops import compile_stage
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -64,7 +66,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.device = device
-        self._greedy = torch.compile(greedy, fullgraph=True) if compiled else greedy
+        self._greedy = compile_stage(greedy) if compiled else greedy
         # Allocated on first use: most deployments never ask for penalties.
         self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
         self._output_counts: torch.Tensor | None = None  # [slots, vocab] int32

@@ -63,12 +63,19 @@ class Ops:
     def build(cls, compiled: bool) -> "Ops":
         functions = (rms_norm, add_rms_norm, rotary, silu_mul)
         if compiled:
-            # Automatic dynamic shapes: compiled first for the sizes seen, then once more with
-            # the dimension that changed (the token count) symbolic. Only that one: with
-            # dynamic=True every dimension is symbolic, and the kernels index with run-time
-            # divisions and unvectorized loads (2-6x slower on the H100, benchmarks/elementwise).
-            functions = tuple(torch.compile(f, fullgraph=True) for f in functions)
+            functions = tuple(compile_stage(f) for f in functions)
         return cls(*functions, compiled=compiled)
+
+
+def compile_stage(fn: Callable) -> Callable:
+    """`fn` as one fused kernel (these stages, the sampler's greedy pick).
+
+    Automatic dynamic shapes: compiled first for the sizes seen, then once more with the
+    dimension that changed (the token or row count) symbolic. Only that one: with dynamic=True
+    every dimension is symbolic, and the kernels index with run-time divisions and unvectorized
+    loads (2-6x slower on the H100, benchmarks/elementwise.py). Warm-up must meet both, in
+    inference mode as the engine calls them (shard/server.py)."""
+    return torch.compile(fn, fullgraph=True)
 
 
 EAGER = Ops.build(compiled=False)
