@@ -214,6 +214,22 @@ serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per
   grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$name.log" | head -5
 }
 
+step_chunk_bound() {  # --prefill-chunk-ms: 8B offline with and without it, and serving with it
+  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 8b-b128-bounded $m --num-requests 128 --input-len 512 --output-len 128
+  offline 8b-b128-unbounded $m --num-requests 128 --input-len 512 --output-len 128 \
+    --prefill-chunk-ms 0
+  serve_8b bounded 16 64
+  grep -h "steps beside decodes" "$OUT"/serve-bounded.log | cut -c1-400
+}
+
+step_fine_buckets() {  # 1B at 256 requests: piecewise buckets every 128 tokens past 1,024
+  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local sizes=16,32,64,128,256,$(seq -s, 384 128 4352)
+  offline 1b-b256-fine $m --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
+    --cuda-graph-tokens $sizes
+}
+
 step_serving() {
   serve_8b default 1 16 64
 }

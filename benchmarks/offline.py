@@ -236,7 +236,8 @@ def main() -> None:
         result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
                  f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
-                 f"{config.max_batch_size})")
+                 f"{config.max_batch_size}, steps beside decodes "
+                 f"{runtime.info().prefill_chunk_tokens or 'unbounded'})")
     ceilings = measure_ceilings(device, dtype)
     report = {"workload": {"requests": args.num_requests, "mixed": args.mixed,
                            "input_tokens": sum(work.input_lens),

@@ -33,7 +33,7 @@ def test_budget_is_what_the_flag_says(small_budget):
     assert info.max_total_tokens == BUDGET
     groups = httpx.get(f"{router.url}/info").json()["shard_groups"]
     assert groups == [{"uri": shard.address, "ready": True, "free_budget_tokens": BUDGET,
-                       "max_batch_total_tokens": BUDGET}]
+                       "max_batch_total_tokens": BUDGET, "prefill_chunk_tokens": 0}]
 
 
 def test_excess_requests_wait_and_all_finish(small_budget):

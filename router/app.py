@@ -71,7 +71,8 @@ async def info(request: Request) -> Response:
         attention_backend=i.attention_backend, num_shard=i.num_shards,
         shard_groups=[tgi_out.ShardGroupInfo(
             uri=g.uri, ready=g.ready, free_budget_tokens=g.free_budget_tokens,
-            max_batch_total_tokens=g.info.max_batch_total_tokens if g.info else None)
+            max_batch_total_tokens=g.info.max_batch_total_tokens if g.info else None,
+            prefill_chunk_tokens=g.info.prefill_chunk_tokens if g.info else None)
             for g in state.dispatcher.groups]))
 
 

@@ -82,6 +82,8 @@ class ShardGroupInfo(BaseModel):
     ready: bool
     free_budget_tokens: int
     max_batch_total_tokens: int | None
+    prefill_chunk_tokens: int | None = Field(
+        description="tokens a step beside decodes holds at most (--prefill-chunk-ms); 0: no bound")
 
 
 class Info(BaseModel):

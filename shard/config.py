@@ -27,6 +27,7 @@ class ShardConfig:
     block_size: int
     max_batch_total_tokens: int | None
     max_batch_prefill_tokens: int
+    prefill_chunk_ms: str  # "auto" or milliseconds (0: no bound)
     max_input_tokens: int | None
     max_total_tokens: int | None
     max_batch_size: int
@@ -74,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV-cache budget in tokens; default: measured from free memory")
     parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096,
                         help="prefill tokens one engine step may process (chunked prefill)")
+    parser.add_argument("--prefill-chunk-ms", default="auto",
+                        help="while sequences decode, a step holds at most as many tokens "
+                             "(its decodes and prompt chunks) as warm-up measured the device to "
+                             "run in this many milliseconds, never fewer than 256: running "
+                             "streams wait for every step, so this bounds their inter-token "
+                             "latency while new prompts arrive. Steps with nothing decoding "
+                             "take --max-batch-prefill-tokens. 0: no bound; auto: 40 on cuda, "
+                             "0 on cpu. Info reports the bound as prefill_chunk_tokens")
     parser.add_argument("--max-input-tokens", type=int, default=None,
                         help="longest prompt in tokens; default: min(context - 1, 4095)")
     parser.add_argument("--max-total-tokens", type=int, default=None,
@@ -125,6 +134,13 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
     for name in ("block_size", "max_batch_prefill_tokens", "max_batch_size", "num_shard"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prefill_chunk_ms != "auto":
+        try:
+            if not 0.0 <= float(args.prefill_chunk_ms) < float("inf"):
+                raise ValueError
+        except ValueError:
+            parser.error(f"--prefill-chunk-ms must be auto or milliseconds >= 0, got "
+                         f"{args.prefill_chunk_ms!r}")
     if not 0.0 < args.cuda_memory_fraction <= 1.0:
         parser.error("--cuda-memory-fraction must be in (0, 1]")
     fields = vars(args)

@@ -4,12 +4,16 @@ Requests wait in arrival order until their whole reservation (prompt + max_new_t
 blocks) fits; a request is admitted exactly once and then runs to its end. Each step every
 running sequence past its prompt decodes one token (unless its last allowed token is already
 in flight), and prompts advance in chunks that share
-`max_batch_prefill_tokens` (chunked prefill), oldest first.
+`max_batch_prefill_tokens` (chunked prefill), oldest first. While sequences decode, a step may
+hold fewer tokens in all (`step_tokens_while_decoding`, sized in warm-up from
+`--prefill-chunk-ms`): every running stream waits for each step, so its length is their
+inter-token latency.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +67,8 @@ class Scheduler:
                  max_total_tokens: int):
         self.allocator = allocator
         self.max_prefill_tokens = max_prefill_tokens
+        # Tokens a step that carries decodes may hold, decodes included; 0: no such bound.
+        self.step_tokens_while_decoding = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
@@ -109,18 +115,30 @@ class Scheduler:
                 seq.trace.admitted()
         return admitted
 
+    def prefill_budget(self, num_decodes: int) -> int:
+        """Prompt tokens a step may take beside `num_decodes` decodes."""
+        cap = self.step_tokens_while_decoding
+        if not num_decodes or not cap:
+            return self.max_prefill_tokens
+        # A quarter of the bound at least: prompts still advance beside a full batch of decodes.
+        return min(self.max_prefill_tokens, max(cap - num_decodes, cap // 4))
+
     def schedule(self) -> Step | None:
-        decodes, prefills = [], []
-        prefill_budget = self.max_prefill_tokens
+        decodes, prefilling = [], []
         for seq in self.running:
-            if not seq.prefilling:
-                # In flight already up to its last token: plan nothing past max_new_tokens.
-                if seq.num_generated + seq.num_pending < seq.max_new_tokens:
-                    decodes.append(seq)
-            elif prefill_budget > 0:
-                chunk = min(seq.prompt_len - seq.num_cached, prefill_budget)
-                prefills.append((seq, chunk))
-                prefill_budget -= chunk
+            if seq.prefilling:
+                prefilling.append(seq)
+            # In flight already up to its last token: plan nothing past max_new_tokens.
+            elif seq.num_generated + seq.num_pending < seq.max_new_tokens:
+                decodes.append(seq)
+        prefills = []
+        budget = self.prefill_budget(len(decodes))
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            chunk = min(seq.prompt_len - seq.num_cached, budget)
+            prefills.append((seq, chunk))
+            budget -= chunk
         if not decodes and not prefills:
             return None
         return Step(decodes, prefills)
@@ -136,3 +154,19 @@ class Scheduler:
         self.allocator.release(seq.blocks)
         self._free_slots.append(seq.slot)
         seq.blocks, seq.slot = [], -1
+
+
+def largest_within(target_s: float, sizes: list[int], seconds: Callable[[int], float]) -> int:
+    """The largest of `sizes` (ascending) whose step `seconds(size)` says takes at most
+    target_s, by bisection (step time grows with its tokens); 0 when the largest one does (no
+    bound needed), the smallest when none does."""
+    if seconds(sizes[-1]) <= target_s:
+        return 0
+    best, lo, hi = sizes[0], 0, len(sizes) - 2
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if seconds(sizes[mid]) <= target_s:
+            best, lo = sizes[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best

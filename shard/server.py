@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence as Seq
 
 import grpc
@@ -27,10 +28,10 @@ from shard.attention import FlashAttention, select_backend
 from shard.cuda_graphs import (DecodeGraphs, PiecewiseGraphs, parse_batch_sizes,
                                parse_token_sizes)
 from shard.engine import Engine, Limits, Stream
-from shard.kv_cache import BlockAllocator, KVCache
+from shard.kv_cache import BlockAllocator, KVCache, blocks_for
 from shard.parallel import TensorParallel
 from shard.sampling import SamplingParams
-from shard.scheduler import Sequence
+from shard.scheduler import Sequence, largest_within
 from shard.source import ModelNotFound, resolve
 from shard.tracing import SequenceTrace
 from sluice import logs, tracing
@@ -115,15 +116,69 @@ class Runtime:
                                   min(24, self.budget.max_input_tokens), self.config,
                                   self.dtype, self.device)
             self.engine.sampler.warm_up(self.dtype)
-        sink = _Discard()
-        prompt_len = min(16, self.budget.max_input_tokens)
-        seq = Sequence(request_id=0, stream=sink,
-                       prompt=torch.arange(prompt_len) % self.loaded.config.vocab_size,
-                       sampling=SamplingParams(), max_new_tokens=2, ignore_eos=True)
-        self.engine.submit(sink, [seq])
+        self._run_alone([min(16, self.budget.max_input_tokens)], max_new_tokens=2)
+        self.engine.scheduler.step_tokens_while_decoding = self._bound_steps_while_decoding()
+
+    def _run_alone(self, prompt_lens: list[int], max_new_tokens: int) -> float:
+        """Run requests with prompts of these lengths (random ids) to their end while nothing
+        else runs, and return the wall time of the first step, the one that prefills them."""
+        sink, vocab = _Discard(), self.loaded.config.vocab_size
+        self.engine.submit(sink, [
+            Sequence(request_id=i, stream=sink, prompt=torch.randint(vocab, (n,)),
+                     sampling=SamplingParams(), max_new_tokens=max_new_tokens, ignore_eos=True)
+            for i, n in enumerate(prompt_lens)])
+        self._synchronize()
+        started = time.perf_counter()
         self.engine.step()
+        self._synchronize()  # with async scheduling the step is still running
+        seconds = time.perf_counter() - started
         while not self.engine.scheduler.idle:
             self.engine.step()
+        return seconds
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _bound_steps_while_decoding(self) -> int:
+        """Tokens a step that carries decodes may hold (0: no bound): the largest step size
+        that runs within --prefill-chunk-ms, timed here on steps of prompt tokens alone."""
+        ms = 40.0 if self.config.prefill_chunk_ms == "auto" else float(
+            self.config.prefill_chunk_ms)
+        if self.config.prefill_chunk_ms == "auto" and self.device.type != "cuda":
+            ms = 0.0  # a CPU prefills so slowly that chunks within 40 ms would starve prompts
+        largest = self.config.max_batch_prefill_tokens
+        # Below ~256 rows a step costs about what a decode step costs (its weights are read
+        # once either way): smaller chunks would buy no latency. Graph buckets run unpadded.
+        candidates = (self.engine.piecewise.token_sizes if self.engine.piecewise is not None
+                      else range(256, largest, 256))
+        sizes = [s for s in candidates if 256 <= s < largest and self._fits_alone(s)] + [largest]
+        if not ms or len(sizes) == 1 or not self._fits_alone(largest):
+            return 0
+        measured = {}
+
+        def seconds(tokens: int) -> float:
+            # The best of two: a step alone, without the decodes' KV reads beside it.
+            measured[tokens] = min(self._run_alone(self._prompts_of(tokens), 1)
+                                   for _ in range(2))
+            return measured[tokens]
+
+        bound = largest_within(ms / 1e3, sizes, seconds)
+        log.info("steps beside decodes: %s within %g ms (measured: %s)",
+                 f"at most {bound} tokens" if bound else "unbounded", ms,
+                 ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in sorted(measured.items())))
+        return bound
+
+    def _prompts_of(self, tokens: int) -> list[int]:
+        """Prompt lengths, each within max_input_tokens, that add up to `tokens`."""
+        longest = self.budget.max_input_tokens
+        return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+
+    def _fits_alone(self, tokens: int) -> bool:
+        prompts = self._prompts_of(tokens)
+        blocks = sum(blocks_for(n + 1, self.budget.block_size) for n in prompts)
+        return (len(prompts) <= self.config.max_batch_size
+                and blocks <= self.engine.allocator.num_blocks)
 
     def _capture_graphs(self) -> None:
         """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache."""
@@ -158,6 +213,7 @@ class Runtime:
             block_size=self.budget.block_size,
             max_batch_total_tokens=self.budget.total_tokens,
             max_batch_prefill_tokens=self.config.max_batch_prefill_tokens,
+            prefill_chunk_tokens=self.engine.scheduler.step_tokens_while_decoding,
             max_input_tokens=self.budget.max_input_tokens,
             max_total_tokens=self.budget.max_total_tokens,
             max_batch_size=self.config.max_batch_size,

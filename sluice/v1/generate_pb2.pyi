@@ -22,7 +22,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_dtype", "device_type", "attention_backend", "num_shards", "block_size", "max_batch_total_tokens", "max_batch_prefill_tokens", "max_input_tokens", "max_total_tokens", "max_batch_size", "free_budget_tokens", "tokenizer", "version", "vocab_size", "quantization")
+    __slots__ = ("model_id", "model_dtype", "device_type", "attention_backend", "num_shards", "block_size", "max_batch_total_tokens", "max_batch_prefill_tokens", "max_input_tokens", "max_total_tokens", "max_batch_size", "free_budget_tokens", "tokenizer", "version", "vocab_size", "quantization", "prefill_chunk_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class InfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_dtype: str
     device_type: str
@@ -55,7 +56,8 @@ class InfoResponse(_message.Message):
     version: str
     vocab_size: int
     quantization: str
-    def __init__(self, model_id: _Optional[str] = ..., model_dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., attention_backend: _Optional[str] = ..., num_shards: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., free_budget_tokens: _Optional[int] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
+    prefill_chunk_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., model_dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., attention_backend: _Optional[str] = ..., num_shards: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., free_budget_tokens: _Optional[int] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., prefill_chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class Tokenizer(_message.Message):
     __slots__ = ("tokenizer_json", "chat_template", "bos_token", "eos_token", "eos_token_ids")
