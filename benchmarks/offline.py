@@ -219,6 +219,12 @@ def main() -> None:
                              "the median run (steps with prefill vary by several % run to run)")
     parser.add_argument("--json-out", default=None)
     args, shard_argv = parser.parse_known_args()
+    if not any(a.startswith("--prefill-chunk-ms") for a in shard_argv) and (
+            "PREFILL_CHUNK_MS" not in os.environ):
+        # A batch job has no stream waiting for its next token: no bound on the steps beside
+        # decodes unless asked (as vLLM's offline LLM class takes a larger token budget than
+        # its server). The serving benchmark runs the shard's default.
+        shard_argv += ["--prefill-chunk-ms", "0"]
     work = Workload.build(args)
     config = shard_config.parse(shard_argv, os.environ)
     runtime = None

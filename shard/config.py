@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token counts of steps with prefill chunks to capture piecewise "
                              "(each layer's dense work in CUDA graphs, attention eager between "
                              "them; a step runs padded to the next count), comma-separated; 0 "
-                             "disables; auto: 16..256 by powers of two, then steps of 128 to "
-                             "1024 and of 256 beyond, up to max prefill + batch size; past 2048 "
+                             "disables; auto: 16..256 by powers of two, then steps of 128, up "
+                             "to max prefill + batch size; past 2048 "
                              "only while a layer's matrix products stay under 0.8 TFLOP (the "
                              "1B model's 4096-token chunks: yes; 8B's: no). Larger steps run "
                              "eagerly. Needs the flash backend")

@@ -62,12 +62,16 @@ GRAPHED_LAYER_FLOPS = 0.8e12
 
 def parse_token_sizes(spec: str, largest_step: int, layer_flops_per_token: float = 0.0
                       ) -> list[int]:
-    """'auto' → 16..256 in powers of two, then steps of 128 to 1024 and of 256 beyond, up to
-    the first size that holds `largest_step` tokens; past 2048 only while a layer's matrix
-    products (`layer_flops_per_token` each token) stay under GRAPHED_LAYER_FLOPS."""
+    """'auto' → 16..256 in powers of two, then steps of 128, up to the first size that holds
+    `largest_step` tokens; past 2048 only while a layer's matrix products
+    (`layer_flops_per_token` each token) stay under GRAPHED_LAYER_FLOPS.
+
+    A step runs padded to its bucket, and the padding rows cost what real ones do: with steps
+    of 256 past 1,024, the 1B model's 4,096-token chunks beside ~120 decodes ran ~3% padding
+    (measured: its steps with prefill 0.54-0.57 s against 0.53-0.55 with steps of 128)."""
     def auto() -> list[int]:
-        candidates = [16, 32, 64, 128, 256] + list(range(384, 1025, 128)) + list(
-            range(1280, max(2048, largest_step) + 256, 256))
+        candidates = [16, 32, 64, 128, 256] + list(range(384, max(2048, largest_step) + 128,
+                                                         128))
         sizes = []
         for size in candidates:
             if size > 2048 and size * layer_flops_per_token > GRAPHED_LAYER_FLOPS:

@@ -11,19 +11,19 @@ from shard.cuda_graphs import parse_batch_sizes, parse_token_sizes
 def test_auto_token_buckets_reach_the_largest_step_and_stop_there():
     assert parse_token_sizes("auto", 64) == [16, 32, 64]
     assert parse_token_sizes("auto", 65) == [16, 32, 64, 128]
-    # 1,024-token chunks beside 256 decodes: steps of 128 to 1,024, then of 256.
+    # 1,024-token chunks beside 256 decodes: steps of 128 past 256.
     assert parse_token_sizes("auto", 1280) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896,
-                                               1024, 1280]
-    # Without a cost given, past 2,048 in steps of 256 up to the largest step.
-    assert parse_token_sizes("auto", 4096 + 256)[-1] == 4352
-    assert parse_token_sizes("auto", 2100)[-4:] == [1536, 1792, 2048, 2304]
+                                               1024, 1152, 1280]
+    # Without a cost given, past 2,048 too, up to the largest step.
+    assert parse_token_sizes("auto", 4096 + 256)[-3:] == [4096, 4224, 4352]
+    assert parse_token_sizes("auto", 2100)[-4:] == [1792, 1920, 2048, 2176]
 
 
 def test_auto_token_buckets_past_2048_only_while_a_layer_stays_small():
     # Llama-3.2-1B: 2 x 60.8M weights per layer; the default 4,096-token chunks + 256 decodes
     # are all captured.
     one_b = 2 * 60_817_408
-    assert parse_token_sizes("auto", 4096 + 256, one_b)[-3:] == [3840, 4096, 4352]
+    assert parse_token_sizes("auto", 4096 + 256, one_b)[-3:] == [4096, 4224, 4352]
     # Llama-3.1-8B: 2 x 218.1M per layer; graphs end at 2,048 and larger steps run eagerly.
     eight_b = 2 * 218_103_808
     assert parse_token_sizes("auto", 4096 + 256, eight_b)[-1] == 2048
