@@ -207,20 +207,18 @@ serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per
   for _ in $(seq 300); do grep -q '"service": "serve"' "$OUT/serve-$name.log" && break; sleep 1; done
   for c in "${streams[@]}"; do
     echo "== serving 8B ($name), $c concurrent streams"
-    python3 benchmarks/serving.py --num-prompts $((c * 4)) --max-concurrency $c \
+    python3 benchmarks/serving.py --num-prompts $((c * 8)) --max-concurrency $c \
       --input-len 512 --output-len 128 --json-out "$OUT/serving-8b-$name-c$c.json"
   done
   kill -TERM $pid; wait $pid
   grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$name.log" | head -5
 }
 
-step_chunk_bound() {  # --prefill-chunk-ms: 8B offline with and without it, and serving with it
+step_chunk_bound() {  # --prefill-chunk-ms: 8B offline with and without it
   local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b128-bounded $m --num-requests 128 --input-len 512 --output-len 128
-  offline 8b-b128-unbounded $m --num-requests 128 --input-len 512 --output-len 128 \
-    --prefill-chunk-ms 0
-  serve_8b bounded 16 64
-  grep -h "steps beside decodes" "$OUT"/serve-bounded.log | cut -c1-400
+  offline 8b-b128-bounded $m --num-requests 128 --input-len 512 --output-len 128 \
+    --prefill-chunk-ms 40
+  offline 8b-b128-unbounded $m --num-requests 128 --input-len 512 --output-len 128
 }
 
 step_fine_buckets() {  # 1B at 256 requests: piecewise buckets every 128 tokens past 1,024
@@ -231,7 +229,12 @@ step_fine_buckets() {  # 1B at 256 requests: piecewise buckets every 128 tokens 
 }
 
 step_serving() {
-  serve_8b default 1 16 64
+  serve_8b default 1 16 64 128
+  grep -h "steps beside decodes" "$OUT"/serve-default.log | cut -c80-400
+}
+
+step_serving_unbounded() {  # every step may take a whole 4,096-token chunk, as before
+  serve_8b unbounded 64 -- --prefill-chunk-ms 0
 }
 
 step_serving_chunked() {  # smaller prefill chunks: shorter stalls for the running streams

@@ -7,6 +7,9 @@ message (over gRPC's 4 MB default) and every sampled id decodes to visible text.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -49,3 +52,18 @@ def test_dummy_model_info_reports_its_shape(dummy_stack):
     assert info["model_id"] == "llama-dummy"  # the folder's name
     assert info["model_dtype"] == "float32"
     assert info["max_total_tokens"] == 2048
+
+
+def test_the_serving_benchmark_counts_every_request_and_token(dummy_stack, tmp_path):
+    # benchmarks/serving.py through the real router: one character is one token here.
+    script = Path(__file__).parents[1] / "benchmarks" / "serving.py"
+    out = tmp_path / "serving.json"
+    subprocess.run([sys.executable, str(script), "--base-url", f"{dummy_stack.url}/v1",
+                    "--num-prompts", "6", "--max-concurrency", "3", "--input-len", "32",
+                    "--output-len", "5", "--json-out", str(out)], check=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert (result["requests"], result["failed"], result["errors"]) == (6, 0, [])
+    assert result["mean_prompt_tokens"] == 32
+    assert result["output_tokens"] == 6 * 5
+    assert result["inter_token_intervals"] == 6 * 4  # every token after the first, timed
+    assert 0 < result["ttft_ms"]["p50"] <= result["e2e_ms"]["p50"]
