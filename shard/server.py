@@ -107,17 +107,22 @@ class Runtime:
     def warm_up(self) -> None:
         """Compile and capture everything a step may run, then run one short request through
         the whole step path before serving: compiling mid-run would stall every running
-        request for seconds."""
-        self._capture_graphs()
-        if self.compiled:
-            # The budget's profile compiled the stages for eager steps of one size; a second
-            # makes the token count dynamic (steps past the largest graph bucket run eagerly).
-            budgets.eager_forward(self.loaded.model, self.attention,
-                                  min(24, self.budget.max_input_tokens), self.config,
-                                  self.dtype, self.device)
-            self.engine.sampler.warm_up(self.dtype)
-        self._run_alone([min(16, self.budget.max_input_tokens)], max_new_tokens=2)
-        self.engine.scheduler.step_tokens_while_decoding = self._bound_steps_while_decoding()
+        request for seconds. Its steps are not traffic: they stay out of the metrics."""
+        metrics, self.engine.metrics = self.engine.metrics, None
+        try:
+            self._capture_graphs()
+            if self.compiled:
+                # The budget's profile compiled the stages for eager steps of one size; a
+                # second makes the token count dynamic (steps past the largest graph bucket
+                # run eagerly).
+                budgets.eager_forward(self.loaded.model, self.attention,
+                                      min(24, self.budget.max_input_tokens), self.config,
+                                      self.dtype, self.device)
+                self.engine.sampler.warm_up(self.dtype)
+            self._run_alone([min(16, self.budget.max_input_tokens)], max_new_tokens=2)
+            self.engine.scheduler.step_tokens_while_decoding = self._bound_steps_while_decoding()
+        finally:
+            self.engine.metrics = metrics
 
     def _run_alone(self, prompt_lens: list[int], max_new_tokens: int) -> float:
         """Run requests with prompts of these lengths (random ids) to their end while nothing
@@ -143,10 +148,12 @@ class Runtime:
     def _bound_steps_while_decoding(self) -> int:
         """Tokens a step that carries decodes may hold (0: no bound): the largest step size
         that runs within --prefill-chunk-ms, timed here on steps of prompt tokens alone."""
-        ms = 40.0 if self.config.prefill_chunk_ms == "auto" else float(
-            self.config.prefill_chunk_ms)
-        if self.config.prefill_chunk_ms == "auto" and self.device.type != "cuda":
-            ms = 0.0  # a CPU prefills so slowly that chunks within 40 ms would starve prompts
+        setting = self.config.prefill_chunk_ms
+        if setting == "auto":
+            # A CPU prefills so slowly that chunks within 40 ms would starve prompts.
+            ms = 40.0 if self.device.type == "cuda" else 0.0
+        else:
+            ms = float(setting)
         largest = self.config.max_batch_prefill_tokens
         # Below ~256 rows a step costs about what a decode step costs (its weights are read
         # once either way): smaller chunks would buy no latency. Graph buckets run unpadded.

@@ -92,6 +92,14 @@ def test_warm_up_measures_the_bound_and_info_reports_it(folder, flags, bound):
     assert runtime.engine.allocator.free_tokens == 4096  # the timed requests left nothing behind
 
 
+def test_the_timed_warm_up_steps_stay_out_of_the_metrics(folder):
+    runtime = start(folder, "--prefill-chunk-ms", "1e-6", "--metrics-port", "0")
+    assert runtime.engine.scheduler.step_tokens_while_decoding == 256  # it did time steps
+    registry = runtime.engine.metrics.registry
+    assert registry.get_sample_value("sluice_shard_step_duration_seconds_count") == 0
+    assert registry.get_sample_value("sluice_shard_prefill_tokens_total") == 0
+
+
 def test_a_long_prompt_beside_a_decoding_stream_advances_in_bounded_steps(folder):
     runtime = start(folder, "--prefill-chunk-ms", "1e-6")
     engine = runtime.engine
