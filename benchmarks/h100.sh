@@ -120,11 +120,15 @@ step_mixed_ab() {  # 1B mixed steps (192 decodes + a 4,096-token chunk), Triton 
     --decode-attention flash
 }
 
-step_reference() {
-  offline ref-8b-b1 --model benchmarks/configs/llama-3.1-8b --reference transformers \
-    --num-requests 1 --batch 1 --input-len 512 --output-len 128
-  offline ref-8b-b128 --model benchmarks/configs/llama-3.1-8b --reference transformers \
+step_reference() {  # transformers generate() on the same shapes, the same GPU
+  for m in llama-3.1-8b llama-3.2-1b; do
+    offline ref-$m-b1 --model benchmarks/configs/$m --reference transformers \
+      --num-requests 1 --batch 1 --input-len 512 --output-len 128
+  done
+  offline ref-llama-3.1-8b-b128 --model benchmarks/configs/llama-3.1-8b --reference transformers \
     --num-requests 128 --batch 128 --input-len 512 --output-len 128
+  offline ref-llama-3.2-1b-b128 --model benchmarks/configs/llama-3.2-1b --reference transformers \
+    --num-requests 256 --batch 128 --input-len 512 --output-len 128
 }
 
 profile() {  # profile NAME ARGS...: where one engine step's time goes
@@ -196,49 +200,44 @@ step_profile_decode256() {
     --phase decode --batch 256 --input-len 576 --steps 20
 }
 
-serve_8b() {  # serve_8b NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
-  local name=$1; shift
+serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
+  local model=$1 name=$2; shift 2
   local streams=() flags=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do streams+=("$1"); shift; done
   [ $# -gt 0 ] && shift && flags=("$@")
-  python3 -m sluice serve --port 8080 --model benchmarks/configs/llama-3.1-8b \
-    --load-format dummy "${flags[@]}" > "$OUT/serve-$name.log" 2>&1 &
+  python3 -m sluice serve --port 8080 --model benchmarks/configs/$model \
+    --load-format dummy "${flags[@]}" > "$OUT/serve-$model-$name.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 300); do grep -q '"service": "serve"' "$OUT/serve-$name.log" && break; sleep 1; done
+  for _ in $(seq 300); do
+    grep -q '"service": "serve"' "$OUT/serve-$model-$name.log" && break; sleep 1
+  done
+  local router; router=$(pgrep -f -- "-m router --host" | head -1)
   for c in "${streams[@]}"; do
-    echo "== serving 8B ($name), $c concurrent streams"
+    echo "== serving $model ($name), $c concurrent streams"
+    local before; before=$(awk '{print $14 + $15}' /proc/$router/stat)
     python3 benchmarks/serving.py --num-prompts $((c * 8)) --max-concurrency $c \
-      --input-len 512 --output-len 128 --json-out "$OUT/serving-8b-$name-c$c.json"
+      --input-len 512 --output-len 128 --json-out "$OUT/serving-$model-$name-c$c.json"
+    echo "  router CPU        $(( $(awk '{print $14 + $15}' /proc/$router/stat) - before )) ticks of 1/$(getconf CLK_TCK) s"
   done
   kill -TERM $pid; wait $pid
-  grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$name.log" | head -5
-}
-
-step_chunk_bound() {  # --prefill-chunk-ms: 8B offline with and without it
-  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b128-bounded $m --num-requests 128 --input-len 512 --output-len 128 \
-    --prefill-chunk-ms 40
-  offline 8b-b128-unbounded $m --num-requests 128 --input-len 512 --output-len 128
-}
-
-step_fine_buckets() {  # 1B at 256 requests: piecewise buckets every 128 tokens past 1,024
-  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local sizes=16,32,64,128,256,$(seq -s, 384 128 4352)
-  offline 1b-b256-fine $m --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
-    --cuda-graph-tokens $sizes
+  grep -h "steps beside decodes" "$OUT/serve-$model-$name.log" | cut -c80-400
+  grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$model-$name.log" | head -5
 }
 
 step_serving() {
-  serve_8b default 1 16 64 128
-  grep -h "steps beside decodes" "$OUT"/serve-default.log | cut -c80-400
+  serve llama-3.1-8b default 1 16 64 128
 }
 
 step_serving_unbounded() {  # every step may take a whole 4,096-token chunk, as before
-  serve_8b unbounded 64 -- --prefill-chunk-ms 0
+  serve llama-3.1-8b unbounded 64 -- --prefill-chunk-ms 0
+}
+
+step_serving_1b() {  # a model whose engine outruns one router process
+  serve llama-3.2-1b default 64 128
 }
 
 step_serving_chunked() {  # smaller prefill chunks: shorter stalls for the running streams
-  serve_8b prefill1024 64 -- --max-batch-prefill-tokens 1024
+  serve llama-3.1-8b prefill1024 64 -- --max-batch-prefill-tokens 1024 --prefill-chunk-ms 0
 }
 
 setup
