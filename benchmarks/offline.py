@@ -128,7 +128,7 @@ class _Count(Stream):
         self.finished += sum(1 for r in response.tokens.finish_reasons if r)
 
 
-def run_engine(runtime: Runtime, work: Workload, seed: int) -> dict:
+def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) -> dict:
     engine, vocab = runtime.engine, runtime.loaded.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     stream = _Count()
@@ -139,6 +139,7 @@ def run_engine(runtime: Runtime, work: Workload, seed: int) -> dict:
     engine.submit(stream, sequences)
     prefill_s = decode_s = 0.0
     steps = prefill_steps = decode_rows = 0
+    timed: list[tuple[float, int, int, int]] = []  # (seconds, step index, decodes, prompt tokens)
     start = time.perf_counter()
     while stream.finished < len(sequences):
         t = time.perf_counter()
@@ -149,6 +150,8 @@ def run_engine(runtime: Runtime, work: Workload, seed: int) -> dict:
             continue
         steps += 1
         rows = len(plan.decodes)
+        if slowest:
+            timed.append((elapsed, steps, rows, sum(n for _, n in plan.prefills)))
         if plan.prefills:
             prefill_s += elapsed
             prefill_steps += 1
@@ -162,7 +165,9 @@ def run_engine(runtime: Runtime, work: Workload, seed: int) -> dict:
             "steps_with_prefill": prefill_steps, "prefill_step_seconds": prefill_s,
             "decode_step_seconds": decode_s,
             "mean_decode_batch": decode_rows / max(decode_steps, 1),
-            "decode_step_ms": 1000 * decode_s / max(decode_steps, 1)}
+            "decode_step_ms": 1000 * decode_s / max(decode_steps, 1),
+            "slowest_steps": [{"ms": 1000 * t, "step": i, "decodes": d, "prompt_tokens": p}
+                              for t, i, d, p in sorted(timed, reverse=True)[:slowest]]}
 
 
 def run_transformers(folder: str, work: Workload, batch: int, device: torch.device,
@@ -217,6 +222,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the workload this many times after one warm-up and report "
                              "the median run (steps with prefill vary by several % run to run)")
+    parser.add_argument("--slowest-steps", type=int, default=0,
+                        help="also print each run's N slowest steps and their shapes (a step "
+                             "slow only in the first run points at work warm-up left undone; "
+                             "with async scheduling a step's time includes waiting for the one "
+                             "before it)")
     parser.add_argument("--json-out", default=None)
     args, shard_argv = parser.parse_known_args()
     if not any(a.startswith("--prefill-chunk-ms") for a in shard_argv) and (
@@ -238,7 +248,8 @@ def main() -> None:
         runtime = Runtime(config)
         runtime.warm_up()
         device, dtype = runtime.device, runtime.dtype
-        runs = [run_engine(runtime, work, args.seed) for _ in range(max(args.repeat, 1))]
+        runs = [run_engine(runtime, work, args.seed, args.slowest_steps)
+                for _ in range(max(args.repeat, 1))]
         result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
                  f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
@@ -259,6 +270,10 @@ def main() -> None:
               + ", ".join(f"{r['output_tokens_per_s']:.0f}" for r in runs)
               + "; steps with prefill "
               + ", ".join(f"{r['prefill_step_seconds']:.2f}" for r in runs) + " s")
+    for number, run in enumerate(runs if args.slowest_steps else [], 1):
+        print(f"  run {number} slowest  " + "; ".join(
+            f"#{s['step']} {s['ms']:.1f} ms ({s['decodes']} dec + {s['prompt_tokens']} tok)"
+            for s in run["slowest_steps"]))
     if runtime is not None:
         f = floor(runtime, work, ceilings, config.max_batch_size)
         report["floor"] = asdict(f)
