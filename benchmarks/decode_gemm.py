@@ -3,7 +3,8 @@ sizes a decode step has, timed in a CUDA graph, with the weight bytes it reads o
 
 A decode step is memory-bound: at batch m its linear layers must read every weight once, so the
 sum over a layer's projections against the measured copy bandwidth is the floor this prints
-beside it. Variants: torch's default BLAS (cuBLAS), and cuBLASLt
+beside it. At prefill sizes (m in the thousands) the same products are compute-bound, and the
+TFLOP/s it prints is what to hold against the measured matrix rate. Variants: torch's default BLAS (cuBLAS), and cuBLASLt
 (`torch.backends.cuda.preferred_blas_library`).
 
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
@@ -53,7 +54,7 @@ def main() -> None:
     for blas in args.blas.split(","):
         torch.backends.cuda.preferred_blas_library(blas)
         for m in (int(b) for b in args.batches.split(",")):
-            total_us = total_bytes = 0.0
+            total_us = total_bytes = total_flops = 0.0
             parts = []
             for name, (n_in, n_out, count) in shapes.items():
                 x = torch.randn(m, n_in, dtype=torch.bfloat16, device=dev)
@@ -62,9 +63,13 @@ def main() -> None:
                 nbytes = w.numel() * 2 + m * (n_in + n_out) * 2
                 total_us += us * count
                 total_bytes += nbytes * count
-                parts.append(f"{name} {us:6.1f} µs ({nbytes / us / 1e3:4.0f} GB/s)")
+                flops = 2 * m * n_in * n_out
+                total_flops += flops * count
+                parts.append(f"{name} {us:6.1f} µs ({nbytes / us / 1e3:4.0f} GB/s, "
+                             f"{flops / us / 1e6:3.0f} TFLOP/s)")
             print(f"  {blas:9s} m={m:4d}: {total_us / 1e3:6.2f} ms per step, "
-                  f"{total_bytes / total_us / 1e3:5.0f} GB/s, floor "
+                  f"{total_bytes / total_us / 1e3:5.0f} GB/s, {total_flops / total_us / 1e6:3.0f} "
+                  f"TFLOP/s, floor "
                   f"{total_bytes / copy_bw / 1e6:5.2f} ms | " + "; ".join(parts))
     torch.backends.cuda.preferred_blas_library("cublas")
 

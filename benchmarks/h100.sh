@@ -12,12 +12,10 @@ setup() {
   if [ ! -f $SITE/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
       .whl/*.whl || exit 1
-    # Our stubs need protobuf >= 5.27 and grpcio >= 1.66.2: carried wheels only if older here.
-    python3 - <<'PY' || python3 -m pip install -q --no-index --no-deps --target $SITE .whl/fallback/*.whl
-import google.protobuf, grpc
-v = lambda s: tuple(int(x) for x in s.split(".")[:2])
-raise SystemExit(0 if v(google.protobuf.__version__) >= (5, 27) and v(grpc.__version__) >= (1, 66) else 1)
-PY
+    # Our other requirements, from wheels in .whl/deps: pip installs only those this image lacks
+    # or has too old (benchmarks/gpu_wheels.py downloads them).
+    python3 -m pip install -q --no-index --find-links .whl/deps --break-system-packages \
+      $(python3 benchmarks/gpu_wheels.py requirements) || exit 1
     if [ -d /tmp/cu13x ]; then cp -r /tmp/cu13x/. $SITE/; fi
     touch $SITE/.installed
   fi
@@ -104,6 +102,15 @@ step_targets() {  # the workloads still short of their targets, and the mixed on
     --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
+step_fused_ab() {  # the targets with rotary and the cache write as separate kernels again
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 8b-b128-separate $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+    --fused-rotary off
+  offline 1b-b256-separate $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
+    --fused-rotary off
+}
+
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
   local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
@@ -184,6 +191,13 @@ step_kernels() {  # decode attention, FA4 against our Triton kernel; the decode 
     2>&1 | tee "$OUT/kernels-gemm-1b.txt"
 }
 
+step_gemm() {  # the linear layers alone, at decode batches and at a mixed step's row count
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b \
+    --batches 1,128,4224 2>&1 | tee "$OUT/gemm-8b.txt"
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.2-1b \
+    --batches 1,256,4352 2>&1 | tee "$OUT/gemm-1b.txt"
+}
+
 step_profile_decode8b() {
   profile 8b-decode-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
     --phase decode --batch 128 --input-len 576 --steps 20
@@ -193,6 +207,12 @@ step_elementwise() {  # the compiled elementwise stages alone, 1B and 8B prefill
   python3 benchmarks/elementwise.py 2>&1 | grep -v Warning | tee "$OUT/elementwise-1b.txt"
   python3 benchmarks/elementwise.py --hidden 4096 --head-dim 128 --intermediate 14336 2>&1 \
     | grep -v Warning | tee "$OUT/elementwise-8b.txt"
+}
+
+step_profile_decode8b_eager() {  # the same without graphs: the kernel table holds there
+  profile 8b-decode-b128-eager --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --phase decode --batch 128 --input-len 576 --steps 20 --cuda-graphs 0
+  grep -v " INFO " "$OUT/profile-8b-decode-b128-eager.txt" | grep -A40 "Self CUDA" | head -45
 }
 
 step_profile_decode256() {

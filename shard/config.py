@@ -37,6 +37,7 @@ class ShardConfig:
     cuda_graphs: str
     cuda_graph_tokens: str
     compile: str
+    fused_rotary: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
     log_format: str
@@ -110,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
                              "and the greedy pick of the sampler into one kernel with "
                              "torch.compile, compiled in warm-up; auto: on cuda only")
+    parser.add_argument("--fused-rotary", default="auto", choices=["auto", "on", "off"],
+                        help="rotate q and k and write k and v to their cache slots in one "
+                             "Triton kernel per layer instead of three kernels; on needs "
+                             "cuda; auto: on cuda only")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

@@ -76,11 +76,16 @@ class Runtime:
         log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
                  self.dtype)
         self.compiled = _wanted(config.compile, self.device)
+        fused_rotary = _wanted(config.fused_rotary, self.device)
+        if fused_rotary and self.device.type != "cuda":
+            raise ValueError("--fused-rotary on needs a CUDA device (it is a Triton kernel)")
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
                                   self.attention, config.load_format, config.quantize,
-                                  self.compiled)
-        log.info("weights: %s; quantization: %s; elementwise stages %s", self.dtype,
-                 self.loaded.quantization, "compiled" if self.compiled else "eager")
+                                  self.compiled, fused_rotary)
+        log.info("weights: %s; quantization: %s; elementwise stages %s; rotary and cache "
+                 "write %s", self.dtype, self.loaded.quantization,
+                 "compiled" if self.compiled else "eager",
+                 "fused" if fused_rotary else "separate")
         peak = 0
         if self.device.type == "cuda":
             peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,
@@ -235,7 +240,8 @@ class Runtime:
 
 
 def _wanted(setting: str, device: torch.device) -> bool:
-    """An auto|on|off flag whose auto means on for CUDA (--compile, --async-scheduling)."""
+    """An auto|on|off flag whose auto means on for CUDA (--compile, --fused-rotary,
+    --async-scheduling)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from shard.attention import write_kv
 from shard.models.config import ModelConfig
 from shard.models.ops import EAGER, Ops
 from shard.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -80,10 +79,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp)
         self.backend = backend
 
-    def project(self, x, positions, rotary):
-        """q [T, Hq, D], k and v [T, Hkv, D] of the step's tokens, q and k rotated."""
-        return self.ops.rotary(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
-                               self.num_heads, self.num_kv_heads, self.head_dim)
+    def project(self, x, positions, rotary, kv_cache, slot_mapping):
+        """q [T, Hq, D] of the step's tokens, rotated; their keys (rotated) and values go to
+        their cache slots."""
+        return self.ops.rotary_into_cache(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
+                                          kv_cache[0], kv_cache[1], slot_mapping,
+                                          self.num_heads, self.num_kv_heads, self.head_dim)
 
     def output(self, attended):
         return self.o_proj(attended.reshape(-1, self.num_heads * self.head_dim))
@@ -121,9 +122,7 @@ class LlamaDecoderLayer(nn.Module):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
         (q, residual)."""
         h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.project(h, positions, rotary)
-        write_kv(kv_cache[0], kv_cache[1], slot_mapping, k, v)
-        return q, residual
+        return self.self_attn.project(h, positions, rotary, kv_cache, slot_mapping), residual
 
     def after_attention(self, attended, residual):
         h, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shard.attention import write_kv
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
@@ -46,6 +48,18 @@ def rotary(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: t
     return rotate(q, num_heads), rotate(k, num_kv_heads), v.reshape(-1, num_kv_heads, head_dim)
 
 
+def rotary_then_write(rotate: Callable) -> Callable:
+    """ops.rotary (eager or compiled), then the new keys and values into their cache slots."""
+
+    def rotary_into_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                          num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        q, k, v = rotate(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim)
+        write_kv(k_cache, v_cache, slot_mapping, k, v)
+        return q
+
+    return rotary_into_cache
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -57,14 +71,23 @@ class Ops:
     add_rms_norm: Callable
     rotary: Callable
     silu_mul: Callable
+    # q rotated; k rotated and v written to their cache slots (what a layer calls).
+    rotary_into_cache: Callable
     compiled: bool
+    fused_rotary: bool
 
     @classmethod
-    def build(cls, compiled: bool) -> "Ops":
+    def build(cls, compiled: bool, fused_rotary: bool = False) -> "Ops":
+        """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
+        otherwise the rotary stage followed by two index copies."""
         functions = (rms_norm, add_rms_norm, rotary, silu_mul)
         if compiled:
             functions = tuple(compile_stage(f) for f in functions)
-        return cls(*functions, compiled=compiled)
+        if fused_rotary:
+            from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
+        else:
+            rotary_into_cache = rotary_then_write(functions[2])
+        return cls(*functions, rotary_into_cache, compiled=compiled, fused_rotary=fused_rotary)
 
 
 def compile_stage(fn: Callable) -> Callable:

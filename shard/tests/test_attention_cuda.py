@@ -147,3 +147,54 @@ def test_triton_decode_splits_fill_the_gpu_from_the_batch_alone():
         assert splits & (splits - 1) == 0 and 1 <= splits <= 32
         assert batch * 8 * splits >= sms or splits == 32, batch
         assert splits == 1 or batch * 8 * splits // 2 < sms, batch
+
+
+def _rotary_case(heads, tokens, dtype, seed):
+    """qkv of `tokens` tokens at scattered positions, cos/sin tables, caches of random
+    contents and a slot per token in shuffled order."""
+    num_heads, num_kv_heads, head_dim = heads
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g,
+                      device=CUDA).to(dtype)
+    angles = torch.rand(4096, head_dim // 2, generator=g, device=CUDA) * 100
+    positions = torch.randint(0, 4096, (tokens,), generator=g, device=CUDA)
+    caches = [torch.randn(64, 16, num_kv_heads, head_dim, generator=g, device=CUDA).to(dtype)
+              for _ in range(2)]
+    slots = torch.randperm(64 * 16, generator=g, device=CUDA)[:tokens]
+    return qkv, positions, angles.cos(), angles.sin(), caches, slots
+
+
+@pytest.mark.parametrize("heads", HEADS + [pytest.param((14, 2, 80), id="h14-kv2-d80")])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+def test_fused_rotary_writes_what_rotary_then_index_copy_write(heads, tokens, dtype):
+    """The Triton kernel of --fused-rotary against the separate stages it replaces (eager
+    ops.rotary, then write_kv): v bit-exact, q and k within one rounding of the dtype (the
+    kernel may fuse a multiply-add that eager rounds twice), every other slot untouched."""
+    from shard.models.ops import rotary, rotary_then_write
+    from shard.rotary_cache import rotary_into_cache
+
+    num_heads, num_kv_heads, head_dim = heads
+    qkv, positions, cos, sin, caches, slots = _rotary_case(heads, tokens, dtype, seed=tokens)
+    expected = [c.clone() for c in caches]
+    expected_q = rotary_then_write(rotary)(qkv, positions, cos, sin, *expected, slots, *heads)
+    q = rotary_into_cache(qkv, positions, cos, sin, *caches, slots, *heads)
+    assert q.shape == (tokens, num_heads, head_dim) and q.dtype == dtype
+    # One rounding of a value, or of a product near a cancellation (values here are ~1-4).
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(q, expected_q, rtol=ulp, atol=4 * ulp)
+    torch.testing.assert_close(caches[0], expected[0], rtol=ulp, atol=4 * ulp)
+    assert torch.equal(caches[1], expected[1])
+    # Untouched slots bit-exact: only the step's slots may differ at all.
+    others = torch.ones(64 * 16, dtype=torch.bool, device=CUDA)
+    others[slots] = False
+    assert torch.equal(caches[0].view(-1, num_kv_heads, head_dim)[others],
+                       expected[0].view(-1, num_kv_heads, head_dim)[others])
+    # And against the float64 rotation itself.
+    half = head_dim // 2
+    x = qkv.double()[:, :num_heads * head_dim].view(tokens, num_heads, head_dim)
+    c, s = cos.double()[positions][:, None], sin.double()[positions][:, None]
+    exact = torch.cat((x[..., :half] * c - x[..., half:] * s,
+                       x[..., half:] * c + x[..., :half] * s), dim=-1)
+    assert relative_error(q, exact.cpu()) < 4 * ulp

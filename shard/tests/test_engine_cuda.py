@@ -37,10 +37,9 @@ def relative_error(a, b) -> float:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention, decode", [("torch", "auto"), ("flash", "triton"),
                                                ("flash", "flash")])
-def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(folder,
-                                                                                   attention,
-                                                                                   decode,
-                                                                                   compiled):
+@pytest.mark.parametrize("fused_rotary", [False, True], ids=["separate", "fused-rotary"])
+def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(
+        folder, attention, decode, compiled, fused_rotary):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
     from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
@@ -52,7 +51,8 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA, decode),
-                       compiled=compiled).model
+                       compiled=compiled, fused_rotary=fused_rotary).model
+    assert ours.layers[0].self_attn.ops.fused_rotary == fused_rotary
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
@@ -126,6 +126,7 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
                for n in (5, 30, 12, 61, 2)]
     runtime, overlapped = run_greedy(folder, "auto", prompts, 9)
     assert runtime.engine.async_scheduling and runtime.compiled
+    assert runtime.loaded.model.layers[0].self_attn.ops.fused_rotary  # the CUDA default
     # Same kernels both ways (compiled and eager stages round differently in bfloat16).
     _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous

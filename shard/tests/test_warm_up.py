@@ -5,6 +5,7 @@ compile nothing, whatever its step sizes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shard.config import parse
@@ -41,3 +42,11 @@ def test_steps_after_warm_up_compile_nothing_on_the_cpu(tmp_path):
          "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
          "--max-batch-prefill-tokens", "100"])
     assert runtime.engine.async_scheduling
+    # The fused rotary kernel is Triton, CUDA only: auto leaves the separate stages on a CPU.
+    assert not runtime.loaded.model.layers[0].self_attn.ops.fused_rotary
+
+
+def test_fused_rotary_on_a_cpu_is_refused_with_the_reason(tmp_path):
+    folder = write_tiny_model(tmp_path / "llama")
+    with pytest.raises(ValueError, match="--fused-rotary on needs a CUDA device"):
+        Runtime(parse(["--model", str(folder), "--device", "cpu", "--fused-rotary", "on"], {}))

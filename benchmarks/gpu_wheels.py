@@ -1,0 +1,80 @@
+"""The wheels the lent GPU machine needs and cannot download (it has no internet).
+
+    python benchmarks/gpu_wheels.py download       # here: fills .whl/ and .gpu-cu13/ (git ignores both)
+    python3 benchmarks/gpu_wheels.py requirements  # there (h100.sh): what pip must satisfy
+
+.whl/ holds FlashAttention-4 and the CUTLASS DSL (installed with --target, no dependencies) and
+.whl/deps/ our own requirements for CPython 3.12 on manylinux: h100.sh installs from it only what
+the machine's image lacks. The DSL's CUDA 13 libraries (a 92 MB wheel) are over one call's
+carry limit, so they travel unpacked and xz-compressed in .gpu-cu13/cu13.tar.xz, in a call of
+their own (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLASH = ["flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl==4.8.1",
+         "nvidia-cutlass-dsl-libs-base==4.8.1", "nvidia-cutlass-dsl-libs-core==4.8.1",
+         "apache-tvm-ffi", "torch-c-dlpack-ext", "quack-kernels"]
+CU13 = "nvidia-cutlass-dsl-libs-cu13==4.8.1"
+# The generated gRPC stubs need these, above pyproject's floor for the client side.
+STUBS = ["protobuf>=5.27", "grpcio>=1.66.2"]
+# What the GPU image brings and must keep: never downloaded, never replaced.
+IMAGE = {"torch", "numpy", "transformers", "safetensors", "huggingface_hub", "tokenizers",
+         "triton"}
+# Of the test extras, what the GPU tests (h100.sh tests) and benchmarks/serving.py import.
+GPU_TESTS = {"pytest", "pytest_timeout", "httpx", "aiohttp"}
+PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"] + [
+    arg for tag in ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64",
+                    "manylinux_2_5_x86_64", "manylinux1_x86_64") for arg in ("--platform", tag)]
+
+
+def _name(requirement: str) -> str:
+    for sep in "<>=!~[ ;":
+        requirement = requirement.split(sep)[0]
+    return requirement.lower().replace("-", "_")
+
+
+def requirements() -> list[str]:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    tests = [r for r in extras["test"] if _name(r) in GPU_TESTS]
+    wanted = project["dependencies"] + extras["shard"] + tests + STUBS
+    return [r for r in wanted if _name(r) not in IMAGE]
+
+
+def download() -> None:
+    whl, deps = os.path.join(ROOT, ".whl"), os.path.join(ROOT, ".whl", "deps")
+    pip = [sys.executable, "-m", "pip", "download", "-q", *PLATFORM]
+    subprocess.run(pip + ["--pre", "--no-deps", "-d", whl, *FLASH], check=True)
+    subprocess.run(pip + ["-d", deps, *requirements()], check=True)
+    for path in glob.glob(os.path.join(deps, "*.whl")):
+        if _name(os.path.basename(path)) in IMAGE:
+            os.remove(path)  # pulled in as a dependency; the image has its own
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(pip + ["--no-deps", "-d", tmp, CU13], check=True)
+        unpacked = os.path.join(tmp, "unpacked")
+        zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]).extractall(unpacked)
+        os.makedirs(os.path.join(ROOT, ".gpu-cu13"), exist_ok=True)
+        with tarfile.open(os.path.join(ROOT, ".gpu-cu13", "cu13.tar.xz"), "w:xz") as tar:
+            tar.add(unpacked, arcname=".")
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "requirements":
+        print(" ".join(requirements()))  # no spaces inside: h100.sh word-splits it
+    elif command == "download":
+        download()
+    else:
+        sys.exit(__doc__)
