@@ -111,6 +111,35 @@ step_fused_ab() {  # the targets with rotary and the cache write as separate ker
     --fused-rotary off
 }
 
+step_fused_ab_swapped() {  # the same A/B, the separate kernels first this time
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 8b-b128-separate $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+    --fused-rotary off
+  offline 8b-b128-fused $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b256-separate $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
+    --fused-rotary off
+  offline 1b-b256-fused $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+}
+
+step_triton_decode() {  # our decode kernel's block / warps / stages at the targets' batches
+  local cfgs=64/4/3,128/4/3,64/4/4,64/8/3,128/8/3,32/4/4,64/2/3,128/4/4,256/8/3
+  python3 benchmarks/decode_attention.py --batch 120 --head-dim 128 --block-sizes 16 --tiles "" \
+    --triton $cfgs 2>&1 | grep -v Warn | tee "$OUT/triton-decode-8b.txt"
+  python3 benchmarks/decode_attention.py --batch 224 --head-dim 64 --block-sizes 16 --tiles "" \
+    --triton $cfgs 2>&1 | grep -v Warn | tee "$OUT/triton-decode-1b.txt"
+}
+
+step_final() {  # the seventh session's last call: every target on the H200 and 8B serving
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-mixed $m1 --num-requests 512 --mixed
+  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  serve llama-3.1-8b default 64
+}
+
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
   local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"

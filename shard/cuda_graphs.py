@@ -143,7 +143,7 @@ class DecodeGraphs:
             def decode(size=size, meta=meta):
                 hidden = model(self.input_ids[:size], self.positions[:size], kv_cache.layers,
                                meta)
-                self.logits[:size].copy_(model.compute_logits(hidden))
+                model.compute_logits(hidden, out=self.logits[:size])
 
             self._graphs[size] = _capture([decode], pool, device, warmups=2)[0]
         log.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
@@ -214,10 +214,11 @@ class PiecewiseGraphs:
         if index == len(layers):
             self.hidden[:n].copy_(model.norm(x, residual)[0])
             return
-        q, residual = layers[index].before_attention(
+        # q straight into the static buffer (the fused rotary kernel writes it there; the
+        # separate stages copy it).
+        _, residual = layers[index].before_attention(
             x, residual, self.positions[:n], model.rotary, self.kv_cache.layers[index],
-            self.slot_mapping[:n])
-        self.q[:n].copy_(q)
+            self.slot_mapping[:n], q_out=self.q[:n])
         self.residual[:n].copy_(residual)
 
     def fits(self, num_tokens: int) -> bool:

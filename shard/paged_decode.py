@@ -107,7 +107,7 @@ class PagedDecode:
     """Decode attention over the pages. `num_splits` is chosen from the batch alone (never from
     the contexts' lengths), so a captured CUDA graph stays valid for every step it replays."""
 
-    def __init__(self, device: torch.device, block_n: int = 64, num_warps: int = 4,
+    def __init__(self, device: torch.device, block_n: int = 64, num_warps: int | None = None,
                  num_stages: int = 3, max_splits: int = 32):
         self.block_n = block_n
         self.num_warps = num_warps
@@ -140,13 +140,16 @@ class PagedDecode:
         else:
             part_out = part_lse = out  # unused
         scale = 1.0 / math.sqrt(dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
+        # Two warps for small heads: on the H200, 8B's d=128 read its KV at 3.9 TB/s with 2 or
+        # 4 warps, the 1B's d=64 at 3.85 with 2 against 3.45 with 4 (docs/benchmarks.md).
+        warps = self.num_warps or (2 if dim <= 64 else 4)
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), block_table.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
             DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits,
-            num_warps=self.num_warps, num_stages=self.num_stages)
+            num_warps=warps, num_stages=self.num_stages)
         if splits > 1:
             _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0),
                                               out.stride(1), num_heads, HEAD_DIM=dim,

@@ -146,10 +146,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     # A bfloat16 copy of the weight used for the product, when set (next to int4 layers).
     compute_weight: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where the whole vocabulary's logits go (the decode graphs' shared buffer); one
+        rank with its own weight writes them there directly, saving a copy of [rows, vocab]."""
+        if out is not None and self.compute_weight is None and self.tp.world_size == 1:
+            return torch.mm(hidden, self.weight.t(), out=out)
         if self.compute_weight is None:
             logits = F.linear(hidden, self.weight)
         else:
             logits = F.linear(hidden.to(self.compute_weight.dtype), self.compute_weight)
             logits = logits.to(hidden.dtype)
-        return self.tp.all_gather_last_dim(logits)
+        logits = self.tp.all_gather_last_dim(logits)
+        return logits if out is None else out.copy_(logits)

@@ -62,11 +62,14 @@ def _rotary_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_
 def rotary_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                      head_dim: int) -> torch.Tensor:
-    """q [T, Hq, D] rotated; k rotated and v stored in their slots of the caches. Same
-    arithmetic as ops.rotary followed by attention.write_kv."""
+                      head_dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, Hq, D] rotated (into `out` if given: dense, as the piecewise graphs' buffer is);
+    k rotated and v stored in their slots of the caches. Same arithmetic as ops.rotary
+    followed by attention.write_kv."""
     tokens = qkv.shape[0]
-    q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    q = out if out is not None else torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype,
+                                                 device=qkv.device)
+    assert q.is_contiguous() and qkv.stride(-1) == 1, "rows must be dense"
     if tokens == 0:
         return q
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)

@@ -79,12 +79,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp)
         self.backend = backend
 
-    def project(self, x, positions, rotary, kv_cache, slot_mapping):
-        """q [T, Hq, D] of the step's tokens, rotated; their keys (rotated) and values go to
-        their cache slots."""
+    def project(self, x, positions, rotary, kv_cache, slot_mapping, q_out=None):
+        """q [T, Hq, D] of the step's tokens, rotated (into q_out if given); their keys
+        (rotated) and values go to their cache slots."""
         return self.ops.rotary_into_cache(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
                                           kv_cache[0], kv_cache[1], slot_mapping,
-                                          self.num_heads, self.num_kv_heads, self.head_dim)
+                                          self.num_heads, self.num_kv_heads, self.head_dim,
+                                          out=q_out)
 
     def output(self, attended):
         return self.o_proj(attended.reshape(-1, self.num_heads * self.head_dim))
@@ -118,11 +119,13 @@ class LlamaDecoderLayer(nn.Module):
         return self.after_attention(attended, residual)
 
     # The two halves around attention, which piecewise CUDA graphs capture separately.
-    def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping):
+    def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping,
+                         q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
-        (q, residual)."""
+        (q, residual); q in q_out if given."""
         h, residual = self.input_layernorm(x, residual)
-        return self.self_attn.project(h, positions, rotary, kv_cache, slot_mapping), residual
+        q = self.self_attn.project(h, positions, rotary, kv_cache, slot_mapping, q_out)
+        return q, residual
 
     def after_attention(self, attended, residual):
         h, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)
@@ -154,8 +157,9 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta)
         return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        return self.lm_head(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors; each layer keeps only this rank's shard."""

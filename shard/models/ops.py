@@ -52,10 +52,11 @@ def rotary_then_write(rotate: Callable) -> Callable:
     """ops.rotary (eager or compiled), then the new keys and values into their cache slots."""
 
     def rotary_into_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
-                          num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                          num_heads: int, num_kv_heads: int, head_dim: int,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rotate(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim)
         write_kv(k_cache, v_cache, slot_mapping, k, v)
-        return q
+        return q if out is None else out.copy_(q)
 
     return rotary_into_cache
 

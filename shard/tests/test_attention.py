@@ -242,6 +242,35 @@ def test_new_keys_and_values_land_exactly_in_their_slots(block_size, dtype):
     assert step.layout.slot_mapping.unique().numel() == step.layout.slot_mapping.numel()
 
 
+def test_rotary_into_cache_puts_q_in_the_given_buffer_and_k_v_in_their_slots():
+    """The separate stages behind Ops.rotary_into_cache (what the CPU runs): q rotated into the
+    buffer given (the piecewise graphs' static one), k rotated and v as they came into their
+    slots, the same values as ops.rotary and write_kv give."""
+    from shard.models.ops import rotary, rotary_then_write
+
+    heads, kv_heads, dim, tokens = 4, 2, 8, 5
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+    angles = torch.rand(32, dim // 2, generator=g) * 10
+    cos, sin = angles.cos(), angles.sin()
+    positions = torch.tensor([0, 3, 31, 7, 7])
+    slots = torch.tensor([9, 2, 14, 0, 5])
+    caches = [torch.randn(4, 4, kv_heads, dim, generator=g) for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    q, k, v = rotary(qkv, positions, cos, sin, heads, kv_heads, dim)
+    write_kv(*expected_caches, slots, k, v)
+    buffer = torch.zeros(tokens + 3, heads, dim)
+    got = rotary_then_write(rotary)(qkv, positions, cos, sin, *caches, slots, heads, kv_heads,
+                                    dim, out=buffer[:tokens])
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:tokens], q)
+    assert torch.equal(buffer[tokens:], torch.zeros(3, heads, dim))
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1],
+                                                                      expected_caches[1])
+    # Without a buffer: a fresh q, the same values.
+    assert torch.equal(rotary_then_write(rotary)(qkv, positions, cos, sin, *caches, slots,
+                                                 heads, kv_heads, dim), q)
+
+
 def test_varlen_metadata_packs_every_context_slot_in_order():
     """What the CUDA torch backend gathers: each sequence's whole context, packed."""
     from shard.attention import TorchVarlenAttention

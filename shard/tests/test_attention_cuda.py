@@ -179,8 +179,14 @@ def test_fused_rotary_writes_what_rotary_then_index_copy_write(heads, tokens, dt
     qkv, positions, cos, sin, caches, slots = _rotary_case(heads, tokens, dtype, seed=tokens)
     expected = [c.clone() for c in caches]
     expected_q = rotary_then_write(rotary)(qkv, positions, cos, sin, *expected, slots, *heads)
-    q = rotary_into_cache(qkv, positions, cos, sin, *caches, slots, *heads)
-    assert q.shape == (tokens, num_heads, head_dim) and q.dtype == dtype
+    # Into a buffer with rows to spare, as the piecewise graphs give it: only its rows change.
+    buffer = torch.full((tokens + 2, num_heads, head_dim), 5.0, dtype=dtype, device=CUDA)
+    q = rotary_into_cache(qkv, positions, cos, sin, *caches, slots, *heads, out=buffer[:tokens])
+    assert q.shape == (tokens, num_heads, head_dim) and q.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[tokens:], torch.full_like(buffer[tokens:], 5.0))
+    fresh = rotary_into_cache(qkv, positions, cos, sin, *[c.clone() for c in caches], slots,
+                              *heads)
+    assert torch.equal(fresh, q)
     # One rounding of a value, or of a product near a cancellation (values here are ~1-4).
     ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(q, expected_q, rtol=ulp, atol=4 * ulp)

@@ -153,6 +153,19 @@ def test_prefill_then_paged_decode_matches_transformers(tiny_pair):
     assert_matches(ours, hf, prompt, block_size=4, max_prefill_tokens=4096)
 
 
+def test_logits_written_into_a_given_buffer_are_those_returned(tiny_pair):
+    """The decode graphs have the LM head write into their shared buffer (no copy): same
+    values, bit for bit, in the buffer's rows, and nothing written past them."""
+    _, ours, _ = tiny_pair
+    hidden = torch.randn(5, ours.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    buffer = torch.full((8, ours.config.vocab_size), 7.0)
+    with torch.inference_mode():
+        returned = ours.model.compute_logits(hidden, out=buffer[:5])
+        assert returned.data_ptr() == buffer.data_ptr()
+        assert torch.equal(buffer[:5], ours.model.compute_logits(hidden))
+    assert torch.equal(buffer[5:], torch.full((3, ours.config.vocab_size), 7.0))
+
+
 def test_chunked_prefill_then_paged_decode_matches_transformers(tiny_pair):
     case, ours, hf = tiny_pair
     prompt = tiny_prompt(case, ours.config.vocab_size)
