@@ -53,10 +53,16 @@ async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Pre
                   runs: list[Prepared], gens: list[Generation], head: Head):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(index: int, delta: out.Delta, finish_reason=None, logprobs=None) -> str:
-        return streaming.sse(out.ChatCompletionChunk(
+    def model(index: int, delta: out.Delta, finish_reason=None,
+              logprobs=None) -> out.ChatCompletionChunk:
+        return out.ChatCompletionChunk(
             **head.fields(), object="chat.completion.chunk", choices=[out.ChunkChoice(
-                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+
+    def chunk(index: int, delta: out.Delta, finish_reason=None, logprobs=None) -> str:
+        return streaming.sse(model(index, delta, finish_reason, logprobs))
+
+    texts = streaming.TextEvents(lambda index, text: model(index, out.Delta(content=text)))
 
     try:
         for index in range(len(runs)):
@@ -65,8 +71,10 @@ async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Pre
         async for index, token in streaming.merge([
                 streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
             logprobs = chat_logprobs(state, [token]) if body.logprobs else None
-            if token.text or logprobs:
+            if logprobs:
                 yield chunk(index, out.Delta(content=token.text), logprobs=logprobs)
+            elif token.text:
+                yield texts(index, token.text)
             if token.finish is not None:
                 generated[index] = token.finish.generated_tokens
                 yield chunk(index, out.Delta(), FINISH[token.finish.reason])

@@ -137,10 +137,15 @@ async def _events(state: RouterState, body: CompletionRequest, prepared: list[Pr
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     wants_logprobs = body.logprobs is not None
 
-    def chunk(index: int, text: str, finish_reason=None, logprobs=None) -> str:
-        return streaming.sse(out.Completion(
+    def model(index: int, text: str, finish_reason=None, logprobs=None) -> out.Completion:
+        return out.Completion(
             **head.fields(), object="text_completion", choices=[out.CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)]))
+                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
+
+    def chunk(index: int, text: str, finish_reason=None, logprobs=None) -> str:
+        return streaming.sse(model(index, text, finish_reason, logprobs))
+
+    texts = streaming.TextEvents(model)
 
     try:
         states: list[_Choice | None] = [None] * len(runs)
@@ -153,16 +158,19 @@ async def _events(state: RouterState, body: CompletionRequest, prepared: list[Pr
                     yield chunk(index, states[index].text,
                                 logprobs=states[index].logprobs if wants_logprobs else None)
             choice = states[index]
-            before = len(choice.logprobs.tokens)
-            _add_token(state, choice, token)
             logprobs = None
-            if wants_logprobs:
+            if wants_logprobs:  # the text so far only places each token's text_offset
+                before = len(choice.logprobs.tokens)
+                _add_token(state, choice, token)
                 lp = choice.logprobs
                 logprobs = out.CompletionLogprobs(
                     tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
                     top_logprobs=lp.top_logprobs[before:], text_offset=lp.text_offset[before:])
             finish = FINISH[token.finish.reason] if token.finish is not None else None
-            if token.text or logprobs or finish:
+            if logprobs is None and finish is None:
+                if token.text:
+                    yield texts(index, token.text)
+            else:
                 yield chunk(index, token.text, finish, logprobs)
             if token.finish is not None:
                 generated[index] = token.finish.generated_tokens

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The router's CPU time per streamed token: starts `sluice serve` on MODEL, streams
+# STREAMS x 8 chat completions of OUTPUT tokens through benchmarks/serving.py (aiohttp), and
+# divides the router process's CPU ticks over the run by the tokens it streamed.
+#
+#   bash benchmarks/router_cpu.sh MODEL [STREAMS] [OUTPUT] [-- SERVE FLAGS]
+#   bash benchmarks/router_cpu.sh /tmp/tiny 64 128 -- --device cpu
+#
+# A tiny model keeps the shard's share of the machine small; the router is what is measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+model=$1; shift
+streams=${1:-64}; [ $# -gt 0 ] && shift
+output=${1:-128}; [ $# -gt 0 ] && shift
+[ "${1:-}" = "--" ] && shift
+log=$(mktemp)
+$PY -m sluice serve --port 8097 --shard-port 50097 --model "$model" "$@" > "$log" 2>&1 &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+for _ in $(seq 300); do
+  grep -q '"service": "serve"' "$log" && break
+  kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }
+  sleep 1
+done
+router=$(pgrep -f -- "-m router --host .* --port 8097" | head -1)
+ticks() { awk '{print $14 + $15}' /proc/$router/stat; }
+before=$(ticks)
+$PY benchmarks/serving.py --base-url http://127.0.0.1:8097/v1 --num-prompts $((streams * 8)) \
+  --max-concurrency "$streams" --input-len 32 --output-len "$output" --json-out "$log.json" \
+  | head -2
+used=$(( $(ticks) - before ))
+tokens=$($PY -c "import json; print(json.load(open('$log.json'))['output_tokens'])")
+rm -f "$log.json"
+echo "router CPU: $used ticks of 1/$(getconf CLK_TCK) s for $tokens tokens:" \
+  "$(( used * 1000000 / $(getconf CLK_TCK) / tokens )) µs per token"
