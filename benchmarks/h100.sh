@@ -285,6 +285,10 @@ step_serving_1b() {  # a model whose engine outruns one router process
   serve llama-3.2-1b default 64 128
 }
 
+step_serving_1b_64() {  # the router's ceiling at one stream count, on the least device time
+  serve llama-3.2-1b default 64
+}
+
 step_serving_chunked() {  # smaller prefill chunks: shorter stalls for the running streams
   serve llama-3.1-8b prefill1024 64 -- --max-batch-prefill-tokens 1024 --prefill-chunk-ms 0
 }
