@@ -4,8 +4,8 @@ sizes a decode step has, timed in a CUDA graph, with the weight bytes it reads o
 A decode step is memory-bound: at batch m its linear layers must read every weight once, so the
 sum over a layer's projections against the measured copy bandwidth is the floor this prints
 beside it. At prefill sizes (m in the thousands) the same products are compute-bound, and the
-TFLOP/s it prints is what to hold against the measured matrix rate. Variants: torch's default BLAS (cuBLAS), and cuBLASLt
-(`torch.backends.cuda.preferred_blas_library`).
+TFLOP/s it prints is what to hold against the measured matrix rate. Variants: torch's default
+BLAS (cuBLAS), and cuBLASLt (`torch.backends.cuda.preferred_blas_library`).
 
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
 """

@@ -102,24 +102,22 @@ step_targets() {  # the workloads still short of their targets, and the mixed on
     --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
+rotary_run() {  # rotary_run 8b|1b fused|separate: that model's target with --fused-rotary on|off
+  local flag=on; [ "$2" = separate ] && flag=off
+  case $1 in
+    8b) offline 8b-b128-$2 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+          --num-requests 128 --input-len 512 --output-len 128 --repeat 3 --fused-rotary $flag ;;
+    1b) offline 1b-b256-$2 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+          --num-requests 256 --input-len 512 --output-len 128 --repeat 3 --fused-rotary $flag ;;
+  esac
+}
+
 step_fused_ab() {  # the targets with rotary and the cache write as separate kernels again
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b128-separate $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-    --fused-rotary off
-  offline 1b-b256-separate $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
-    --fused-rotary off
+  rotary_run 8b separate; rotary_run 1b separate
 }
 
 step_fused_ab_swapped() {  # the same A/B, the separate kernels first this time
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b128-separate $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-    --fused-rotary off
-  offline 8b-b128-fused $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-b256-separate $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
-    --fused-rotary off
-  offline 1b-b256-fused $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  rotary_run 8b separate; rotary_run 8b fused; rotary_run 1b separate; rotary_run 1b fused
 }
 
 step_triton_decode() {  # our decode kernel's block / warps / stages at the targets' batches

@@ -167,11 +167,10 @@ async def _events(state: RouterState, body: CompletionRequest, prepared: list[Pr
                     tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
                     top_logprobs=lp.top_logprobs[before:], text_offset=lp.text_offset[before:])
             finish = FINISH[token.finish.reason] if token.finish is not None else None
-            if logprobs is None and finish is None:
-                if token.text:
-                    yield texts(index, token.text)
-            else:
+            if logprobs is not None or finish is not None:
                 yield chunk(index, token.text, finish, logprobs)
+            elif token.text:
+                yield texts(index, token.text)
             if token.finish is not None:
                 generated[index] = token.finish.generated_tokens
         if include_usage:

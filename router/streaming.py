@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -155,7 +155,7 @@ async def collect_all(tokenizer: RouterTokenizer, gens: list[Generation],
 _END = object()
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[int, T]]:
     """Items of several streams as they come, each with the index of its stream.
 
     The first stream to fail ends the merge with its error; the others are cancelled."""
@@ -190,16 +190,14 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
             task.cancel()
 
 
-async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def _closing(stream: AsyncGenerator[T, None]) -> AsyncIterator[T]:
     """`stream`'s items; closed as soon as the consumer stops (a cancelled merge cancels its
     pumps the same way), so that run() closes its Generation at once, not when collected."""
     try:
         async for item in stream:
             yield item
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await stream.aclose()
 
 
 async def _disconnected(request: Request) -> None:

@@ -4,8 +4,8 @@ The unfused path is three kernels per layer: the compiled rotary stage (which wr
 only for the cache write to read it back) and one `index_copy_` each for k and v. In a decode
 step at batch 128 of the 8B model each of them takes 1.5–3 µs (torch.profiler, H200), so their
 launches and gaps cost about as much as their work; here each program takes one token, rotates
-its query and key heads in float32 exactly as `ops.rotary` does, and stores q in a fresh tensor
-and k and v straight into their cache slots.
+its query and key heads in float32 exactly as `ops.rotary` does, and stores q (in a fresh
+tensor, or the piecewise graphs' static buffer) and k and v straight into their cache slots.
 
 Same cache layout as every backend: [num_blocks, block_size, num_kv_heads, head_dim].
 Triton comes with torch's CUDA builds; this module is imported only on CUDA.
@@ -19,16 +19,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_into(src_ptr, dst_ptr, c, s, heads, dst_head_stride,
+def _rotate_into(src_ptr, dst_ptr, c, s, heads,
                  HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """Rotate-half of `heads` heads of one token: src [heads, 2 * HALF] contiguous -> dst."""
+    """Rotate-half of `heads` heads of one token: src -> dst, both [heads, 2 * HALF] dense."""
     rows = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HALF_PAD)[None, :]
     keep = (rows < heads) & (dims < HALF)
     src = src_ptr + rows * (2 * HALF) + dims
     x1 = tl.load(src, mask=keep, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=keep, other=0.0).to(tl.float32)
-    dst = dst_ptr + rows * dst_head_stride + dims
+    dst = dst_ptr + rows * (2 * HALF) + dims
     ty = dst_ptr.dtype.element_ty
     tl.store(dst, (x1 * c - x2 * s).to(ty), mask=keep)
     tl.store(dst + HALF, (x2 * c + x1 * s).to(ty), mask=keep)
@@ -47,10 +47,9 @@ def _rotary_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_
     s = tl.load(sin_ptr + pos * HALF + half, mask=half < HALF, other=0.0)
     row = qkv_ptr + token.to(tl.int64) * stride_qkv
     slot = tl.load(slot_ptr + token).to(tl.int64) * stride_slot
-    _rotate_into(row, q_ptr + token.to(tl.int64) * num_heads * dim, c, s, num_heads, dim,
+    _rotate_into(row, q_ptr + token.to(tl.int64) * num_heads * dim, c, s, num_heads,
                  Q_PAD, HALF, HALF_PAD)
-    _rotate_into(row + num_heads * dim, k_ptr + slot, c, s, num_kv_heads, dim,
-                 KV_PAD, HALF, HALF_PAD)
+    _rotate_into(row + num_heads * dim, k_ptr + slot, c, s, num_kv_heads, KV_PAD, HALF, HALF_PAD)
     # v: a plain copy, both halves at once.
     heads = tl.arange(0, KV_PAD)[:, None]
     dims = tl.arange(0, 2 * HALF_PAD)[None, :]

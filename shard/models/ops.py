@@ -70,7 +70,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
-    rotary: Callable
     silu_mul: Callable
     # q rotated; k rotated and v written to their cache slots (what a layer calls).
     rotary_into_cache: Callable
@@ -81,14 +80,13 @@ class Ops:
     def build(cls, compiled: bool, fused_rotary: bool = False) -> "Ops":
         """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
         otherwise the rotary stage followed by two index copies."""
-        functions = (rms_norm, add_rms_norm, rotary, silu_mul)
-        if compiled:
-            functions = tuple(compile_stage(f) for f in functions)
+        stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
         else:
-            rotary_into_cache = rotary_then_write(functions[2])
-        return cls(*functions, rotary_into_cache, compiled=compiled, fused_rotary=fused_rotary)
+            rotary_into_cache = rotary_then_write(stage(rotary))
+        return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
+                   compiled=compiled, fused_rotary=fused_rotary)
 
 
 def compile_stage(fn: Callable) -> Callable:
