@@ -13,11 +13,15 @@ Flags this script does not know go to the shard unchanged (`sluice shard --help`
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
+import json
 import os
 import pstats
+import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -66,7 +70,12 @@ class Workload:
 
     def start(self) -> None:
         if self.args.phase in ("decode", "mixed"):
-            self.engine.submit(self.sink, self._sequences(self.args.batch, 3 * self.args.steps + 8))
+            # Enough new tokens that no sequence ends before the last step measured, counting
+            # the tokens the first ones decode while the others are still prefilling.
+            prefill_steps = -(-self.args.batch * self.args.input_len // 256)
+            max_new = min(3 * self.args.steps + 8 + prefill_steps,
+                          self.engine.limits.max_total_tokens - self.args.input_len)
+            self.engine.submit(self.sink, self._sequences(self.args.batch, max_new))
             while any(s.prefilling for s in self.engine.scheduler.running) or \
                     self.engine.scheduler.waiting or not self.engine.scheduler.running:
                 self.engine.step()
@@ -88,6 +97,10 @@ def main() -> None:
                         help="mixed: prompt tokens added to each step")
     parser.add_argument("--steps", type=int, default=30, help="steps per measurement")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also: the device's busy time and idle gaps per step, from a trace "
+                             "(kernels inside CUDA graphs included), and the decode graph "
+                             "replayed alone")
     args, shard_argv = parser.parse_known_args()
     config = shard_config.parse(shard_argv, os.environ)
     runtime = Runtime(config)
@@ -128,11 +141,71 @@ def main() -> None:
         for _ in range(args.steps):
             work.step()
         _sync(device)
+    if args.phase != "prefill" and len(runtime.engine.last_step.decodes) != args.batch:
+        print(f"!! the batch shrank to {len(runtime.engine.last_step.decodes)} decodes while "
+              "profiling: the tables below mix batch sizes")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     print(f"-- torch.profiler, by {key}, over {args.steps} steps")
     # The table ends with "Self CUDA time total": the kernels' time over the steps profiled.
     print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+    if args.timeline and device.type == "cuda":
+        timeline(prof, runtime, args)
+
+
+def _short(name: str) -> str:
+    return re.sub(r"[<(].*", "", name)[:48]
+
+
+def timeline(prof, runtime: Runtime, args) -> None:
+    """Where a step's wall time goes on the device, from the profiled steps' trace: kernels
+    (each timed, inside graphs too), and the idle gaps between them, by the kernel that follows
+    the gap. Then the step's decode graph replayed back to back with no host work: the
+    difference to the step's wall time is what the host and the work outside the graph add."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and
+                      e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    busy, gaps, by_kernel, by_gap = 0.0, [], collections.Counter(), collections.Counter()
+    calls = collections.Counter()
+    end = kernels[0]["ts"]
+    for e in kernels:
+        name = _short(e["name"])
+        busy += e["dur"]
+        by_kernel[name] += e["dur"]
+        calls[name] += 1
+        gap = e["ts"] - end
+        if gap > 0:
+            gaps.append(gap)
+            by_gap[name] += gap
+        end = max(end, e["ts"] + e["dur"])
+    span = end - kernels[0]["ts"]
+    n = args.steps
+    print(f"-- timeline over {n} steps: {span / n / 1000:.3f} ms per step from the first kernel "
+          f"to the last; kernels {busy / n / 1000:.3f} ms, idle {sum(gaps) / n / 1000:.3f} ms "
+          f"in {len(gaps) / n:.0f} gaps per step; gaps over 50 us: "
+          f"{sum(g for g in gaps if g > 50) / n / 1000:.3f} ms per step")
+    print("   kernel time per step (us), calls per step, us per call:")
+    for name, t in by_kernel.most_common(args.top):
+        print(f"   {t / n:9.1f}  {calls[name] / n:6.1f}  {t / calls[name]:7.2f}  {name}")
+    print("   idle before each kernel, per step (us):")
+    for name, t in by_gap.most_common(12):
+        print(f"   {t / n:9.1f}  {name}")
+    graphs, plan = runtime.engine.graphs, runtime.engine.last_step
+    if graphs is not None and not plan.prefills:
+        size = next(s for s in graphs.batch_sizes if s >= len(plan.decodes))
+        graph = graphs._graphs[size]
+        start, stop = torch.cuda.Event(True), torch.cuda.Event(True)
+        graph.replay()
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        print(f"-- the batch-{size} decode graph replayed alone: "
+              f"{start.elapsed_time(stop) / n:.3f} ms per replay")
 
 
 if __name__ == "__main__":
