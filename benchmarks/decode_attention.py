@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-sizes", default="16,128")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="each sequence's pages in order, one after another (as the "
+                             "engine allocates a reservation), not shuffled")
     parser.add_argument("--tiles", default="default,64x128,64x64,128x64")
     parser.add_argument("--triton", default="64/4/3,128/4/3,64/4/4,32/4/4,128/8/3",
                         help="Triton configurations: BLOCK_N/warps/stages, comma-separated")
@@ -92,7 +95,8 @@ def main() -> None:
         k_cache = torch.randn(num_blocks, block, args.kv_heads, args.head_dim,
                               dtype=torch.bfloat16, device=dev)
         v_cache = torch.randn_like(k_cache)
-        table = torch.randperm(num_blocks - 1, generator=gen)[:args.batch * per_seq]
+        table = (torch.arange(args.batch * per_seq) if args.contiguous else
+                 torch.randperm(num_blocks - 1, generator=gen)[:args.batch * per_seq])
         table = table.view(args.batch, per_seq).to(torch.int32).to(dev)
         expected = reference(q, k_cache, v_cache, table, lens.tolist())
         variants = [("fa4 " + tile, fa4_call(tile, q, k_cache, v_cache, cu_q, seqused, table))

@@ -5,7 +5,9 @@ A decode step is memory-bound: at batch m its linear layers must read every weig
 sum over a layer's projections against the measured copy bandwidth is the floor this prints
 beside it. At prefill sizes (m in the thousands) the same products are compute-bound, and the
 TFLOP/s it prints is what to hold against the measured matrix rate. Variants: torch's default
-BLAS (cuBLAS), and cuBLASLt (`torch.backends.cuda.preferred_blas_library`).
+BLAS (cuBLAS), cuBLASLt (`torch.backends.cuda.preferred_blas_library`), and `inductor`: the
+product compiled by torch.compile with max-autotune, which times Triton's GEMM templates against
+cuBLAS for each shape and keeps the fastest (its table goes to stderr).
 
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
 """
@@ -51,15 +53,18 @@ def main() -> None:
     print(f"{args.config}: copy bandwidth {copy_bw:.0f} GB/s (read + write)")
     weights = {name: torch.randn(n_out, n_in, dtype=torch.bfloat16, device=dev) * 0.02
                for name, (n_in, n_out, _) in shapes.items()}
+    torch._dynamo.config.cache_size_limit = 64  # one compiled product per shape
+    autotuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
     for blas in args.blas.split(","):
-        torch.backends.cuda.preferred_blas_library(blas)
+        torch.backends.cuda.preferred_blas_library("cublas" if blas == "inductor" else blas)
+        linear = autotuned if blas == "inductor" else F.linear
         for m in (int(b) for b in args.batches.split(",")):
             total_us = total_bytes = total_flops = 0.0
             parts = []
             for name, (n_in, n_out, count) in shapes.items():
                 x = torch.randn(m, n_in, dtype=torch.bfloat16, device=dev)
                 w = weights[name]
-                us = timed_us(lambda: F.linear(x, w), calls=20, replays=10)
+                us = timed_us(lambda: linear(x, w), calls=20, replays=10)
                 nbytes = w.numel() * 2 + m * (n_in + n_out) * 2
                 total_us += us * count
                 total_bytes += nbytes * count

@@ -138,6 +138,14 @@ step_final() {  # the seventh session's last call: every target on the H200 and 
   serve llama-3.1-8b default 64
 }
 
+step_final8() {  # the eighth session's record: the batch targets with 16,384-token prompt steps
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-mixed $m1 --num-requests 512 --mixed
+  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+}
+
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
   local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
@@ -223,6 +231,34 @@ step_gemm() {  # the linear layers alone, at decode batches and at a mixed step'
     --batches 1,128,4224 2>&1 | tee "$OUT/gemm-8b.txt"
   python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.2-1b \
     --batches 1,256,4352 2>&1 | tee "$OUT/gemm-1b.txt"
+}
+
+step_probe8b() {  # the 8B target's two halves: GEMM rate by row count, a decode step's timeline
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --blas cublas \
+    --batches 4096,4224,8192,8320,16384 2>&1 | tee "$OUT/gemm-8b-rows.txt"
+  step_timeline8b
+}
+
+step_timeline8b() {  # a steady batch-128 decode step: kernels and idle gaps, graph alone
+  profile 8b-decode-b128-timeline --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --phase decode --batch 128 --input-len 576 --steps 20 --timeline
+  grep -E "^!!" "$OUT/profile-8b-decode-b128-timeline.txt"
+  grep -A45 -- "-- timeline" "$OUT/profile-8b-decode-b128-timeline.txt"
+}
+
+step_autotune8b() {  # Triton's GEMM templates against cuBLAS at a decode and two prefill sizes
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b \
+    --blas cublas,inductor --batches 128,4224,16384 > "$OUT/gemm-8b-autotune.txt" 2>&1
+  grep -E "^  (cublas|inductor)|AUTOTUNE|^  *(triton|mm|bias|_mm)" "$OUT/gemm-8b-autotune.txt" \
+    | head -80
+}
+
+step_chunks8b() {  # the 8B target with prompt steps of 4,096 (the server's default), 8,192, 16,384 tokens
+  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  for t in 4096 8192 16384; do
+    offline 8b-b128-chunk$t $m --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+      --max-batch-prefill-tokens $t
+  done
 }
 
 step_profile_decode8b() {
