@@ -4,6 +4,10 @@ Prints output tokens/s, the time split between steps with prefill and decode-onl
 beside it the workload's floor: its prefill FLOPs over the measured matmul rate plus the bytes
 its decode steps must read (weights + KV cache) over the measured copy bandwidth.
 
+Run as a batch job: prompt steps of 16,384 tokens and no bound on the steps beside decodes,
+unless --max-batch-prefill-tokens or --prefill-chunk-ms is given (the server's defaults, 4,096
+and 40 ms, are for streams waiting on their tokens).
+
     python benchmarks/offline.py --model benchmarks/configs/llama-3.2-1b --load-format dummy \\
         --num-requests 256 --input-len 512 --output-len 128
     python benchmarks/offline.py ... --mixed        # inputs 32..1024, outputs 16..512, seed 0
@@ -33,6 +37,9 @@ from shard.kv_cache import bytes_per_token  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 from shard.scheduler import Sequence  # noqa: E402
 from shard.server import Runtime  # noqa: E402
+
+
+OFFLINE_PREFILL_TOKENS = 16384
 
 
 @dataclass
@@ -235,6 +242,12 @@ def main() -> None:
         # decodes unless asked (as vLLM's offline LLM class takes a larger token budget than
         # its server). The serving benchmark runs the shard's default.
         shard_argv += ["--prefill-chunk-ms", "0"]
+    if not any(a.startswith("--max-batch-prefill-tokens") for a in shard_argv) and (
+            "MAX_BATCH_PREFILL_TOKENS" not in os.environ):
+        # And prompt steps of 16,384 tokens, not the server's 4,096 (TGI's default, which keeps
+        # a burst's first tokens coming early): fewer, larger steps carry fewer decode rows
+        # through compute-bound products (docs/benchmarks.md, "Prompt steps of 16,384 tokens").
+        shard_argv += ["--max-batch-prefill-tokens", str(OFFLINE_PREFILL_TOKENS)]
     work = Workload.build(args)
     config = shard_config.parse(shard_argv, os.environ)
     runtime = None
@@ -253,7 +266,8 @@ def main() -> None:
         result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
                  f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
-                 f"{config.max_batch_size}, steps beside decodes "
+                 f"{config.max_batch_size}, max_batch_prefill_tokens "
+                 f"{config.max_batch_prefill_tokens}, steps beside decodes "
                  f"{runtime.info().prefill_chunk_tokens or 'unbounded'})")
     ceilings = measure_ceilings(device, dtype)
     report = {"workload": {"requests": args.num_requests, "mixed": args.mixed,
