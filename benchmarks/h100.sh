@@ -146,6 +146,18 @@ step_final8() {  # the eighth session's record: the batch targets with 16,384-to
   offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
+step_torch_backend() {  # the torch backend's tests, then its old and new decode path on the 1B
+  python3 -m pytest shard/tests/test_engine_cuda.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu-engine-tests.log" | tail -3
+  python3 -m pytest shard/tests/test_attention_cuda.py -k torch -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu-attention-torch-tests.log" | tail -3
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  offline 1b-b256-torch $m1 --num-requests 256 --input-len 512 --output-len 128 \
+    --attention torch
+  offline 1b-b256-torch-gathered $m1 --num-requests 256 --input-len 512 --output-len 128 \
+    --attention torch --decode-attention flash --cuda-graph-tokens 0
+}
+
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
   local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"

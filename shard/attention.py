@@ -75,6 +75,7 @@ class TorchAttention:
     """
 
     name = "torch"
+    decode_graphs = False  # its decode metadata depends on the contexts' lengths
 
     def prepare(self, layout: StepLayout) -> TorchMetadata:
         nd = layout.num_decodes
@@ -137,16 +138,29 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
 @dataclass(slots=True)
 class VarlenMetadata:
     slot_mapping: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    context_slots: torch.Tensor  # [sum of context lengths]: every sequence's cache slots, packed
+    # Decode rows [0, num_decodes) through the Triton kernel (0 when varlen_attn takes every row).
+    num_decodes: int
+    decode_table: torch.Tensor | None
+    decode_lens: torch.Tensor | None
+    # Rows [first_row, T) through varlen_attn; None when there are none.
+    first_row: int
+    cu_seqlens_q: torch.Tensor | None  # counts from first_row
+    cu_seqlens_k: torch.Tensor | None
+    context_slots: torch.Tensor | None  # [sum of their contexts]: their cache slots, packed
     max_query_len: int
     max_context_len: int
 
 
 class TorchVarlenAttention:
-    """CUDA: torch's varlen_attn (FlashAttention inside torch) over the contexts gathered from
-    the pages into one packed tensor per layer.
+    """CUDA without FlashAttention-4 (GPUs before Hopper, or FA4 not installed): torch's
+    varlen_attn (FlashAttention inside torch) for prefill chunks, over their contexts gathered
+    from the pages into one packed tensor per layer; decode rows through our Triton kernel
+    (shard/paged_decode.py), which reads the pages in place, or through varlen_attn as well when
+    `decode` is "flash" or Triton is missing.
+
+    With the Triton kernel, a decode-only step's metadata is the block table and the context
+    lengths alone, of fixed shape, so decode steps replay CUDA graphs as under the flash
+    backend. Gathering instead would copy every context per layer and depend on their lengths.
 
     torch 2.13's varlen_attn could read the pages itself (block_table); that path is not used
     because no GPU with torch 2.13 was at hand to test it (the lent H100 runs torch 2.11).
@@ -154,7 +168,7 @@ class TorchVarlenAttention:
 
     name = "torch"
 
-    def __init__(self):
+    def __init__(self, decode: str = "auto"):
         from torch.nn.attention.varlen import varlen_attn
 
         self._varlen_attn = varlen_attn
@@ -162,21 +176,41 @@ class TorchVarlenAttention:
         self._causal = ({"window_size": (-1, 0)} if "window_size" in params
                         else {"is_causal": True})
         self._native_gqa = "enable_gqa" in params
+        self.decode = _triton_decode(decode, "varlen_attn")
+        self.decode_graphs = self.decode is not None
 
     def prepare(self, layout: StepLayout) -> VarlenMetadata:
-        lens = layout.context_lens
-        device = layout.block_table.device
-        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        cu_k = starts.to(device, non_blocking=True)
-        row = torch.repeat_interleave(torch.arange(len(lens), device=device),
-                                      layout.seqused_k.long(), output_size=sum(lens))
-        position = torch.arange(sum(lens), device=device) - cu_k[:-1].long()[row]
-        blocks = layout.block_table[row, position // layout.block_size].long()
-        slots = blocks * layout.block_size + position % layout.block_size
-        return VarlenMetadata(layout.slot_mapping, layout.cu_seqlens_q, cu_k, slots,
-                              layout.max_query_len, max(lens))
+        nd = layout.num_decodes if self.decode is not None else 0
+        decode_table = decode_lens = cu_q = cu_k = slots = None
+        if nd:
+            decode_table, decode_lens = layout.block_table[:nd], layout.seqused_k[:nd]
+        first_row = layout.query_starts[nd]
+        lens = layout.context_lens[nd:]
+        if lens:  # varlen_attn takes the rest: prefill chunks (and decodes, without Triton)
+            device = layout.block_table.device
+            cu_q = layout.cu_seqlens_q[nd:] - first_row if nd else layout.cu_seqlens_q
+            starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            cu_k = starts.to(device, non_blocking=True)
+            row = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                          layout.seqused_k[nd:].long(), output_size=sum(lens))
+            position = torch.arange(sum(lens), device=device) - cu_k[:-1].long()[row]
+            blocks = layout.block_table[nd:][row, position // layout.block_size].long()
+            slots = blocks * layout.block_size + position % layout.block_size
+        # Decodes bring one row each: the step's longest query is the longest of these rows.
+        return VarlenMetadata(layout.slot_mapping, nd, decode_table, decode_lens, first_row,
+                              cu_q, cu_k, slots, layout.max_query_len, max(lens, default=0))
 
     def attend(self, q, k_cache, v_cache, meta: VarlenMetadata, out=None) -> torch.Tensor:
+        out = torch.empty_like(q) if out is None else out
+        nd = meta.num_decodes
+        if nd:
+            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
+        if meta.cu_seqlens_q is not None:
+            first = meta.first_row
+            out[first:] = self._varlen(q[first:], k_cache, v_cache, meta)
+        return out
+
+    def _varlen(self, q, k_cache, v_cache, meta: VarlenMetadata) -> torch.Tensor:
         heads, dim = k_cache.shape[-2:]
         keys = k_cache.view(-1, heads, dim)[meta.context_slots]
         values = v_cache.view(-1, heads, dim)[meta.context_slots]
@@ -184,10 +218,9 @@ class TorchVarlenAttention:
         if not self._native_gqa and q.shape[1] != heads:
             keys = keys.repeat_interleave(q.shape[1] // heads, dim=1)
             values = values.repeat_interleave(q.shape[1] // heads, dim=1)
-        result = self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                                   meta.max_query_len, meta.max_context_len, **self._causal,
-                                   **extra)
-        return result if out is None else out.copy_(result)
+        return self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                 meta.max_query_len, meta.max_context_len, **self._causal,
+                                 **extra)
 
 
 @dataclass(slots=True)
@@ -267,7 +300,8 @@ class FlashAttention:
         self._forward = forward
         hopper = torch.cuda.get_device_capability()[0] == 9
         self.decode_tile = (64, 128) if hopper else None
-        self.decode = _triton_decode(decode)
+        self.decode = _triton_decode(decode, "FlashAttention-4")
+        self.decode_graphs = True  # FA4 or Triton: decode metadata of fixed shape either way
         if not isinstance(forward.compile_cache, _LaunchRecorder):
             forward.compile_cache = _LaunchRecorder(forward.compile_cache)
         self._recorder = forward.compile_cache
@@ -322,8 +356,9 @@ class FlashAttention:
                             "goes through its Python interface")
 
 
-def _triton_decode(requested: str):
-    """The Triton decode kernel for --decode-attention, or None where FA4 takes decodes too."""
+def _triton_decode(requested: str, fallback: str):
+    """The Triton decode kernel for --decode-attention, or None where the backend's own
+    FlashAttention kernel (`fallback`) takes decode rows too."""
     if requested == "flash":
         return None
     try:
@@ -331,7 +366,7 @@ def _triton_decode(requested: str):
     except ImportError as exc:
         if requested == "triton":
             raise ValueError(f"--decode-attention triton: Triton is not importable: {exc}")
-        log.info("Triton is not importable (%s): FlashAttention-4 takes decode rows too", exc)
+        log.info("Triton is not importable (%s): %s takes decode rows too", exc, fallback)
         return None
     return PagedDecode(torch.device("cuda", torch.cuda.current_device()))
 
@@ -353,12 +388,13 @@ def flash_unavailable(device: torch.device) -> str | None:
 
 def select_backend(requested: str, device: torch.device, decode: str = "auto"):
     """The backend for --attention: flash where FlashAttention-4 runs, else torch. `decode`
-    (--decode-attention) picks the flash backend's kernel for decode rows."""
+    (--decode-attention) picks the kernel for decode rows on CUDA: our Triton kernel, or the
+    backend's FlashAttention (FA4, or the one inside torch's varlen_attn)."""
     reason = flash_unavailable(device)
     if requested == "flash" and reason:
         raise ValueError(f"--attention flash: {reason} (use --attention torch)")
     if requested in ("auto", "flash") and reason is None:
         return FlashAttention(decode)
     if device.type == "cuda":
-        return TorchVarlenAttention()
+        return TorchVarlenAttention(decode)
     return TorchAttention()

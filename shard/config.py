@@ -59,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention backend; auto: flash where its kernels are installed "
                              "for this GPU, else torch")
     parser.add_argument("--decode-attention", default="auto", choices=["auto", "triton", "flash"],
-                        help="kernel for decode rows under the flash backend; triton: our "
-                             "split-KV paged decode kernel (shard/paged_decode.py); flash: "
-                             "FlashAttention-4, as prefill; auto: triton where Triton imports")
+                        help="kernel for decode rows on cuda; triton: our split-KV paged "
+                             "decode kernel (shard/paged_decode.py); flash: the backend's "
+                             "FlashAttention, as prefill (FlashAttention-4 under flash, "
+                             "varlen_attn over gathered contexts under torch, which then "
+                             "captures no decode graphs); auto: triton where Triton imports")
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's config (for benchmarks)")
     parser.add_argument("--quantize", default="none", choices=["none", "int4"],
@@ -97,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", default="auto",
                         help="decode batch sizes to capture as CUDA graphs, comma-separated "
                              "(e.g. 1,2,4,8,16,32); 0 disables; auto: 1, 2, 4 and steps of "
-                             "8/16/32 up to --max-batch-size. Needs the flash backend")
+                             "8/16/32 up to --max-batch-size. Needs cuda and decode rows that read "
+                             "the pages in place: the flash backend, or torch with triton decode "
+                             "rows")
     parser.add_argument("--cuda-graph-tokens", default="auto",
                         help="token counts of steps with prefill chunks to capture piecewise "
                              "(each layer's dense work in CUDA graphs, attention eager between "
@@ -106,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to max prefill + batch size; past 2048 "
                              "only while a layer's matrix products stay under 0.8 TFLOP (the "
                              "1B model's 4096-token chunks: yes; 8B's: no). Larger steps run "
-                             "eagerly. Needs the flash backend")
+                             "eagerly. On cuda, either backend")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="fuse each elementwise stage of the model (RMSNorm, rotary, SiLU) "
                              "and the greedy pick of the sampler into one kernel with "

@@ -3,8 +3,8 @@
 Decode steps: a decode-only step of n sequences runs the graph captured for the smallest batch
 size >= n, attention included. Its inputs are copied into static buffers; rows n.. of the padded
 batch decode a dummy token whose K/V land in a scratch block that belongs to no request, with a
-context of one token. Graphs need attention metadata of fixed shape: only the flash backend
-provides it.
+context of one token. Graphs need attention metadata of fixed shape: the backends whose decode
+rows read the pages in place provide it (flash; torch with Triton decode rows).
 
 Steps with prefill chunks (piecewise): their attention depends on the chunks' lengths, so it
 stays outside, and what lies between two attention calls (one layer's output projection, MLP

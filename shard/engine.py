@@ -128,7 +128,7 @@ class Engine:
         self._reported_budget: dict[Stream, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Set once captured (CUDA with the flash backend): DecodeGraphs, PiecewiseGraphs.
+        # Set once captured (on CUDA): DecodeGraphs, PiecewiseGraphs.
         self.graphs = None
         self.piecewise = None
         self.last_step: Step | None = None  # the plan of the latest step, for measurements

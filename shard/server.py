@@ -24,7 +24,7 @@ import sluice
 from shard import budget as budgets
 from shard import config as shard_config
 from shard import loader
-from shard.attention import FlashAttention, select_backend
+from shard.attention import select_backend
 from shard.cuda_graphs import (DecodeGraphs, PiecewiseGraphs, parse_batch_sizes,
                                parse_token_sizes)
 from shard.engine import Engine, Limits, Stream
@@ -193,13 +193,15 @@ class Runtime:
                 and blocks <= self.engine.allocator.num_blocks)
 
     def _capture_graphs(self) -> None:
-        """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache."""
-        if self.device.type != "cuda" or not isinstance(self.attention, FlashAttention):
+        """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache.
+        Piecewise graphs under every CUDA backend (attention runs between them); decode graphs
+        where the backend's decode metadata has a fixed shape."""
+        if self.device.type != "cuda":
             return
         config, model, kv_cache = self.config, self.loaded.model, self.engine.kv_cache
         scratch_block = self.budget.num_blocks  # the KV cache's one block past the budget
         sizes = parse_batch_sizes(config.cuda_graphs, config.max_batch_size)
-        if sizes:
+        if sizes and self.attention.decode_graphs:
             self.engine.graphs = DecodeGraphs(
                 model, kv_cache, self.attention, sizes,
                 self.engine.scheduler.block_tables.shape[1], self.budget.block_size,

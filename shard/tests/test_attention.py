@@ -272,13 +272,45 @@ def test_rotary_into_cache_puts_q_in_the_given_buffer_and_k_v_in_their_slots():
 
 
 def test_varlen_metadata_packs_every_context_slot_in_order():
-    """What the CUDA torch backend gathers: each sequence's whole context, packed."""
+    """What the CUDA torch backend gathers when varlen_attn takes every row (--decode-attention
+    flash): each sequence's whole context, packed."""
     from shard.attention import TorchVarlenAttention
 
     step = make_step(MIXED, 4, 5, torch.float32, seed=4)
-    meta = TorchVarlenAttention().prepare(step.layout)
+    meta = TorchVarlenAttention("flash").prepare(step.layout)
+    assert meta.num_decodes == 0 and meta.first_row == 0 and meta.decode_table is None
     expected = torch.cat([slots_of(t, range(c + n), 5) for t, (c, n) in zip(step.tables, MIXED)])
     assert torch.equal(meta.context_slots, expected)
+    assert torch.equal(meta.cu_seqlens_q, step.layout.cu_seqlens_q)
     assert meta.cu_seqlens_k.tolist() == [0] + torch.tensor(
         [c + n for c, n in MIXED]).cumsum(0).tolist()
     assert meta.max_context_len == max(c + n for c, n in MIXED)
+
+
+def test_varlen_metadata_leaves_decode_rows_to_the_paged_kernel():
+    """With the Triton kernel (CUDA only; here any callable stands in, since prepare never calls
+    it) the decode rows keep their block tables and lengths, and varlen_attn gets only the
+    prefill sequences: their query rows counted from the first of them, their contexts packed."""
+    from shard.attention import TorchVarlenAttention
+
+    backend = TorchVarlenAttention("flash")
+    backend.decode = object()
+    step = make_step(MIXED, 4, 5, torch.float32, seed=4)
+    meta = backend.prepare(step.layout)
+    assert meta.num_decodes == 4
+    assert torch.equal(meta.decode_table, step.layout.block_table[:4])
+    assert meta.decode_lens.tolist() == [c + 1 for c, _ in MIXED[:4]]
+    prefills = MIXED[4:]
+    assert meta.first_row == 4
+    assert meta.cu_seqlens_q.tolist() == [0] + torch.tensor(
+        [n for _, n in prefills]).cumsum(0).tolist()
+    expected = torch.cat([slots_of(t, range(c + n), 5)
+                          for t, (c, n) in zip(step.tables[4:], prefills)])
+    assert torch.equal(meta.context_slots, expected)
+    assert meta.cu_seqlens_k.tolist() == [0] + torch.tensor(
+        [c + n for c, n in prefills]).cumsum(0).tolist()
+    assert meta.max_context_len == max(c + n for c, n in prefills)
+    # A decode-only step: nothing for varlen_attn at all.
+    decodes = make_step(DECODES_ONLY, 4, 5, torch.float32, seed=5)
+    meta = backend.prepare(decodes.layout)
+    assert meta.num_decodes == 4 and meta.cu_seqlens_q is None and meta.context_slots is None

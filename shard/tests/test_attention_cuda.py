@@ -22,7 +22,9 @@ CUDA = torch.device("cuda")
 def _backends() -> list:
     if not torch.cuda.is_available():
         return []
-    found = [pytest.param(TorchVarlenAttention, id="torch-varlen")]
+    # torch: decode rows through our Triton kernel, or through varlen_attn with the rest.
+    found = [pytest.param(functools.partial(TorchVarlenAttention, "triton"), id="torch"),
+             pytest.param(functools.partial(TorchVarlenAttention, "flash"), id="torch-varlen")]
     if flash_unavailable(CUDA) is None:  # decode rows through our Triton kernel, or FA4
         found.append(pytest.param(functools.partial(FlashAttention, "triton"), id="flash"))
         found.append(pytest.param(functools.partial(FlashAttention, "flash"), id="flash-fa4"))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shard import loader
-from shard.attention import FlashAttention, flash_unavailable, select_backend
+from shard.attention import (FlashAttention, TorchVarlenAttention, flash_unavailable,
+                             select_backend)
 from shard.config import parse
 from shard.cuda_graphs import PiecewiseGraphs
 from shard.parallel import TensorParallel
@@ -35,8 +36,8 @@ def relative_error(a, b) -> float:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attention, decode", [("torch", "auto"), ("flash", "triton"),
-                                               ("flash", "flash")])
+@pytest.mark.parametrize("attention, decode", [("torch", "triton"), ("torch", "flash"),
+                                               ("flash", "triton"), ("flash", "flash")])
 @pytest.mark.parametrize("fused_rotary", [False, True], ids=["separate", "fused-rotary"])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(
         folder, attention, decode, compiled, fused_rotary):
@@ -77,21 +78,26 @@ def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *
     return runtime, [stream.tokens(i) for i in range(len(prompts))]
 
 
+@pytest.mark.parametrize("attention", ["flash", "torch"])
 @pytest.mark.parametrize("graphs", [("auto", "16,32"), ("0", "0")], ids=["graphs", "eager"])
-def test_steps_after_warm_up_compile_nothing(folder, graphs):
+def test_steps_after_warm_up_compile_nothing(folder, graphs, attention):
     """Decode graphs, eager steps (past the largest piecewise bucket, or all of them) and the
     greedy pick at every batch size find their compiled code (test_warm_up.py)."""
     assert_no_compiling_after_warm_up(
         ["--model", str(folder), "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
-         "--cuda-graphs", graphs[0], "--cuda-graph-tokens", graphs[1]])
+         "--cuda-graphs", graphs[0], "--cuda-graph-tokens", graphs[1], "--attention", attention])
 
 
-def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder):
-    if flash_unavailable(CUDA):
+@pytest.mark.parametrize("attention", ["flash", "torch"])
+def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention):
+    """Under flash, and under torch with its decode rows through the Triton kernel."""
+    if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
-    runtime, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2)
+    runtime, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2,
+                            "--attention", attention)
     engine = runtime.engine
-    assert isinstance(runtime.attention, FlashAttention) and engine.graphs is not None
+    expected = FlashAttention if attention == "flash" else TorchVarlenAttention
+    assert isinstance(runtime.attention, expected) and engine.graphs is not None
     # The same decode step, replayed from a graph and run eagerly, gives the same logits.
     from shard import batch as step_batch
     from shard.tests.test_engine import Recorder, request
@@ -112,11 +118,22 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder):
     assert relative_error(graphed, eager) < 1e-2
 
 
-def test_engine_with_cuda_graphs_serves_a_mixed_batch_to_its_lengths(folder):
+@pytest.mark.parametrize("attention", ["flash", "torch"])
+def test_engine_with_cuda_graphs_serves_a_mixed_batch_to_its_lengths(folder, attention):
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
                for n in (3, 17, 40, 9, 64)]
-    _, tokens = run_greedy(folder, "auto", prompts, 12)
+    runtime, tokens = run_greedy(folder, "auto", prompts, 12, "--attention", attention)
+    assert runtime.engine.graphs is not None and runtime.engine.piecewise is not None
     assert [len(t) for t in tokens] == [12] * 5
+
+
+def test_torch_backend_without_triton_decode_rows_captures_no_decode_graphs(folder):
+    """varlen_attn over gathered contexts depends on their lengths: its decode steps run
+    eagerly (the piecewise graphs still hold the layers of steps with prompts)."""
+    runtime, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 5,
+                                 "--attention", "torch", "--decode-attention", "flash")
+    assert runtime.engine.graphs is None and runtime.engine.piecewise is not None
+    assert len(tokens[0]) == 5
 
 
 def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
@@ -132,11 +149,12 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     assert overlapped == synchronous
 
 
-def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(folder):
+@pytest.mark.parametrize("attention", ["flash", "torch"])
+def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(folder, attention):
     """A step with prefill chunks and decodes, padded to its token bucket: the real rows get the
     hidden states an eager forward gives, the real K/V land in their slots, and the padding rows
     write only the scratch block."""
-    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2)
+    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention)
     engine = runtime.engine
     assert engine.piecewise is not None
     from shard import batch as step_batch
