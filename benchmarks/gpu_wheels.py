@@ -22,10 +22,10 @@ import tomllib
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLASH = ["flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl==4.8.1",
-         "nvidia-cutlass-dsl-libs-base==4.8.1", "nvidia-cutlass-dsl-libs-core==4.8.1",
-         "apache-tvm-ffi", "torch-c-dlpack-ext", "quack-kernels"]
-CU13 = "nvidia-cutlass-dsl-libs-cu13==4.8.1"
+# What FlashAttention-4 needs besides pyproject's `flash` extra, fetched one wheel at a time
+# (--no-deps: torch is the image's, and the cu13 libraries, over one call's size limit, travel
+# apart). The CUTLASS DSL's libraries follow the DSL's pinned version.
+FLASH_DEPS = ["apache-tvm-ffi", "torch-c-dlpack-ext", "quack-kernels"]
 # The generated gRPC stubs need these, above pyproject's floor for the client side.
 STUBS = ["protobuf>=5.27", "grpcio>=1.66.2"]
 # What the GPU image brings and must keep: never downloaded, never replaced.
@@ -44,9 +44,22 @@ def _name(requirement: str) -> str:
     return requirement.lower().replace("-", "_")
 
 
-def requirements() -> list[str]:
+def _project() -> dict:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)["project"]
+        return tomllib.load(f)["project"]
+
+
+def flash_wheels() -> tuple[list[str], str]:
+    """(the wheels of the `flash` extra and their dependencies, the cu13 libraries' wheel)."""
+    extra = _project()["optional-dependencies"]["flash"]
+    dsl = next(r for r in extra if _name(r) == "nvidia_cutlass_dsl").split("==")[1]
+    pins = [r.replace("[cu13]", "") for r in extra]
+    libs = [f"nvidia-cutlass-dsl-libs-{part}=={dsl}" for part in ("base", "core")]
+    return pins + libs + FLASH_DEPS, f"nvidia-cutlass-dsl-libs-cu13=={dsl}"
+
+
+def requirements() -> list[str]:
+    project = _project()
     extras = project["optional-dependencies"]
     tests = [r for r in extras["test"] if _name(r) in GPU_TESTS]
     wanted = project["dependencies"] + extras["shard"] + tests + STUBS
@@ -56,13 +69,14 @@ def requirements() -> list[str]:
 def download() -> None:
     whl, deps = os.path.join(ROOT, ".whl"), os.path.join(ROOT, ".whl", "deps")
     pip = [sys.executable, "-m", "pip", "download", "-q", *PLATFORM]
-    subprocess.run(pip + ["--pre", "--no-deps", "-d", whl, *FLASH], check=True)
+    flash, cu13 = flash_wheels()
+    subprocess.run(pip + ["--pre", "--no-deps", "-d", whl, *flash], check=True)
     subprocess.run(pip + ["-d", deps, *requirements()], check=True)
     for path in glob.glob(os.path.join(deps, "*.whl")):
         if _name(os.path.basename(path)) in IMAGE:
             os.remove(path)  # pulled in as a dependency; the image has its own
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(pip + ["--no-deps", "-d", tmp, CU13], check=True)
+        subprocess.run(pip + ["--no-deps", "-d", tmp, cu13], check=True)
         unpacked = os.path.join(tmp, "unpacked")
         zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]).extractall(unpacked)
         os.makedirs(os.path.join(ROOT, ".gpu-cu13"), exist_ok=True)
