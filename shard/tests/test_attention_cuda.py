@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable, write_kv
+from shard.attention import FlashAttention, TorchVarlenAttention, flash_unavailable
 from shard.tests.test_attention import (BATCHES, MIXED, attention_layer,
                                         check_against_reference, make_step, RaggedStep,
                                         random_batch, reference, relative_error, run_backend)
@@ -112,33 +112,6 @@ def test_cuda_decode_batch_filling_the_gpu_matches_float64_reference(backend, he
     check_against_reference(step, 1e-2, "48 decodes", backend())
 
 
-@pytest.mark.parametrize("heads", HEADS + [pytest.param((12, 4, 96), id="h12-kv4-d96"),
-                                           pytest.param((8, 1, 64), id="h8-kv1-d64"),
-                                           pytest.param((4, 4, 128), id="h4-kv4-d128")])
-@pytest.mark.parametrize("block_size", [16, 5])
-@pytest.mark.parametrize("splits", [1, 2, 8, 32])
-def test_triton_decode_kernel_matches_float64_reference_at_every_split(heads, block_size,
-                                                                       splits):
-    """The kernel alone, over contexts of 1 to 700 tokens (some shorter than a split's share,
-    leaving splits empty), any head dim and GQA group, pages of any size."""
-    from shard.paged_decode import PagedDecode
-
-    gen = torch.Generator().manual_seed(11)
-    sequences = [(int(c), 1) for c in torch.randint(0, 700, (13,), generator=gen)]
-    sequences += [(0, 1), (63, 1), (64, 1), (127, 1)]
-    step = make_step(sequences, len(sequences), block_size, torch.bfloat16, 11,
-                     heads=heads).to(CUDA)
-    k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
-    write_kv(k_cache, v_cache, step.layout.slot_mapping, step.k, step.v)
-    out = torch.full_like(step.q, float("nan"))
-    PagedDecode(CUDA)(step.q, k_cache, v_cache, step.layout.block_table, step.layout.seqused_k,
-                      out, num_splits=splits)
-    ref = reference(step)
-    for i, (cached, _) in enumerate(sequences):
-        error = relative_error(out[i], ref[i])
-        assert error < 1e-2, f"sequence {i} ({cached + 1} tokens): relative error {error}"
-
-
 def test_triton_decode_splits_fill_the_gpu_from_the_batch_alone():
     from shard.paged_decode import PagedDecode
 
@@ -149,60 +122,3 @@ def test_triton_decode_splits_fill_the_gpu_from_the_batch_alone():
         assert splits & (splits - 1) == 0 and 1 <= splits <= 32
         assert batch * 8 * splits >= sms or splits == 32, batch
         assert splits == 1 or batch * 8 * splits // 2 < sms, batch
-
-
-def _rotary_case(heads, tokens, dtype, seed):
-    """qkv of `tokens` tokens at scattered positions, cos/sin tables, caches of random
-    contents and a slot per token in shuffled order."""
-    num_heads, num_kv_heads, head_dim = heads
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g,
-                      device=CUDA).to(dtype)
-    angles = torch.rand(4096, head_dim // 2, generator=g, device=CUDA) * 100
-    positions = torch.randint(0, 4096, (tokens,), generator=g, device=CUDA)
-    caches = [torch.randn(64, 16, num_kv_heads, head_dim, generator=g, device=CUDA).to(dtype)
-              for _ in range(2)]
-    slots = torch.randperm(64 * 16, generator=g, device=CUDA)[:tokens]
-    return qkv, positions, angles.cos(), angles.sin(), caches, slots
-
-
-@pytest.mark.parametrize("heads", HEADS + [pytest.param((14, 2, 80), id="h14-kv2-d80")])
-@pytest.mark.parametrize("tokens", [1, 37, 300])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=["bf16", "fp16", "fp32"])
-def test_fused_rotary_writes_what_rotary_then_index_copy_write(heads, tokens, dtype):
-    """The Triton kernel of --fused-rotary against the separate stages it replaces (eager
-    ops.rotary, then write_kv): v bit-exact, q and k within one rounding of the dtype (the
-    kernel may fuse a multiply-add that eager rounds twice), every other slot untouched."""
-    from shard.models.ops import rotary, rotary_then_write
-    from shard.rotary_cache import rotary_into_cache
-
-    num_heads, num_kv_heads, head_dim = heads
-    qkv, positions, cos, sin, caches, slots = _rotary_case(heads, tokens, dtype, seed=tokens)
-    expected = [c.clone() for c in caches]
-    expected_q = rotary_then_write(rotary)(qkv, positions, cos, sin, *expected, slots, *heads)
-    # Into a buffer with rows to spare, as the piecewise graphs give it: only its rows change.
-    buffer = torch.full((tokens + 2, num_heads, head_dim), 5.0, dtype=dtype, device=CUDA)
-    q = rotary_into_cache(qkv, positions, cos, sin, *caches, slots, *heads, out=buffer[:tokens])
-    assert q.shape == (tokens, num_heads, head_dim) and q.data_ptr() == buffer.data_ptr()
-    assert torch.equal(buffer[tokens:], torch.full_like(buffer[tokens:], 5.0))
-    fresh = rotary_into_cache(qkv, positions, cos, sin, *[c.clone() for c in caches], slots,
-                              *heads)
-    assert torch.equal(fresh, q)
-    # One rounding of a value, or of a product near a cancellation (values here are ~1-4).
-    ulp = torch.finfo(dtype).eps
-    torch.testing.assert_close(q, expected_q, rtol=ulp, atol=4 * ulp)
-    torch.testing.assert_close(caches[0], expected[0], rtol=ulp, atol=4 * ulp)
-    assert torch.equal(caches[1], expected[1])
-    # Untouched slots bit-exact: only the step's slots may differ at all.
-    others = torch.ones(64 * 16, dtype=torch.bool, device=CUDA)
-    others[slots] = False
-    assert torch.equal(caches[0].view(-1, num_kv_heads, head_dim)[others],
-                       expected[0].view(-1, num_kv_heads, head_dim)[others])
-    # And against the float64 rotation itself.
-    half = head_dim // 2
-    x = qkv.double()[:, :num_heads * head_dim].view(tokens, num_heads, head_dim)
-    c, s = cos.double()[positions][:, None], sin.double()[positions][:, None]
-    exact = torch.cat((x[..., :half] * c - x[..., half:] * s,
-                       x[..., half:] * c + x[..., :half] * s), dim=-1)
-    assert relative_error(q, exact.cpu()) < 4 * ulp
