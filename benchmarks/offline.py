@@ -236,18 +236,17 @@ def main() -> None:
                              "before it)")
     parser.add_argument("--json-out", default=None)
     args, shard_argv = parser.parse_known_args()
-    if not any(a.startswith("--prefill-chunk-ms") for a in shard_argv) and (
-            "PREFILL_CHUNK_MS" not in os.environ):
-        # A batch job has no stream waiting for its next token: no bound on the steps beside
-        # decodes unless asked (as vLLM's offline LLM class takes a larger token budget than
-        # its server). The serving benchmark runs the shard's default.
-        shard_argv += ["--prefill-chunk-ms", "0"]
-    if not any(a.startswith("--max-batch-prefill-tokens") for a in shard_argv) and (
-            "MAX_BATCH_PREFILL_TOKENS" not in os.environ):
-        # And prompt steps of 16,384 tokens, not the server's 4,096 (TGI's default, which keeps
-        # a burst's first tokens coming early): fewer, larger steps carry fewer decode rows
-        # through compute-bound products (docs/benchmarks.md, "Prompt steps of 16,384 tokens").
-        shard_argv += ["--max-batch-prefill-tokens", str(OFFLINE_PREFILL_TOKENS)]
+    # A batch job has no stream waiting for its next token: no bound on the steps beside
+    # decodes, and prompt steps of 16,384 tokens, not the server's 4,096 (TGI's default, which
+    # keeps a burst's first tokens coming early), unless asked; as vLLM's offline LLM class
+    # takes a larger token budget than its server. Fewer, larger steps carry fewer decode rows
+    # through compute-bound products (docs/benchmarks.md, the eighth session). The serving
+    # benchmark runs the shard's defaults.
+    for flag, value in (("--prefill-chunk-ms", "0"),
+                        ("--max-batch-prefill-tokens", str(OFFLINE_PREFILL_TOKENS))):
+        env = flag.removeprefix("--").replace("-", "_").upper()
+        if not any(a.startswith(flag) for a in shard_argv) and env not in os.environ:
+            shard_argv += [flag, value]
     work = Workload.build(args)
     config = shard_config.parse(shard_argv, os.environ)
     runtime = None

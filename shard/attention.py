@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -136,22 +136,61 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
 
 
 @dataclass(slots=True)
-class VarlenMetadata:
-    slot_mapping: torch.Tensor
-    # Decode rows [0, num_decodes) through the Triton kernel (0 when varlen_attn takes every row).
+class DecodeSplit:
+    """How a CUDA step's rows divide: [0, num_decodes) through the Triton kernel (0 when the
+    backend's own kernel takes every row), the rest from first_row on."""
+
     num_decodes: int
     decode_table: torch.Tensor | None
     decode_lens: torch.Tensor | None
-    # Rows [first_row, T) through varlen_attn; None when there are none.
     first_row: int
-    cu_seqlens_q: torch.Tensor | None  # counts from first_row
+    cu_seqlens_q: torch.Tensor | None  # the rest's, counting from first_row; None: no rest
+
+    def parts(self) -> dict:
+        """The split's fields, to build a backend's metadata (which extends this) from."""
+        return {f.name: getattr(self, f.name) for f in fields(DecodeSplit)}
+
+
+class _TritonDecodeRows:
+    """What the CUDA backends share: decode rows through `self.decode` (our Triton kernel, or
+    None), the other rows through the backend's `_rest`."""
+
+    def _split(self, layout: StepLayout) -> DecodeSplit:
+        nd = layout.num_decodes if self.decode is not None else 0
+        table = lens = cu_q = None
+        if nd:
+            table, lens = layout.block_table[:nd], layout.seqused_k[:nd]
+        first_row = layout.query_starts[nd]
+        if nd < len(layout.context_lens):
+            cu_q = layout.cu_seqlens_q[nd:] - first_row if nd else layout.cu_seqlens_q
+        return DecodeSplit(nd, table, lens, first_row, cu_q)
+
+    def attend(self, q, k_cache, v_cache, meta, out=None) -> torch.Tensor:
+        out = torch.empty_like(q) if out is None else out
+        nd = meta.num_decodes
+        if nd:
+            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
+        if meta.cu_seqlens_q is not None:
+            first = meta.first_row
+            self._rest(q[first:], k_cache, v_cache, meta, out[first:])
+        return out
+
+    def _rest(self, q, k_cache, v_cache, meta, out) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class VarlenMetadata(DecodeSplit):
+    """The rows past the decodes go through varlen_attn over their gathered contexts."""
+
+    slot_mapping: torch.Tensor
     cu_seqlens_k: torch.Tensor | None
     context_slots: torch.Tensor | None  # [sum of their contexts]: their cache slots, packed
     max_query_len: int
     max_context_len: int
 
 
-class TorchVarlenAttention:
+class TorchVarlenAttention(_TritonDecodeRows):
     """CUDA without FlashAttention-4 (GPUs before Hopper, or FA4 not installed): torch's
     varlen_attn (FlashAttention inside torch) for prefill chunks, over their contexts gathered
     from the pages into one packed tensor per layer; decode rows through our Triton kernel
@@ -180,15 +219,12 @@ class TorchVarlenAttention:
         self.decode_graphs = self.decode is not None
 
     def prepare(self, layout: StepLayout) -> VarlenMetadata:
-        nd = layout.num_decodes if self.decode is not None else 0
-        decode_table = decode_lens = cu_q = cu_k = slots = None
-        if nd:
-            decode_table, decode_lens = layout.block_table[:nd], layout.seqused_k[:nd]
-        first_row = layout.query_starts[nd]
+        split = self._split(layout)
+        nd = split.num_decodes
+        cu_k = slots = None
         lens = layout.context_lens[nd:]
         if lens:  # varlen_attn takes the rest: prefill chunks (and decodes, without Triton)
             device = layout.block_table.device
-            cu_q = layout.cu_seqlens_q[nd:] - first_row if nd else layout.cu_seqlens_q
             starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             cu_k = starts.to(device, non_blocking=True)
             row = torch.repeat_interleave(torch.arange(len(lens), device=device),
@@ -197,20 +233,12 @@ class TorchVarlenAttention:
             blocks = layout.block_table[nd:][row, position // layout.block_size].long()
             slots = blocks * layout.block_size + position % layout.block_size
         # Decodes bring one row each: the step's longest query is the longest of these rows.
-        return VarlenMetadata(layout.slot_mapping, nd, decode_table, decode_lens, first_row,
-                              cu_q, cu_k, slots, layout.max_query_len, max(lens, default=0))
+        return VarlenMetadata(**split.parts(), slot_mapping=layout.slot_mapping,
+                              cu_seqlens_k=cu_k, context_slots=slots,
+                              max_query_len=layout.max_query_len,
+                              max_context_len=max(lens, default=0))
 
-    def attend(self, q, k_cache, v_cache, meta: VarlenMetadata, out=None) -> torch.Tensor:
-        out = torch.empty_like(q) if out is None else out
-        nd = meta.num_decodes
-        if nd:
-            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
-        if meta.cu_seqlens_q is not None:
-            first = meta.first_row
-            out[first:] = self._varlen(q[first:], k_cache, v_cache, meta)
-        return out
-
-    def _varlen(self, q, k_cache, v_cache, meta: VarlenMetadata) -> torch.Tensor:
+    def _rest(self, q, k_cache, v_cache, meta: VarlenMetadata, out) -> None:
         heads, dim = k_cache.shape[-2:]
         keys = k_cache.view(-1, heads, dim)[meta.context_slots]
         values = v_cache.view(-1, heads, dim)[meta.context_slots]
@@ -218,21 +246,16 @@ class TorchVarlenAttention:
         if not self._native_gqa and q.shape[1] != heads:
             keys = keys.repeat_interleave(q.shape[1] // heads, dim=1)
             values = values.repeat_interleave(q.shape[1] // heads, dim=1)
-        return self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                                 meta.max_query_len, meta.max_context_len, **self._causal,
-                                 **extra)
+        out.copy_(self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                    meta.max_query_len, meta.max_context_len, **self._causal,
+                                    **extra))
 
 
 @dataclass(slots=True)
-class FlashMetadata:
+class FlashMetadata(DecodeSplit):
+    """The rows past the decodes go through FA4, reading the pages by block table."""
+
     slot_mapping: torch.Tensor
-    # Decode rows [0, num_decodes) through the Triton kernel (0 when FA4 takes every row).
-    num_decodes: int
-    decode_table: torch.Tensor | None
-    decode_lens: torch.Tensor | None
-    # Rows [first_row, T) through FA4: cu_seqlens_q counts from first_row. None: no such rows.
-    first_row: int
-    cu_seqlens_q: torch.Tensor | None
     seqused_k: torch.Tensor | None
     block_table: torch.Tensor | None
     max_query_len: int
@@ -267,7 +290,7 @@ class _LaunchRecorder:
         return getattr(self.cache, name)
 
 
-class FlashAttention:
+class FlashAttention(_TritonDecodeRows):
     """FlashAttention-4 (flash_attn.cute) on Hopper and newer for prefill chunks, one varlen call
     per layer over the pages through the block table (causal, bottom-right aligned, so a query
     sees its cached context); decode rows through our Triton kernel (shard/paged_decode.py),
@@ -308,32 +331,17 @@ class FlashAttention:
         self.replay = True  # off once a recorded launch does not look as expected
 
     def prepare(self, layout: StepLayout) -> FlashMetadata:
-        nd = layout.num_decodes if self.decode is not None else 0
-        rows = len(layout.context_lens)
-        decode_table = decode_lens = cu_seqlens_q = seqused_k = block_table = None
-        if nd:
-            decode_table, decode_lens = layout.block_table[:nd], layout.seqused_k[:nd]
-        first_row = layout.query_starts[nd]
-        if nd < rows:  # FA4 takes the rest: prefill chunks (and decodes, without Triton)
-            cu_seqlens_q = layout.cu_seqlens_q
-            if nd:
-                cu_seqlens_q = cu_seqlens_q[nd:] - first_row
+        split = self._split(layout)
+        nd = split.num_decodes
+        seqused_k = block_table = None
+        if split.cu_seqlens_q is not None:  # FA4 takes the rest (and decodes, without Triton)
             seqused_k, block_table = layout.seqused_k[nd:], layout.block_table[nd:]
         # Decodes bring one row each, so the longest query is the step's, FA4's rows or not.
-        return FlashMetadata(layout.slot_mapping, nd, decode_table, decode_lens, first_row,
-                             cu_seqlens_q, seqused_k, block_table, layout.max_query_len)
+        return FlashMetadata(**split.parts(), slot_mapping=layout.slot_mapping,
+                             seqused_k=seqused_k, block_table=block_table,
+                             max_query_len=layout.max_query_len)
 
-    def attend(self, q, k_cache, v_cache, meta: FlashMetadata, out=None) -> torch.Tensor:
-        out = torch.empty_like(q) if out is None else out
-        nd = meta.num_decodes
-        if nd:
-            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
-        if meta.cu_seqlens_q is not None:
-            first = meta.first_row
-            self._flash(q[first:], k_cache, v_cache, meta, out[first:])
-        return out
-
-    def _flash(self, q, k_cache, v_cache, meta: FlashMetadata, out) -> None:
+    def _rest(self, q, k_cache, v_cache, meta: FlashMetadata, out) -> None:
         if meta.launch is not None and meta.launch[0] == (q.shape, q.dtype):
             _, kernel, args = meta.launch
             kernel(q.detach(), k_cache.detach(), v_cache.detach(), out, *args[4:])
