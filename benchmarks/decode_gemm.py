@@ -9,6 +9,12 @@ BLAS (cuBLAS), cuBLASLt (`torch.backends.cuda.preferred_blas_library`), and `ind
 product compiled by torch.compile with max-autotune, which times Triton's GEMM templates against
 cuBLAS for each shape and keeps the fastest (its table goes to stderr).
 
+`--chain` times instead what a decode step really runs: every layer's products in order, each
+layer with its own weights (so nothing stays in L2 between calls of one projection), with the
+products named in `--split-k` (e.g. `o2,down2`) split along K: a batched product of the K
+slices into float32 partials, then their sum (timed with and without it, since the sum can ride
+in the elementwise stage that follows each product).
+
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +50,19 @@ def main() -> None:
     parser.add_argument("--config", default="benchmarks/configs/llama-3.1-8b")
     parser.add_argument("--batches", default="1,64,128,256")
     parser.add_argument("--blas", default="cublas,cublaslt")
+    parser.add_argument("--chain", action="store_true",
+                        help="time the step's products in order over every layer's weights")
+    parser.add_argument("--split-k", default="",
+                        help="with --chain: variants separated by ';', each a comma list of "
+                             "projection + K slices, e.g. 'none;o2,down2' ('none' or '': no "
+                             "product split)")
+    parser.add_argument("--replays", type=int, default=5,
+                        help="with --chain: graph replays timed (2 steps each); many replays "
+                             "time the products under sustained load")
     args = parser.parse_args()
+    if args.chain:
+        chain(args)
+        return
 
     with open(os.path.join(args.config, "config.json")) as f:
         shapes = projections(json.load(f))
@@ -76,6 +95,80 @@ def main() -> None:
                   f"{total_bytes / total_us / 1e3:5.0f} GB/s, {total_flops / total_us / 1e6:3.0f} "
                   f"TFLOP/s, floor "
                   f"{total_bytes / copy_bw / 1e6:5.2f} ms | " + "; ".join(parts))
+    torch.backends.cuda.preferred_blas_library("cublas")
+
+
+def split_k_linear(x: torch.Tensor, w: torch.Tensor, slices: int, reduce: bool = True):
+    """x @ w.T as `slices` products over K slices into float32 partials, summed if `reduce`."""
+    m, k = x.shape
+    n = w.shape[0]
+    xs = x.view(m, slices, k // slices).transpose(0, 1)        # [s, m, k/s]
+    ws = w.view(n, slices, k // slices).permute(1, 2, 0)       # [s, k/s, n]
+    partial = torch.bmm(xs, ws, out_dtype=torch.float32)        # [s, m, n]
+    return partial.sum(0, dtype=torch.float32).to(x.dtype) if reduce else partial
+
+
+def chain(args) -> None:
+    with open(os.path.join(args.config, "config.json")) as f:
+        config = json.load(f)
+    shapes = projections(config)
+    layers = config["num_hidden_layers"]
+    dev = torch.device("cuda")
+    copy_bw = measure_ceilings(dev, torch.bfloat16).copy_bytes_per_s / 1e9
+    order = ["qkv", "o", "gate_up", "down"]
+    weights = [{name: torch.randn(shapes[name][1], shapes[name][0], dtype=torch.bfloat16,
+                                  device=dev) * 0.02 for name in order} for _ in range(layers)]
+    layer_bytes = sum(w.numel() * 2 for w in weights[0].values())
+    floor_ms = layers * layer_bytes / copy_bw / 1e6
+    print(f"{args.config}: copy bandwidth {copy_bw:.0f} GB/s; {layers} layers x "
+          f"{layer_bytes / 1e6:.0f} MB of weights: floor {floor_ms:.3f} ms per step of these "
+          f"products")
+    for m in (int(b) for b in args.batches.split(",")):
+        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device=dev)
+                  for name in order}
+        # Check the split products against the plain one before timing them.
+        for name in order:
+            w = weights[0][name]
+            for s in (2, 4):
+                if shapes[name][0] % s == 0:
+                    ref = F.linear(inputs[name], w).float()
+                    err = (split_k_linear(inputs[name], w, s).float() - ref).abs().max().item()
+                    assert err <= 2e-2 * ref.abs().max().item(), (name, s, err)
+        for blas in args.blas.split(","):
+            torch.backends.cuda.preferred_blas_library(blas)
+            for variant in args.split_k.split(";"):
+                split = {}
+                for part in filter(None, variant.replace("none", "").split(",")):
+                    name, slices = re.fullmatch(r"([a-z_]+?)(\d+)", part).groups()
+                    split[name] = int(slices)
+                times = []
+                for reduce in (True, False):
+                    def step():
+                        for layer in weights:
+                            for name in order:
+                                s = split.get(name, 1)
+                                if s == 1:
+                                    F.linear(inputs[name], layer[name])
+                                else:
+                                    split_k_linear(inputs[name], layer[name], s, reduce)
+                    times.append(timed_us(step, calls=2, replays=args.replays))
+                    if not split:
+                        break
+                us = times[0]
+                per_call = {}
+                for name in order:  # each projection alone, over the layers' weights in turn
+                    s = split.get(name, 1)
+                    def one():
+                        for layer in weights:
+                            if s == 1:
+                                F.linear(inputs[name], layer[name])
+                            else:
+                                split_k_linear(inputs[name], layer[name], s)
+                    per_call[name] = timed_us(one, calls=2, replays=args.replays) / layers
+                without = f", without the sums {times[1] / 1e3:.3f} ms" if len(times) > 1 else ""
+                print(f"  {blas:9s} m={m:4d} split [{variant or 'none'}]: {us / 1e3:.3f} ms per "
+                      f"step ({layers * layer_bytes / us / 1e3:.0f} GB/s){without} | "
+                      + "; ".join(f"{n} {t:.1f} µs" for n, t in per_call.items()))
     torch.backends.cuda.preferred_blas_library("cublas")
 
 

@@ -50,7 +50,7 @@ offline() {  # offline NAME ARGS...: one run, its JSON in $OUT/NAME.json
   local name=$1; shift
   echo "== $name: $*"
   timeout 420 python3 benchmarks/offline.py --json-out "$OUT/$name.json" "$@" 2>&1 \
-    | grep -v " INFO " | tail -6
+    | grep -v " INFO " | tail -8
 }
 
 step_offline_1b() {
@@ -145,6 +145,15 @@ step_final8() {  # the eighth session's record: the batch targets with 16,384-to
   offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
   offline 1b-mixed $m1 --num-requests 512 --mixed
   offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+}
+
+step_final9() {  # the ninth session's record: final8, with the 8B run's clocks sampled
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-mixed $m1 --num-requests 512 --mixed
+  clocks 8b-b128 offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 \
+    --repeat 3
 }
 
 step_torch_backend() {  # the torch backend's tests, then its old and new decode path on the 1B
@@ -264,6 +273,46 @@ step_autotune8b() {  # Triton's GEMM templates against cuBLAS at a decode and tw
     --blas cublas,inductor --batches 128,4224,16384 > "$OUT/gemm-8b-autotune.txt" 2>&1
   grep -E "^  (cublas|inductor)|AUTOTUNE|^  *(triton|mm|bias|_mm)" "$OUT/gemm-8b-autotune.txt" \
     | head -80
+}
+
+step_splitk8b() {  # the decode step's products in order, some split along K (ninth session)
+  python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --chain \
+    --batches 128 --blas cublas,cublaslt \
+    --split-k ";o2;o4;qkv2;qkv4;down2;down4;gate_up2;qkv2,o4,down2;qkv4,o4,down4" 2>&1 \
+    | tee "$OUT/gemm-8b-splitk.txt"
+}
+
+clocks() {  # clocks NAME CMD...: CMD with the GPU's clocks and power sampled every 50 ms
+  local name=$1; shift
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,utilization.gpu,clocks_event_reasons.active \
+    --format=csv,noheader,nounits -lms 50 > "$OUT/clocks-$name.csv" &
+  local smi=$!
+  "$@"
+  kill $smi; wait $smi 2>/dev/null
+  python3 - "$OUT/clocks-$name.csv" <<'PY'
+import collections, statistics, sys
+rows = [[f.strip() for f in line.split(",")] for line in open(sys.argv[1]) if line.count(",") == 4]
+busy = [r for r in rows if r[3].isdigit() and int(r[3]) >= 50]
+if busy:
+    sm = sorted(int(r[0]) for r in busy)
+    watts = sorted(float(r[2]) for r in busy)
+    print(f"   {len(busy)} busy samples of {len(rows)}: SM clock MHz min {sm[0]} median "
+          f"{statistics.median(sm)} max {sm[-1]}; power W median {statistics.median(watts):.0f} "
+          f"max {watts[-1]:.0f}; reasons {dict(collections.Counter(r[4] for r in busy))}")
+PY
+}
+
+step_clocks8b() {  # are the products slower under sustained load, and what are the clocks then?
+  local c="python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --chain
+    --batches 128 --blas cublas --split-k none"
+  clocks chain-short $c --replays 5
+  clocks chain-long $c --replays 400
+  local a="python3 benchmarks/decode_attention.py --batch 128 --head-dim 128 --context 640
+    --block-sizes 16 --tiles , --triton 64/4/3"
+  clocks attention-short $a --iters 50
+  clocks attention-long $a --iters 20000
+  clocks 8b-target offline 8b-b128-clocks --model benchmarks/configs/llama-3.1-8b \
+    --load-format dummy --num-requests 128 --input-len 512 --output-len 128
 }
 
 step_chunks8b() {  # the 8B target with prompt steps of 4,096 (the server's default), 8,192, 16,384 tokens
