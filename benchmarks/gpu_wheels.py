@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What FlashAttention-4 needs besides pyproject's `flash` extra, fetched one wheel at a time
 # (--no-deps: torch is the image's, and the cu13 libraries, over one call's size limit, travel
 # apart). The CUTLASS DSL's libraries follow the DSL's pinned version.
-FLASH_DEPS = ["apache-tvm-ffi", "torch-c-dlpack-ext", "quack-kernels"]
+FLASH_DEPS = ["apache-tvm-ffi", "torch-c-dlpack-ext"]
 # The generated gRPC stubs need these, above pyproject's floor for the client side.
 STUBS = ["protobuf>=5.27", "grpcio>=1.66.2"]
 # What the GPU image brings and must keep: never downloaded, never replaced.

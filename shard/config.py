@@ -38,6 +38,7 @@ class ShardConfig:
     cuda_graph_tokens: str
     compile: str
     fused_rotary: str
+    fused_mlp: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
     log_format: str
@@ -119,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotate q and k and write k and v to their cache slots in one "
                              "Triton kernel per layer instead of three kernels; on needs "
                              "cuda; auto: on cuda only")
+    parser.add_argument("--fused-mlp", default="auto", choices=["auto", "on", "off"],
+                        help="in steps of at least 1,024 tokens, apply SiLU(gate) x up in the "
+                             "gate/up product's epilogue (quack's GEMM, installed with "
+                             "flash-attn-4) instead of a separate pass; on needs cuda with "
+                             "compute capability 9.0+, bfloat16 or float16, and quack; auto: "
+                             "on where those hold")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

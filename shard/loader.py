@@ -52,10 +52,12 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
          attention, load_format: str = "auto", quantize: str = "none",
-         compiled: bool = False, fused_rotary: bool = False) -> LoadedModel:
+         compiled: bool = False, fused_rotary: bool = False,
+         fused_mlp: bool = False) -> LoadedModel:
     """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel.
     compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py).
-    fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA)."""
+    fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA).
+    fused_mlp: large steps' gate/up products apply SiLU × up in their epilogue (Hopper)."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
         raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "
@@ -72,7 +74,8 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
             tokenizer = tokenizers.from_folder(source.path)
         weights = None if load_format == "dummy" else _safetensors(source.path)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled, fused_rotary))
+        model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled, fused_rotary,
+                                                                     fused_mlp))
     if load_format == "dummy":
         _randomize(model)
     else:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import sluice
 from shard import budget as budgets
 from shard import config as shard_config
+from shard import fused_mlp as shard_fused_mlp
 from shard import loader
 from shard.attention import select_backend
 from shard.cuda_graphs import (DecodeGraphs, PiecewiseGraphs, parse_batch_sizes,
@@ -79,13 +80,16 @@ class Runtime:
         fused_rotary = _wanted(config.fused_rotary, self.device)
         if fused_rotary and self.device.type != "cuda":
             raise ValueError("--fused-rotary on needs a CUDA device (it is a Triton kernel)")
+        fused_mlp = _fused_mlp_wanted(config.fused_mlp, self.device, self.dtype)
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
                                   self.attention, config.load_format, config.quantize,
-                                  self.compiled, fused_rotary)
+                                  self.compiled, fused_rotary, fused_mlp)
         log.info("weights: %s; quantization: %s; elementwise stages %s; rotary and cache "
-                 "write %s", self.dtype, self.loaded.quantization,
+                 "write %s; SiLU x up %s", self.dtype, self.loaded.quantization,
                  "compiled" if self.compiled else "eager",
-                 "fused" if fused_rotary else "separate")
+                 "fused" if fused_rotary else "separate",
+                 f"in the gate/up product from {shard_fused_mlp.MIN_TOKENS} tokens"
+                 if fused_mlp else "a separate pass")
         peak = 0
         if self.device.type == "cuda":
             peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,
@@ -245,6 +249,18 @@ def _wanted(setting: str, device: torch.device) -> bool:
     """An auto|on|off flag whose auto means on for CUDA (--compile, --fused-rotary,
     --async-scheduling)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _fused_mlp_wanted(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """--fused-mlp: auto means wherever quack's GEMM runs; on insists."""
+    if setting == "off":
+        return False
+    reason = shard_fused_mlp.unavailable(device, dtype)
+    if setting == "on" and reason:
+        raise ValueError(f"--fused-mlp on: {reason} (use --fused-mlp off)")
+    if reason and device.type == "cuda":
+        log.info("--fused-mlp auto: SiLU x up stays a separate pass: %s", reason)
+    return reason is None
 
 
 def _device(name: str) -> torch.device:

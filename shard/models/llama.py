@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from shard import fused_mlp
 from shard.models.config import ModelConfig
 from shard.models.ops import EAGER, Ops
 from shard.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -101,7 +102,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if (self.ops.swiglu_linear is not None and x.shape[0] >= fused_mlp.MIN_TOKENS
+                and gate_up.weight is not None and gate_up.bias is None):
+            return self.down_proj(self.ops.swiglu_linear(x, gate_up.weight))
+        return self.down_proj(self.ops.silu_mul(gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

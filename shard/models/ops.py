@@ -75,18 +75,26 @@ class Ops:
     rotary_into_cache: Callable
     compiled: bool
     fused_rotary: bool
+    # (x, gate_up weight) -> SiLU(gate) × up in one product, for steps of at least
+    # shard.fused_mlp.MIN_TOKENS rows; None: always gate/up, then silu_mul.
+    swiglu_linear: Callable | None = None
 
     @classmethod
-    def build(cls, compiled: bool, fused_rotary: bool = False) -> "Ops":
+    def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False
+              ) -> "Ops":
         """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
-        otherwise the rotary stage followed by two index copies."""
+        otherwise the rotary stage followed by two index copies. fused_mlp: large steps' gate/up
+        products apply SiLU × up in their epilogue (shard/fused_mlp.py, quack on Hopper)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
         else:
             rotary_into_cache = rotary_then_write(stage(rotary))
+        swiglu_linear = None
+        if fused_mlp:
+            from shard.fused_mlp import swiglu_linear
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
-                   compiled=compiled, fused_rotary=fused_rotary)
+                   compiled=compiled, fused_rotary=fused_rotary, swiglu_linear=swiglu_linear)
 
 
 def compile_stage(fn: Callable) -> Callable:

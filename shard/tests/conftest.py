@@ -18,7 +18,8 @@ from shard.tests.tiny_model import write_tiny_model
 # GPU tests exist only where a GPU does (the lent H100): elsewhere they are not collected at
 # all, rather than reported as skipped.
 collect_ignore = [] if torch.cuda.is_available() else ["test_attention_cuda.py",
-                                                        "test_engine_cuda.py"]
+                                                        "test_engine_cuda.py",
+                                                        "test_fused_mlp_cuda.py"]
 
 
 @pytest.fixture(scope="package", autouse=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shard import fused_mlp as shard_fused_mlp
 from shard import loader
 from shard.attention import (FlashAttention, TorchVarlenAttention, flash_unavailable,
                              select_backend)
@@ -38,9 +39,10 @@ def relative_error(a, b) -> float:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention, decode", [("torch", "triton"), ("torch", "flash"),
                                                ("flash", "triton"), ("flash", "flash")])
-@pytest.mark.parametrize("fused_rotary", [False, True], ids=["separate", "fused-rotary"])
+@pytest.mark.parametrize("fused_rotary, fused_mlp", [(False, False), (True, False), (True, True)],
+                         ids=["separate", "fused-rotary", "fused-rotary-mlp"])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(
-        folder, attention, decode, compiled, fused_rotary):
+        folder, attention, decode, compiled, fused_rotary, fused_mlp, monkeypatch):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
     from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
@@ -50,10 +52,13 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
 
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
+    # Every step through the fused gate/up, however small (16-token chunks here).
+    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 1)
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA, decode),
-                       compiled=compiled, fused_rotary=fused_rotary).model
+                       compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp).model
     assert ours.layers[0].self_attn.ops.fused_rotary == fused_rotary
+    assert (ours.layers[0].mlp.ops.swiglu_linear is not None) == fused_mlp
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
@@ -144,6 +149,8 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     runtime, overlapped = run_greedy(folder, "auto", prompts, 9)
     assert runtime.engine.async_scheduling and runtime.compiled
     assert runtime.loaded.model.layers[0].self_attn.ops.fused_rotary  # the CUDA default
+    # And on Hopper with quack installed (the image's flash extra), the fused MLP.
+    assert runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is not None
     # Same kernels both ways (compiled and eager stages round differently in bfloat16).
     _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous

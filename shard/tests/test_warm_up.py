@@ -42,11 +42,20 @@ def test_steps_after_warm_up_compile_nothing_on_the_cpu(tmp_path):
          "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
          "--max-batch-prefill-tokens", "100"])
     assert runtime.engine.async_scheduling
-    # The fused rotary kernel is Triton, CUDA only: auto leaves the separate stages on a CPU.
+    # The fused rotary kernel is Triton, CUDA only: auto leaves the separate stages on a CPU;
+    # the fused MLP is quack's Hopper GEMM: auto leaves gate/up and SiLU x up apart.
     assert not runtime.loaded.model.layers[0].self_attn.ops.fused_rotary
+    assert runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is None
 
 
 def test_fused_rotary_on_a_cpu_is_refused_with_the_reason(tmp_path):
     folder = write_tiny_model(tmp_path / "llama")
     with pytest.raises(ValueError, match="--fused-rotary on needs a CUDA device"):
         Runtime(parse(["--model", str(folder), "--device", "cpu", "--fused-rotary", "on"], {}))
+
+
+def test_fused_mlp_on_a_cpu_is_refused_with_the_reason(tmp_path):
+    folder = write_tiny_model(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"--fused-mlp on: the fused MLP is a CUDA kernel "
+                                         r"\(quack's Hopper GEMM\) \(use --fused-mlp off\)"):
+        Runtime(parse(["--model", str(folder), "--device", "cpu", "--fused-mlp", "on"], {}))

@@ -1,0 +1,116 @@
+"""One decoder layer's MLP and residual adds as they run now, against quack's GEMMs with the
+elementwise work in their epilogues (quack-kernels, a FlashAttention-4 dependency: CuTe DSL,
+Hopper and newer).
+
+Now: gate/up (cuBLAS), SiLU × up (compiled), down (cuBLAS), then add + RMSNorm reads the product
+and the residual and writes both. Fused:
+- `gemm_act(..., activation="swiglu")`: gate/up with SiLU(gate) × up in the epilogue, so the
+  [T, 2 × intermediate] product is never written nor read back;
+- `gemm_add_inplace`: down (and O) accumulate into the residual (beta=1), so the norm after
+  reads one tensor and writes one (`addmm_` is the cuBLAS form of the same).
+
+Each variant is timed as a CUDA graph of `--layers` layers with their own weights (nothing left
+in L2 between layers), in a burst and held for `--held` replays (the board's power limit).
+
+    python benchmarks/fused_mlp.py --tokens 128,4096,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from elementwise import timed_us
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="128,4096,16384")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--held", type=int, default=40)
+    parser.add_argument("--tuned", action="store_true",
+                        help="also quack's autotuned configurations (compiles many kernels)")
+    args = parser.parse_args()
+    from quack.gemm_interface import gemm_act, gemm_add_inplace
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    h, inter = args.hidden, args.intermediate
+    gate_up = [torch.randn(2 * inter, h, dtype=bf16, device=dev) * 0.02
+               for _ in range(args.layers)]
+    down = [torch.randn(h, inter, dtype=bf16, device=dev) * 0.02 for _ in range(args.layers)]
+    silu_mul = torch.compile(lambda gu: F.silu(gu[:, :inter]) * gu[:, inter:], fullgraph=True)
+
+    def swiglu(x, w, tuned):
+        return gemm_act(x, w.t(), activation="swiglu", concat_layout=("B",),
+                        store_preact=False, tuned=tuned)[1]
+
+    for t in (int(v) for v in args.tokens.split(",")):
+        x = torch.randn(t, h, dtype=bf16, device=dev)
+        residual = torch.randn(t, h, dtype=bf16, device=dev)
+        # Correctness first: float64 reference of layer 0.
+        ref_act = F.silu(x.double() @ gate_up[0].double().t()[:, :inter]) * (
+            x.double() @ gate_up[0].double().t()[:, inter:])
+        scale = ref_act.abs().max().item()
+        for tuned in (False, True) if args.tuned else (False,):
+            start = time.perf_counter()
+            act = swiglu(x, gate_up[0], tuned)
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            err = (act.double() - ref_act).abs().max().item() / scale
+            ours = silu_mul(F.linear(x, gate_up[0]))
+            err_ours = (ours.double() - ref_act).abs().max().item() / scale
+            print(f"  t={t}: quack swiglu tuned={tuned}: first call {first_s:.1f} s, max rel. "
+                  f"error {err:.1e} (cuBLAS + SiLU × up: {err_ours:.1e})")
+        acts = [silu_mul(F.linear(x, w)) for w in gate_up[:1]]
+        act = acts[0]
+        out = residual.clone()
+        gemm_add_inplace(act, down[0].t(), out, tuned=False)
+        ref = residual.double() + act.double() @ down[0].double().t()
+        err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+        print(f"  t={t}: quack gemm_add_inplace max rel. error {err:.1e}")
+
+        def now():
+            for gu, d in zip(gate_up, down):
+                y = F.linear(silu_mul(F.linear(x, gu)), d)
+                torch.add(y, residual)
+
+        def fused(tuned):
+            def run():
+                for gu, d in zip(gate_up, down):
+                    a = swiglu(x, gu, tuned)
+                    gemm_add_inplace(a, d.t(), residual, tuned=tuned)
+            return run
+
+        def fused_act_only():
+            for gu, d in zip(gate_up, down):
+                y = F.linear(swiglu(x, gu, False), d)
+                torch.add(y, residual)
+
+        def addmm():
+            for gu, d in zip(gate_up, down):
+                residual.addmm_(silu_mul(F.linear(x, gu)), d.t())
+
+        variants = {"now (cuBLAS, SiLU x up, cuBLAS, add)": now,
+                    "quack swiglu, cuBLAS down, add": fused_act_only,
+                    "cuBLAS, SiLU x up, addmm_ down": addmm,
+                    "quack swiglu + gemm_add_inplace, untuned": fused(False)}
+        if args.tuned:
+            variants["quack swiglu + gemm_add_inplace, tuned"] = fused(True)
+        flops = 2 * t * h * 3 * inter * args.layers
+        for name, fn in variants.items():
+            try:
+                burst = timed_us(fn, calls=1, replays=3) / args.layers
+                held = timed_us(fn, calls=1, replays=args.held) / args.layers
+                print(f"  t={t:6d} {name:42s}: {burst:8.1f} µs per layer (burst), {held:8.1f} "
+                      f"held, {flops / args.layers / held / 1e6:4.0f} TFLOP/s held")
+            except Exception as exc:  # a variant quack rejects: say so, go on
+                print(f"  t={t:6d} {name:42s}: failed: {repr(exc)[:300]}")
+
+
+if __name__ == "__main__":
+    main()
