@@ -4,7 +4,9 @@
 # the named steps (the step_* functions below). Output for the record goes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SITE=/tmp/site
+# A folder named site-packages: quack (a FlashAttention-4 dependency) fingerprints the code its
+# GEMM epilogues call, and takes only code under site-packages for installed library code.
+SITE=/tmp/py/site-packages
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
@@ -42,7 +44,7 @@ PY
 
 step_tests() {
   python3 -m pytest shard/tests/test_attention_cuda.py shard/tests/test_engine_cuda.py \
-    shard/tests/test_triton_kernels.py -q \
+    shard/tests/test_triton_kernels.py shard/tests/test_fused_mlp_cuda.py -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 
@@ -313,6 +315,40 @@ step_clocks8b() {  # are the products slower under sustained load, and what are 
   clocks attention-long $a --iters 20000
   clocks 8b-target offline 8b-b128-clocks --model benchmarks/configs/llama-3.1-8b \
     --load-format dummy --num-requests 128 --input-len 512 --output-len 128
+}
+
+step_fusedmlp() {  # the MLP with SiLU x up and the residual add in quack's GEMM epilogues
+  timeout 500 python3 benchmarks/fused_mlp.py --tokens 128,4096,16384 2>&1 | grep -v Warning \
+    | tee "$OUT/fused-mlp.txt"
+}
+
+step_crossover() {  # the fused MLP against cuBLAS + SiLU x up by row count; 8B, then 1B shapes
+  timeout 280 python3 benchmarks/fused_mlp.py --tokens 1001,256,512,1024,2048 2>&1 \
+    | grep -v Warning | tee "$OUT/fused-mlp-8b-rows.txt"
+  timeout 200 python3 benchmarks/fused_mlp.py --tokens 256,512,1024,2048,4096 --hidden 2048 \
+    --intermediate 8192 --layers 16 2>&1 | grep -v Warning | tee "$OUT/fused-mlp-1b-rows.txt"
+}
+
+step_fused_mlp_ab() {  # the batch targets with --fused-mlp off and on (the default), same call
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  for f in off on; do
+    offline 8b-b128-mlp-$f $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+      --fused-mlp $f
+  done
+  for f in on off; do
+    offline 1b-b256-mlp-$f $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
+      --fused-mlp $f
+    offline 1b-mixed-mlp-$f $m1 --num-requests 512 --mixed --fused-mlp $f
+  done
+}
+
+step_fused_mlp_mixed() {  # the 1B mixed workload, 3 runs each, --fused-mlp off then on
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  for f in off on; do
+    offline 1b-mixed3-mlp-$f $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 2 \
+      --fused-mlp $f
+  done
 }
 
 step_chunks8b() {  # the 8B target with prompt steps of 4,096 (the server's default), 8,192, 16,384 tokens
