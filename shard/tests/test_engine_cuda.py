@@ -156,12 +156,18 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     assert overlapped == synchronous
 
 
+@pytest.mark.parametrize("fused_mlp", [False, True], ids=["separate-mlp", "fused-mlp"])
 @pytest.mark.parametrize("attention", ["flash", "torch"])
-def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(folder, attention):
+def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
+        folder, attention, fused_mlp, monkeypatch):
     """A step with prefill chunks and decodes, padded to its token bucket: the real rows get the
     hidden states an eager forward gives, the real K/V land in their slots, and the padding rows
-    write only the scratch block."""
-    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention)
+    write only the scratch block. fused-mlp: every step's gate/up (graphs captured in warm-up
+    included) is quack's product, whatever its size."""
+    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 1)
+    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention,
+                            "--fused-mlp", "on" if fused_mlp else "off")
+    assert (runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is not None) == fused_mlp
     engine = runtime.engine
     assert engine.piecewise is not None
     from shard import batch as step_batch
