@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The router's CPU time per streamed token: starts `sluice serve` on MODEL, streams
-# STREAMS x 8 chat completions of OUTPUT tokens through benchmarks/serving.py (aiohttp), and
+# STREAMS x 8 streamed completions of OUTPUT tokens through benchmarks/serving.py (aiohttp), and
 # divides the router process's CPU ticks over the run by the tokens it streamed.
 #
 #   bash benchmarks/router_cpu.sh MODEL [STREAMS] [OUTPUT] [-- SERVE FLAGS]
 #   bash benchmarks/router_cpu.sh /tmp/tiny 64 128 -- --device cpu
+#   API=tgi bash benchmarks/router_cpu.sh ...   # TGI's /generate_stream instead
 #
 # A tiny model keeps the shard's share of the machine small; the router is what is measured.
 set -euo pipefail
@@ -26,7 +27,9 @@ done
 router=$(pgrep -f -- "-m router --host .* --port 8097" | head -1)
 ticks() { awk '{print $14 + $15}' /proc/$router/stat; }
 before=$(ticks)
-$PY benchmarks/serving.py --base-url http://127.0.0.1:8097/v1 --num-prompts $((streams * 8)) \
+if [ "${API:-openai}" = tgi ]; then api="--backend tgi --base-url http://127.0.0.1:8097"
+else api="--base-url http://127.0.0.1:8097/v1"; fi
+$PY benchmarks/serving.py $api --num-prompts $((streams * 8)) \
   --max-concurrency "$streams" --input-len 32 --output-len "$output" --json-out "$log.json" \
   | head -2
 used=$(( $(ticks) - before ))

@@ -1,8 +1,9 @@
 """Serving benchmark: Poisson arrivals through the HTTP API, as vLLM's benchmark_serving does.
 
-Sends --num-prompts streamed /v1/completions requests (EOS ignored, greedy) at --request-rate
-per second (inf: all at once) or with a fixed --max-concurrency, and reports time to first
-token, inter-token latency and end-to-end latency (p50, p99) and output tokens/s.
+Sends --num-prompts streamed /v1/completions requests (EOS ignored, greedy; or with
+`--backend tgi`, TGI's /generate_stream) at --request-rate per second (inf: all at once) or
+with a fixed --max-concurrency, and reports time to first token, inter-token latency and
+end-to-end latency (p50, p99) and output tokens/s.
 
     python benchmarks/serving.py --base-url http://127.0.0.1:8080/v1 --num-prompts 256 \\
         --input-len 512 --output-len 128 --request-rate 8
@@ -42,11 +43,23 @@ def prompt_text(chars: int, rng: random.Random) -> str:
     return " ".join(words)[:chars]
 
 
-async def one_request(client: aiohttp.ClientSession, url: str, model: str, prompt: str,
-                      max_tokens: int) -> Outcome:
-    outcome = Outcome()
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+def request_body(backend: str, model: str, prompt: str, max_tokens: int) -> dict:
+    if backend == "tgi":  # TGI's API has no ignore_eos: a stream may end early at EOS
+        return {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "details": True}}
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+
+def chunk_text(backend: str, chunk: dict) -> str:
+    if backend == "tgi":
+        return (chunk.get("token") or {}).get("text") or ""
+    return chunk["choices"][0].get("text") or "" if chunk.get("choices") else ""
+
+
+async def one_request(client: aiohttp.ClientSession, url: str, model: str, prompt: str,
+                      max_tokens: int, backend: str = "openai") -> Outcome:
+    outcome = Outcome()
+    body = request_body(backend, model, prompt, max_tokens)
     start = last = time.perf_counter()
     try:
         async with client.post(url, json=body) as answer:
@@ -63,7 +76,10 @@ async def one_request(client: aiohttp.ClientSession, url: str, model: str, promp
                 if chunk.get("usage"):
                     outcome.output_tokens = chunk["usage"]["completion_tokens"]
                     outcome.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("details"):  # TGI's last event
+                    outcome.output_tokens = chunk["details"]["generated_tokens"]
+                    outcome.prompt_tokens = chunk["details"]["input_length"]
+                if chunk_text(backend, chunk):
                     now = time.perf_counter()
                     if outcome.ttft_s == 0.0:
                         outcome.ttft_s = now - start
@@ -92,7 +108,7 @@ async def run(args) -> dict:
     async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=args.timeout_s),
             connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**18) as client:
-        if args.model:
+        if args.model or args.backend == "tgi":
             model = args.model
         else:
             async with client.get(f"{args.base_url}/models") as listing:
@@ -100,12 +116,14 @@ async def run(args) -> dict:
         prompts = [prompt_text(args.input_len, rng) for _ in range(args.num_prompts)]
         gate = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
 
+        url = args.base_url + ("/generate_stream" if args.backend == "tgi" else "/completions")
+
         async def limited(prompt):
             async with gate:
-                return await one_request(client, f"{args.base_url}/completions", model, prompt,
-                                         args.output_len)
+                return await one_request(client, url, model, prompt, args.output_len,
+                                         args.backend)
 
-        await one_request(client, f"{args.base_url}/completions", model, prompts[0], 4)  # warm
+        await one_request(client, url, model, prompts[0], 4, args.backend)  # warm
         tasks = []
         start = time.perf_counter()
         for prompt in prompts:
@@ -134,6 +152,9 @@ async def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="openai", choices=["openai", "tgi"],
+                        help="openai: streamed /completions under --base-url; tgi: TGI's "
+                             "/generate_stream under --base-url (the server's root)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     parser.add_argument("--model", default=None)
     parser.add_argument("--num-prompts", type=int, default=256)

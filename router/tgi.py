@@ -3,6 +3,7 @@ POST /tokenize."""
 
 from __future__ import annotations
 
+import pydantic_core
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -68,6 +69,19 @@ def _prefill(state: RouterState, input_ids, scores: PromptScores | None) -> list
     return [out.PrefillToken(id=i, text=text(i), logprob=lp) for i, lp in zip(input_ids, logprobs)]
 
 
+def token_event(index: int, token: streaming.Token) -> str:
+    """The SSE event of a token that neither ends the stream nor carries alternatives (nearly
+    every event): out.StreamResponse's own JSON, from a plain dict through pydantic's
+    serializer (1.1 µs per token against 4.9 for building and dumping the models on the
+    development machine; router/tests/test_streaming.py holds the two equal)."""
+    return "data: " + pydantic_core.to_json({
+        "index": index,
+        "token": {"id": token.id, "text": token.text, "logprob": token.logprob,
+                  "special": token.special},
+        "top_tokens": [], "generated_text": None, "details": None,
+    }, inf_nan_mode="null").decode() + "\n\n"
+
+
 def _full_text(body: TGIRequest, text: str) -> str:
     return body.inputs + text if body.parameters.return_full_text else text
 
@@ -115,6 +129,9 @@ async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Res
             index = 0
             async for token in streaming.run(state.tokenizer, gens[0], run.stop):
                 index += 1
+                if token.finish is None and not token.top:
+                    yield token_event(index, token)
+                    continue
                 event = out.StreamResponse(
                     index=index, token=_token(state, token.id, token.text, token.logprob),
                     top_tokens=_top_tokens(state, token), generated_text=None, details=None)

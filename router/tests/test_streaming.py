@@ -1,5 +1,5 @@
-"""The streamed events' fast paths: template chunks equal to the models' own JSON, and a merge
-of one stream that still closes it when the consumer stops."""
+"""The streamed events' fast paths: template chunks and TGI's token events equal to the models'
+own JSON, and a merge of one stream that still closes it when the consumer stops."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from router import openai_responses as out
-from router import streaming
+from router import streaming, tgi
+from router import tgi_responses as tgi_out
 
 HEAD = {"id": "cmpl-0123456789abcdef", "created": 1700000000, "model": "org/tiny \"model\""}
 TEXTS = ["", " hello", "quote \" and back\\slash", "line\nbreak\ttab\rreturn", "\x00\x01\x1f\x7f",
@@ -32,6 +33,19 @@ def test_text_events_are_the_models_own_json_character_for_character(build):
     for index in (0, 3, 0):
         for text in TEXTS:
             assert texts(index, text) == streaming.sse(build(index, text)), repr(text)
+
+
+@pytest.mark.parametrize("logprob", [-0.25, 0.0, -1e-05, -123.456789, 1 / 3, float("-inf")])
+def test_tgi_token_events_are_the_models_own_json_character_for_character(logprob):
+    for index, special in ((1, False), (7, True), (4096, False)):
+        for text in TEXTS:
+            token = streaming.Token(id=31 + index, text=text, logprob=logprob, special=special,
+                                    top=[])
+            model = tgi_out.StreamResponse(
+                index=index, token=tgi_out.Token(id=token.id, text=text, logprob=logprob,
+                                                 special=special),
+                top_tokens=[], generated_text=None, details=None)
+            assert tgi.token_event(index, token) == streaming.sse(model), (repr(text), logprob)
 
 
 def test_merge_of_one_stream_closes_it_when_the_consumer_stops():
