@@ -53,7 +53,9 @@ def request_body(backend: str, model: str, prompt: str, max_tokens: int) -> dict
 def chunk_text(backend: str, chunk: dict) -> str:
     if backend == "tgi":
         return (chunk.get("token") or {}).get("text") or ""
-    return chunk["choices"][0].get("text") or "" if chunk.get("choices") else ""
+    if not chunk.get("choices"):
+        return ""
+    return chunk["choices"][0].get("text") or ""
 
 
 async def one_request(client: aiohttp.ClientSession, url: str, model: str, prompt: str,
