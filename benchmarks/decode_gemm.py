@@ -13,7 +13,9 @@ cuBLAS for each shape and keeps the fastest (its table goes to stderr).
 layer with its own weights (so nothing stays in L2 between calls of one projection), with the
 products named in `--split-k` (e.g. `o2,down2`) split along K: a batched product of the K
 slices into float32 partials, then their sum (timed with and without it, since the sum can ride
-in the elementwise stage that follows each product).
+in the elementwise stage that follows each product). With `--blas quack` (or `quack-parallel`)
+the products are quack's Hopper GEMM (configuration from its own heuristic), and a split is
+quack's in-kernel split-K (serial: the partials committed in order, or in arrival order).
 
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
 """
@@ -108,6 +110,18 @@ def split_k_linear(x: torch.Tensor, w: torch.Tensor, slices: int, reduce: bool =
     return partial.sum(0, dtype=torch.float32).to(x.dtype) if reduce else partial
 
 
+def quack_linear(parallel: bool):
+    """x @ w.T by quack's GEMM, split along K in the kernel (`s` CTAs per output tile)."""
+    from quack.gemm_config import SplitKMode
+    from quack.gemm_interface import gemm
+
+    mode = SplitKMode.PARALLEL if parallel else SplitKMode.SERIAL
+
+    def linear(x: torch.Tensor, w: torch.Tensor, s: int = 1) -> torch.Tensor:
+        return gemm(x, w.t(), tuned=False, split_k=s, split_k_mode=mode)
+    return linear
+
+
 def chain(args) -> None:
     with open(os.path.join(args.config, "config.json")) as f:
         config = json.load(f)
@@ -126,16 +140,22 @@ def chain(args) -> None:
     for m in (int(b) for b in args.batches.split(",")):
         inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device=dev)
                   for name in order}
+        quack = {"quack": quack_linear(False), "quack-parallel": quack_linear(True)}
         # Check the split products against the plain one before timing them.
         for name in order:
             w = weights[0][name]
             for s in (2, 4):
                 if shapes[name][0] % s == 0:
                     ref = F.linear(inputs[name], w).float()
-                    err = (split_k_linear(inputs[name], w, s).float() - ref).abs().max().item()
-                    assert err <= 2e-2 * ref.abs().max().item(), (name, s, err)
+                    split_fns = [lambda: split_k_linear(inputs[name], w, s)] + [
+                        lambda fn=fn: fn(inputs[name], w, s) for b, fn in quack.items()
+                        if b in args.blas.split(",")]
+                    for fn in split_fns:
+                        err = (fn().float() - ref).abs().max().item()
+                        assert err <= 2e-2 * ref.abs().max().item(), (name, s, err)
         for blas in args.blas.split(","):
-            torch.backends.cuda.preferred_blas_library(blas)
+            if blas not in quack:
+                torch.backends.cuda.preferred_blas_library(blas)
             for variant in args.split_k.split(";"):
                 split = {}
                 for part in filter(None, variant.replace("none", "").split(",")):
@@ -143,27 +163,28 @@ def chain(args) -> None:
                     split[name] = int(slices)
                 times = []
                 for reduce in (True, False):
+                    def product(name, w, reduce=True):
+                        s = split.get(name, 1)
+                        if blas in quack:
+                            quack[blas](inputs[name], w, s)
+                        elif s == 1:
+                            F.linear(inputs[name], w)
+                        else:
+                            split_k_linear(inputs[name], w, s, reduce)
+
                     def step():
                         for layer in weights:
                             for name in order:
-                                s = split.get(name, 1)
-                                if s == 1:
-                                    F.linear(inputs[name], layer[name])
-                                else:
-                                    split_k_linear(inputs[name], layer[name], s, reduce)
+                                product(name, layer[name], reduce)
                     times.append(timed_us(step, calls=2, replays=args.replays))
-                    if not split:
+                    if not split or blas in quack:
                         break
                 us = times[0]
                 per_call = {}
                 for name in order:  # each projection alone, over the layers' weights in turn
-                    s = split.get(name, 1)
                     def one():
                         for layer in weights:
-                            if s == 1:
-                                F.linear(inputs[name], layer[name])
-                            else:
-                                split_k_linear(inputs[name], layer[name], s)
+                            product(name, layer[name])
                     per_call[name] = timed_us(one, calls=2, replays=args.replays) / layers
                 without = f", without the sums {times[1] / 1e3:.3f} ms" if len(times) > 1 else ""
                 print(f"  {blas:9s} m={m:4d} split [{variant or 'none'}]: {us / 1e3:.3f} ms per "

@@ -13,6 +13,12 @@ Each variant is timed as a CUDA graph of `--layers` layers with their own weight
 in L2 between layers), in a burst and held for `--held` replays (the board's power limit).
 
     python benchmarks/fused_mlp.py --tokens 128,4096,16384
+
+With `--configs`, only the gate/up stage (product and SiLU × up), cuBLAS against quack's default
+configuration and the pinned ones listed, e.g. at decode batches:
+
+    python benchmarks/fused_mlp.py --tokens 64,128,256 --layers 32 \
+        --configs 128x192p/1x1,128x224c/1x1,64x256p/2x1
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=40)
     parser.add_argument("--tuned", action="store_true",
                         help="also quack's autotuned configurations (compiles many kernels)")
+    parser.add_argument("--configs", default="",
+                        help="time the gate/up stage alone, with quack pinned to these "
+                             "configurations: TILE_MxTILE_N then c (cooperative) or p (pingpong), "
+                             "then /CLUSTER_MxCLUSTER_N, or 'sized' (the shard's choice for "
+                             "decode batches); comma-separated")
     args = parser.parse_args()
+    if args.configs:
+        gate_up_configs(args)
+        return
     from quack.gemm_interface import gemm_act, gemm_add_inplace
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
@@ -109,6 +123,63 @@ def main() -> None:
                       f"held, {flops / args.layers / held / 1e6:4.0f} TFLOP/s held")
             except Exception as exc:  # a variant quack rejects: say so, go on
                 print(f"  t={t:6d} {name:42s}: failed: {repr(exc)[:300]}")
+
+
+def parse_config(spec: str, out_features: int):
+    """'128x224c/1x1' -> quack GemmConfig(tile 128 x 224, cooperative, cluster 1 x 1); 'sized':
+    the shard's configuration for decode batches on this GPU (shard.fused_mlp.sized_config)."""
+    from quack.gemm_config import GemmConfig
+
+    if spec == "sized":
+        from shard import fused_mlp
+        config = fused_mlp.sized_config(out_features, fused_mlp.sm_count(torch.device("cuda")))
+        print(f"  sized: {config}")
+        return config
+    tile, cluster = spec.split("/")
+    tile_m, tile_n = tile[:-1].split("x")
+    cluster_m, cluster_n = cluster.split("x")
+    return GemmConfig(tile_m=int(tile_m), tile_n=int(tile_n), pingpong=tile[-1] == "p",
+                      cluster_m=int(cluster_m), cluster_n=int(cluster_n),
+                      is_dynamic_persistent=False)
+
+
+def gate_up_configs(args) -> None:
+    """The gate/up stage alone by row count: cuBLAS + compiled SiLU x up, quack's default
+    configuration, and each pinned one (`--configs`); each checked against float64 first."""
+    from quack.gemm_interface import gemm_act
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    h, inter = args.hidden, args.intermediate
+    gate_up = [torch.randn(2 * inter, h, dtype=bf16, device=dev) * 0.02
+               for _ in range(args.layers)]
+    silu_mul = torch.compile(lambda gu: F.silu(gu[:, :inter]) * gu[:, inter:], fullgraph=True)
+    configs = {"quack default": None} | {
+        f"quack {spec}": parse_config(spec, 2 * inter) for spec in args.configs.split(",")}
+    weight_bytes = 2 * inter * h * 2
+    for t in (int(v) for v in args.tokens.split(",")):
+        x = torch.randn(t, h, dtype=bf16, device=dev)
+        ref = F.silu(x.double() @ gate_up[0].double().t()[:, :inter]) * (
+            x.double() @ gate_up[0].double().t()[:, inter:])
+        scale = ref.abs().max().item()
+        variants = {"cuBLAS + SiLU x up": lambda: [silu_mul(F.linear(x, w)) for w in gate_up]}
+        for name, config in configs.items():
+            def run(config=config):
+                return [gemm_act(x, w.t(), activation="swiglu", concat_layout=("B",),
+                                 store_preact=False, tuned=False, config=config)[1]
+                        for w in gate_up]
+            variants[name] = run
+        for name, fn in variants.items():
+            try:
+                start = time.perf_counter()
+                err = (fn()[0].double() - ref).abs().max().item() / scale
+                first_s = time.perf_counter() - start
+                burst = timed_us(fn, calls=1, replays=3) / args.layers
+                held = timed_us(fn, calls=1, replays=args.held) / args.layers
+                print(f"  t={t:5d} {name:24s}: {burst:7.1f} µs per layer (burst), {held:7.1f} "
+                      f"held, {weight_bytes / held / 1e6:5.2f} TB/s of weights held; error "
+                      f"{err:.1e}, first call {first_s:.1f} s")
+            except Exception as exc:  # a configuration quack rejects: say so, go on
+                print(f"  t={t:5d} {name:24s}: failed: {repr(exc)[:300]}")
 
 
 if __name__ == "__main__":

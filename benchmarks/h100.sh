@@ -158,6 +158,20 @@ step_final9() {  # the ninth session's record: final8, with the 8B run's clocks 
     --repeat 3
 }
 
+step_final10() {  # the tenth session's record: every offline target, the sized gate/up included
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-mixed $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 2
+  offline 8b-b1 $m8 --num-requests 1 --input-len 512 --output-len 128
+  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
+}
+
+step_serving64() {  # 8B serving at the target's 64 streams
+  serve llama-3.1-8b default 64
+}
+
 step_torch_backend() {  # the torch backend's tests, then its old and new decode path on the 1B
   python3 -m pytest shard/tests/test_engine_cuda.py -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu-engine-tests.log" | tail -3
@@ -327,6 +341,49 @@ step_crossover() {  # the fused MLP against cuBLAS + SiLU x up by row count; 8B,
     | grep -v Warning | tee "$OUT/fused-mlp-8b-rows.txt"
   timeout 200 python3 benchmarks/fused_mlp.py --tokens 256,512,1024,2048,4096 --hidden 2048 \
     --intermediate 8192 --layers 16 2>&1 | grep -v Warning | tee "$OUT/fused-mlp-1b-rows.txt"
+}
+
+step_decode_mlp() {  # gate/up + SiLU at decode batches: cuBLAS, quack's default, pinned tiles
+  local c=128x192p/1x1,128x208p/1x1,128x160p/1x1,128x128p/1x1,128x224c/1x1,128x256c/1x1
+  c=$c,128x224c/1x2,128x192p/1x2,64x256p/2x1,64x128p/2x1,64x256p/1x1,64x192p/1x1
+  timeout 250 python3 benchmarks/fused_mlp.py --tokens 128,256,64,16,1 --layers 32 \
+    --configs $c 2>&1 | grep -v Warning | tee "$OUT/decode-mlp-8b.txt"
+  timeout 200 python3 benchmarks/fused_mlp.py --tokens 256,128,64 --hidden 2048 \
+    --intermediate 8192 --layers 16 --configs $c 2>&1 | grep -v Warning \
+    | tee "$OUT/decode-mlp-1b.txt"
+}
+
+step_sized_mlp() {  # the shard's sized configuration against cuBLAS and quack's default by rows
+  timeout 200 python3 benchmarks/fused_mlp.py --tokens 80,96,112,128,192,256,384,512,768,1024 \
+    --layers 32 --configs sized 2>&1 | grep -v Warning | tee "$OUT/sized-mlp-8b.txt"
+  timeout 150 python3 benchmarks/fused_mlp.py --tokens 64,80,96,128,192,256,512,1024 \
+    --hidden 2048 --intermediate 8192 --layers 16 --configs sized 2>&1 | grep -v Warning \
+    | tee "$OUT/sized-mlp-1b.txt"
+}
+
+step_sized_partial() {  # the sized configuration where the last 128-row tile is partly filled
+  timeout 150 python3 benchmarks/fused_mlp.py --tokens 136,160,192,224,240,256,320,448 \
+    --layers 32 --configs sized 2>&1 | grep -v Warning | tee "$OUT/sized-partial-8b.txt"
+}
+
+step_quack_decode() {  # a decode step's other products (m=128) through quack, split-K in-kernel
+  timeout 300 python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --chain \
+    --batches 128 --blas cublas,quack,quack-parallel \
+    --split-k "none;qkv2;o2;down2;qkv4;o4;down4" 2>&1 | grep -v Warning \
+    | tee "$OUT/quack-decode-8b.txt"
+}
+
+step_sized_mlp_ab() {  # the batch targets, the fused gate/up from 1,024 rows (before) and 96
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  for r in 1024 96; do
+    offline 8b-b128-rows$r $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+      --fused-mlp-rows $r
+  done
+  for r in 96 1024; do
+    offline 1b-b256-rows$r $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
+      --fused-mlp-rows $r
+  done
 }
 
 step_fused_mlp_ab() {  # the batch targets with --fused-mlp off and on (the default), same call

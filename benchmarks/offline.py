@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shard import config as shard_config  # noqa: E402
+from shard import config as shard_config, fused_mlp  # noqa: E402
 from shard.engine import Stream  # noqa: E402
 from shard.kv_cache import bytes_per_token  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
@@ -266,8 +266,14 @@ def main() -> None:
                              "slow only in the first run points at work warm-up left undone; "
                              "with async scheduling a step's time includes waiting for the one "
                              "before it)")
+    parser.add_argument("--fused-mlp-rows", type=int, default=None,
+                        help="for A/B runs: the fewest rows whose gate/up takes the fused "
+                             "product (shard.fused_mlp.MIN_ROWS; 1024 gives the ninth session's "
+                             "prompt steps only)")
     parser.add_argument("--json-out", default=None)
     args, shard_argv = parser.parse_known_args()
+    if args.fused_mlp_rows is not None:
+        fused_mlp.MIN_ROWS = args.fused_mlp_rows
     # A batch job has no stream waiting for its next token: no bound on the steps beside
     # decodes, and prompt steps of 16,384 tokens, not the server's 4,096 (TGI's default, which
     # keeps a burst's first tokens coming early), unless asked; as vLLM's offline LLM class

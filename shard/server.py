@@ -88,7 +88,7 @@ class Runtime:
                  "write %s; SiLU x up %s", self.dtype, self.loaded.quantization,
                  "compiled" if self.compiled else "eager",
                  "fused" if fused_rotary else "separate",
-                 f"in the gate/up product from {shard_fused_mlp.MIN_TOKENS} tokens"
+                 f"in the gate/up product from {shard_fused_mlp.MIN_ROWS} rows"
                  if fused_mlp else "a separate pass")
         peak = 0
         if self.device.type == "cuda":
@@ -119,6 +119,9 @@ class Runtime:
         request for seconds. Its steps are not traffic: they stay out of the metrics."""
         metrics, self.engine.metrics = self.engine.metrics, None
         try:
+            mlp = self.loaded.model.layers[0].mlp
+            if mlp.fuses_gate:  # every layer's gate/up has this shape
+                shard_fused_mlp.warm_up(mlp.gate_up_proj.weight)
             self._capture_graphs()
             if self.compiled:
                 # The budget's profile compiled the stages for eager steps of one size; a

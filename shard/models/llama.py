@@ -101,10 +101,17 @@ class LlamaMLP(nn.Module):
                                                  config.mlp_bias, tp, "intermediate size")
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
 
+    @property
+    def fuses_gate(self) -> bool:
+        """Whether steps (of the sizes fused_mlp.fuses names) take the gate/up product with
+        SiLU × up in its epilogue (not with int4 weights: their weight is None once loaded; nor a bias)."""
+        gate_up = self.gate_up_proj
+        return (self.ops.swiglu_linear is not None and gate_up.weight is not None
+                and gate_up.bias is None)
+
     def forward(self, x):
         gate_up = self.gate_up_proj
-        if (self.ops.swiglu_linear is not None and x.shape[0] >= fused_mlp.MIN_TOKENS
-                and gate_up.weight is not None and gate_up.bias is None):
+        if self.fuses_gate and fused_mlp.fuses(x.shape[0]):
             return self.down_proj(self.ops.swiglu_linear(x, gate_up.weight))
         return self.down_proj(self.ops.silu_mul(gate_up(x)))
 

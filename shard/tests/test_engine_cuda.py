@@ -52,8 +52,10 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
 
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
-    # Every step through the fused gate/up, however small (16-token chunks here).
-    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 1)
+    # Every step through the fused gate/up, however small: the 16-token chunks in quack's
+    # default configuration, the last 8 tokens in the one sized to the GPU.
+    monkeypatch.setattr(shard_fused_mlp, "MIN_ROWS", 1)
+    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 16)
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA, decode),
                        compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp).model
@@ -163,8 +165,10 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
     """A step with prefill chunks and decodes, padded to its token bucket: the real rows get the
     hidden states an eager forward gives, the real K/V land in their slots, and the padding rows
     write only the scratch block. fused-mlp: every step's gate/up (graphs captured in warm-up
-    included) is quack's product, whatever its size."""
-    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 1)
+    included) is quack's product, whatever its size: this step's (padded to 64 rows) in quack's
+    default configuration, the decode graphs' in the one sized to the GPU."""
+    monkeypatch.setattr(shard_fused_mlp, "MIN_ROWS", 1)
+    monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 64)
     runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention,
                             "--fused-mlp", "on" if fused_mlp else "off")
     assert (runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is not None) == fused_mlp

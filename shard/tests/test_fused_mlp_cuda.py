@@ -15,7 +15,7 @@ CUDA = torch.device("cuda")
 
 
 @pytest.mark.parametrize("hidden, intermediate", [(256, 512), (2048, 8192), (4096, 14336)])
-@pytest.mark.parametrize("rows", [1, 7, 100, 1024, 4097])
+@pytest.mark.parametrize("rows", [1, 7, 100, 1023, 1024, 4097])
 def test_fused_gate_up_matches_a_float64_reference(hidden, intermediate, rows):
     assert unavailable(CUDA, torch.bfloat16) is None, unavailable(CUDA, torch.bfloat16)
     gen = torch.Generator(device=CUDA).manual_seed(rows)
