@@ -17,7 +17,9 @@ small model is more than its kernels take.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 from collections.abc import Callable
 
@@ -97,12 +99,31 @@ def _capture(pieces: list[Callable[[], None]], pool, device: torch.device,
             for piece in pieces:
                 piece()
     torch.cuda.current_stream(device).wait_stream(side)
-    for piece in pieces:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            piece()
-        graphs.append(graph)
+    with _collector_paused():
+        for piece in pieces:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                piece()
+            graphs.append(graph)
     return graphs
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Collect garbage now, and none while capturing. A graph left in a reference cycle (as a
+    dropped runtime leaves its graphs) is destroyed when Python's cycle collector runs, which
+    may be in the middle of a capture: destroying a graph is not permitted while a stream
+    captures, and it invalidates the capture ("operation failed due to a previous error
+    during capture"; seen on the H200 in the GPU tests). torch.cuda.graph no longer collects
+    by itself (only under torch.compiler.config.force_cudagraph_gc). As vLLM does."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class DecodeGraphs:

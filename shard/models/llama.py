@@ -104,7 +104,8 @@ class LlamaMLP(nn.Module):
     @property
     def fuses_gate(self) -> bool:
         """Whether steps (of the sizes fused_mlp.fuses names) take the gate/up product with
-        SiLU × up in its epilogue (not with int4 weights: their weight is None once loaded; nor a bias)."""
+        SiLU × up in its epilogue: not with int4 weights (their weight is None once loaded), nor
+        with a bias."""
         gate_up = self.gate_up_proj
         return (self.ops.swiglu_linear is not None and gate_up.weight is not None
                 and gate_up.bias is None)

@@ -5,6 +5,8 @@ Collected only where a CUDA GPU is present (see conftest.py); run on the lent H1
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -212,6 +214,39 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
             untouched[written] = False
             untouched.view(-1, engine.allocator.block_size)[scratch] = False
             assert torch.equal(got[untouched], old[untouched]), f"layer {layer}: padding leaked"
+
+
+def test_captures_hold_when_an_old_graph_is_garbage(folder, monkeypatch):
+    """A graph left in a reference cycle (as a dropped runtime leaves its graphs) is destroyed
+    whenever Python's cycle collector runs; in the middle of a capture that invalidates the
+    capture. Here such a graph becomes garbage as each of warm-up's first captures begins, with
+    the collector run at nearly every allocation: the captures must hold, and the runtime
+    serve."""
+    def old_graph() -> list:
+        graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device=CUDA)
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        cycle = [graph]
+        cycle.append(cycle)  # freed only by the cycle collector
+        return cycle
+
+    spares = [old_graph() for _ in range(4)]
+    real_begin = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin(self, *args, **kwargs):
+        real_begin(self, *args, **kwargs)
+        if spares:
+            spares.pop()  # garbage now, mid-capture
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        runtime, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 4)
+    finally:
+        gc.set_threshold(*threshold)
+    assert not spares and len(tokens[0]) == 4
+    assert runtime.engine.graphs is not None and runtime.engine.piecewise is not None
 
 
 def test_engine_runs_every_chunked_step_through_piecewise_graphs(folder, monkeypatch):
