@@ -168,6 +168,11 @@ step_final10() {  # the tenth session's record: every offline target, the sized 
   offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
 }
 
+step_target8b() {  # the 8B batch target alone
+  offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+    --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+}
+
 step_serving64() {  # 8B serving at the target's 64 streams
   serve llama-3.1-8b default 64
 }
