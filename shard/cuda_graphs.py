@@ -110,13 +110,14 @@ def _capture(pieces: list[Callable[[], None]], pool, device: torch.device,
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Collect garbage now, and none while capturing. A graph left in a reference cycle (as a
-    dropped runtime leaves its graphs) is destroyed when Python's cycle collector runs, which
-    may be in the middle of a capture: destroying a graph is not permitted while a stream
-    captures, and it invalidates the capture ("operation failed due to a previous error
-    during capture"; seen on the H200 in the GPU tests). torch.cuda.graph no longer collects
-    by itself (only under torch.compiler.config.force_cudagraph_gc). As vLLM does."""
-    gc.collect()
+    """No garbage collection while capturing. A graph left in a reference cycle (as a dropped
+    runtime leaves its graphs) is destroyed when Python's cycle collector runs, which may be in
+    the middle of a capture: destroying a graph is not permitted while a stream captures, and
+    it invalidates the capture ("operation failed due to a previous error during capture";
+    seen on the H200 in the GPU tests). torch.cuda.graph no longer collects before capturing
+    (only under torch.compiler.config.force_cudagraph_gc), and collecting here would cost a
+    full collection per bucket (~0.2-1 s each, dozens of buckets): the collector only waits
+    until the captures are done."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -219,28 +219,31 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
 def test_captures_hold_when_an_old_graph_is_garbage(folder, monkeypatch):
     """A graph left in a reference cycle (as a dropped runtime leaves its graphs) is destroyed
     whenever Python's cycle collector runs; in the middle of a capture that invalidates the
-    capture. Here such a graph becomes garbage as each of warm-up's first captures begins, with
-    the collector run at nearly every allocation: the captures must hold, and the runtime
-    serve."""
-    def old_graph() -> list:
+    capture. Here such a cycle is made as each of warm-up's first captures begins, with the
+    collector due at the next allocation: the captures must hold, and the runtime serve."""
+    def captured_graph() -> torch.cuda.CUDAGraph:
         graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device=CUDA)
         with torch.cuda.graph(graph):
             x.add_(1)
-        cycle = [graph]
-        cycle.append(cycle)  # freed only by the cycle collector
-        return cycle
+        return graph
 
-    spares = [old_graph() for _ in range(4)]
-    real_begin = torch.cuda.CUDAGraph.capture_begin
+    spares = [captured_graph() for _ in range(4)]
+    threshold = gc.get_threshold()
+    real_begin, real_end = torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.capture_end
 
     def capture_begin(self, *args, **kwargs):
         real_begin(self, *args, **kwargs)
         if spares:
-            spares.pop()  # garbage now, mid-capture
+            cycle = [spares.pop()]
+            cycle.append(cycle)  # garbage now, freed when the collector next runs,
+            gc.set_threshold(1, *threshold[1:])  # which is at the next allocation
+
+    def capture_end(self, *args, **kwargs):
+        gc.set_threshold(*threshold)
+        real_end(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin)
-    threshold = gc.get_threshold()
-    gc.set_threshold(1)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", capture_end)
     try:
         runtime, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 4)
     finally:
