@@ -121,9 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Triton kernel per layer instead of three kernels; on needs "
                              "cuda; auto: on cuda only")
     parser.add_argument("--fused-mlp", default="auto", choices=["auto", "on", "off"],
-                        help="in steps of at least 1,024 tokens, apply SiLU(gate) x up in the "
-                             "gate/up product's epilogue (quack's GEMM, installed with "
-                             "flash-attn-4) instead of a separate pass; on needs cuda with "
+                        help="apply SiLU(gate) x up in the gate/up product's epilogue (quack's "
+                             "GEMM, installed with flash-attn-4) instead of a separate pass, in "
+                             "steps of 96-128 rows, whole 128-row tiles below 1,024, and any "
+                             "from 1,024; on needs cuda with "
                              "compute capability 9.0+, bfloat16 or float16, and quack; auto: "
                              "on where those hold")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
