@@ -173,6 +173,11 @@ step_target8b() {  # the 8B batch target alone
     --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
+step_first_run() {  # the first-run effect: 1B mixed, 3 runs; slowest steps and allocator per run
+  offline 1b-mixed-first --model benchmarks/configs/llama-3.2-1b --load-format dummy \
+    --num-requests 512 --mixed --repeat 3 --slowest-steps 3
+}
+
 step_serving64() {  # 8B serving at the target's 64 streams
   serve llama-3.1-8b default 64
 }

@@ -176,6 +176,7 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
                           sampling=SamplingParams(), max_new_tokens=o, ignore_eos=True)
                  for i, (n, o) in enumerate(zip(work.input_lens, work.output_lens))]
     engine.submit(stream, sequences)
+    allocator_before = _allocator_counts(runtime.device)
     prefill_s = decode_s = 0.0
     steps = prefill_steps = decode_rows = 0
     timed: list[tuple[float, int, int, int]] = []  # (seconds, step index, decodes, prompt tokens)
@@ -206,7 +207,22 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
             "mean_decode_batch": decode_rows / max(decode_steps, 1),
             "decode_step_ms": 1000 * decode_s / max(decode_steps, 1),
             "slowest_steps": [{"ms": 1000 * t, "step": i, "decodes": d, "prompt_tokens": p}
-                              for t, i, d, p in sorted(timed, reverse=True)[:slowest]]}
+                              for t, i, d, p in sorted(timed, reverse=True)[:slowest]],
+            # What the caching allocator had to do during the run: a first run slower than the
+            # next ones may be growing its pool with cudaMalloc (CUDA only; else empty).
+            "allocator": {key: after - allocator_before[key]
+                          for key, after in _allocator_counts(runtime.device).items()}}
+
+
+def _allocator_counts(device: torch.device) -> dict[str, int]:
+    """The caching allocator's cumulative counters that a run can move: cudaMalloc'd segments,
+    the bytes reserved, and the retries after a failed cudaMalloc (which free cached blocks)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"segments_allocated": stats.get("segment.all.allocated", 0),
+            "reserved_bytes": stats.get("reserved_bytes.all.current", 0),
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 def run_transformers(folder: str, work: Workload, batch: int, device: torch.device,
@@ -322,9 +338,13 @@ def main() -> None:
               + "; steps with prefill "
               + ", ".join(f"{r['prefill_step_seconds']:.2f}" for r in runs) + " s")
     for number, run in enumerate(runs if args.slowest_steps else [], 1):
+        allocator = run["allocator"]
         print(f"  run {number} slowest  " + "; ".join(
             f"#{s['step']} {s['ms']:.1f} ms ({s['decodes']} dec + {s['prompt_tokens']} tok)"
-            for s in run["slowest_steps"]))
+            for s in run["slowest_steps"])
+            + (f"; allocator: {allocator['segments_allocated']} new segments, "
+               f"{allocator['reserved_bytes'] / 2**20:+.0f} MiB reserved, "
+               f"{allocator['alloc_retries']} retries" if allocator else ""))
     if runtime is not None:
         print(f"  steps             {result['steps']} ({result['steps_with_prefill']} with "
               f"prefill: {result['prefill_step_seconds']:.2f} s; decode-only: "
