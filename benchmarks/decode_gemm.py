@@ -16,6 +16,11 @@ slices into float32 partials, then their sum (timed with and without it, since t
 in the elementwise stage that follows each product). With `--blas quack` (or `quack-parallel`)
 the products are quack's Hopper GEMM (configuration from its own heuristic), and a split is
 quack's in-kernel split-K (serial: the partials committed in order, or in arrival order).
+`--quack-configs` times the chain with the named projections through quack's `gemm_act`
+without an activation, pinned to a configuration (its `gemm` takes none), the rest cuBLAS:
+
+    python benchmarks/decode_gemm.py --chain --batches 128 \
+        --quack-configs "none;o=64x64p/1x1;down=64x64p/1x1,qkv=64x96p/1x1"
 
     python benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b --batches 1,64,128
 """
@@ -61,7 +66,14 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=5,
                         help="with --chain: graph replays timed (2 steps each); many replays "
                              "time the products under sustained load")
+    parser.add_argument("--quack-configs", default="",
+                        help="with --chain: variants separated by ';', each a comma list of "
+                             "PROJECTION=CONFIG (fused_mlp.py's form, e.g. o=64x64p/1x1; "
+                             "'none': all cuBLAS)")
     args = parser.parse_args()
+    if args.chain and args.quack_configs:
+        pinned_chain(args)
+        return
     if args.chain:
         chain(args)
         return
@@ -120,6 +132,61 @@ def quack_linear(parallel: bool):
     def linear(x: torch.Tensor, w: torch.Tensor, s: int = 1) -> torch.Tensor:
         return gemm(x, w.t(), tuned=False, split_k=s, split_k_mode=mode)
     return linear
+
+
+def pinned_chain(args) -> None:
+    """The decode step's products in order, some through quack's GEMM pinned to a
+    configuration (`--quack-configs`), each checked against cuBLAS first."""
+    from quack.gemm_interface import gemm_act
+
+    from fused_mlp import parse_config
+
+    with open(os.path.join(args.config, "config.json")) as f:
+        config = json.load(f)
+    shapes = projections(config)
+    layers = config["num_hidden_layers"]
+    dev = torch.device("cuda")
+    order = ["qkv", "o", "gate_up", "down"]
+    weights = [{name: torch.randn(shapes[name][1], shapes[name][0], dtype=torch.bfloat16,
+                                  device=dev) * 0.02 for name in order} for _ in range(layers)]
+    layer_bytes = sum(w.numel() * 2 for w in weights[0].values())
+    for m in (int(b) for b in args.batches.split(",")):
+        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device=dev)
+                  for name in order}
+        for variant in args.quack_configs.split(";"):
+            pinned = {}
+            for part in filter(None, variant.replace("none", "").split(",")):
+                name, spec = part.split("=")
+                pinned[name] = parse_config(spec, shapes[name][1])
+
+            def product(name, w):
+                if name in pinned:
+                    return gemm_act(inputs[name], w.t(), activation=None, store_preact=False,
+                                    tuned=False, config=pinned[name])[1]
+                return F.linear(inputs[name], w)
+            try:
+                for name in pinned:
+                    ref = F.linear(inputs[name], weights[0][name]).float()
+                    err = (product(name, weights[0][name]).float() - ref).abs().max().item()
+                    assert err <= 2e-2 * ref.abs().max().item(), (name, err)
+
+                def step():
+                    for layer in weights:
+                        for name in order:
+                            product(name, layer[name])
+                us = timed_us(step, calls=2, replays=args.replays)
+                per_call = {}
+                for name in order:  # each projection alone, over the layers' weights in turn
+                    def one():
+                        for layer in weights:
+                            product(name, layer[name])
+                    per_call[name] = timed_us(one, calls=2, replays=args.replays) / layers
+            except Exception as exc:  # a configuration quack rejects: say so, go on
+                print(f"  m={m:4d} [{variant}]: failed: {repr(exc)[:300]}")
+                continue
+            print(f"  m={m:4d} [{variant or 'none'}]: {us / 1e3:.3f} ms per step "
+                  f"({layers * layer_bytes / us / 1e3:.0f} GB/s) | "
+                  + "; ".join(f"{n} {t:.1f} µs" for n, t in per_call.items()))
 
 
 def chain(args) -> None:
