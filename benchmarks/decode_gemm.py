@@ -134,6 +134,40 @@ def quack_linear(parallel: bool):
     return linear
 
 
+ORDER = ["qkv", "o", "gate_up", "down"]  # a layer's products, as a decode step runs them
+
+
+def chain_weights(config_path: str) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """The projections' shapes, and every layer's own weights for them (so nothing stays in
+    L2 between calls of one projection)."""
+    with open(os.path.join(config_path, "config.json")) as f:
+        config = json.load(f)
+    shapes = projections(config)
+    return shapes, [{name: torch.randn(shapes[name][1], shapes[name][0], dtype=torch.bfloat16,
+                                       device="cuda") * 0.02 for name in ORDER}
+                    for _ in range(config["num_hidden_layers"])]
+
+
+def step_us(product, weights, replays: int) -> float:
+    """µs per step of every layer's products in order; product(name, weight)."""
+    def step():
+        for layer in weights:
+            for name in ORDER:
+                product(name, layer[name])
+    return timed_us(step, calls=2, replays=replays)
+
+
+def per_projection_us(product, weights, replays: int) -> dict[str, float]:
+    """µs per call of each projection alone, over the layers' weights in turn."""
+    times = {}
+    for name in ORDER:
+        def one():
+            for layer in weights:
+                product(name, layer[name])
+        times[name] = timed_us(one, calls=2, replays=replays) / len(weights)
+    return times
+
+
 def pinned_chain(args) -> None:
     """The decode step's products in order, some through quack's GEMM pinned to a
     configuration (`--quack-configs`), each checked against cuBLAS first."""
@@ -141,18 +175,11 @@ def pinned_chain(args) -> None:
 
     from fused_mlp import parse_config
 
-    with open(os.path.join(args.config, "config.json")) as f:
-        config = json.load(f)
-    shapes = projections(config)
-    layers = config["num_hidden_layers"]
-    dev = torch.device("cuda")
-    order = ["qkv", "o", "gate_up", "down"]
-    weights = [{name: torch.randn(shapes[name][1], shapes[name][0], dtype=torch.bfloat16,
-                                  device=dev) * 0.02 for name in order} for _ in range(layers)]
+    shapes, weights = chain_weights(args.config)
     layer_bytes = sum(w.numel() * 2 for w in weights[0].values())
     for m in (int(b) for b in args.batches.split(",")):
-        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device=dev)
-                  for name in order}
+        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device="cuda")
+                  for name in ORDER}
         for variant in args.quack_configs.split(";"):
             pinned = {}
             for part in filter(None, variant.replace("none", "").split(",")):
@@ -169,54 +196,38 @@ def pinned_chain(args) -> None:
                     ref = F.linear(inputs[name], weights[0][name]).float()
                     err = (product(name, weights[0][name]).float() - ref).abs().max().item()
                     assert err <= 2e-2 * ref.abs().max().item(), (name, err)
-
-                def step():
-                    for layer in weights:
-                        for name in order:
-                            product(name, layer[name])
-                us = timed_us(step, calls=2, replays=args.replays)
-                per_call = {}
-                for name in order:  # each projection alone, over the layers' weights in turn
-                    def one():
-                        for layer in weights:
-                            product(name, layer[name])
-                    per_call[name] = timed_us(one, calls=2, replays=args.replays) / layers
+                us = step_us(product, weights, args.replays)
+                per_call = per_projection_us(product, weights, args.replays)
             except Exception as exc:  # a configuration quack rejects: say so, go on
                 print(f"  m={m:4d} [{variant}]: failed: {repr(exc)[:300]}")
                 continue
             print(f"  m={m:4d} [{variant or 'none'}]: {us / 1e3:.3f} ms per step "
-                  f"({layers * layer_bytes / us / 1e3:.0f} GB/s) | "
+                  f"({len(weights) * layer_bytes / us / 1e3:.0f} GB/s) | "
                   + "; ".join(f"{n} {t:.1f} µs" for n, t in per_call.items()))
 
 
 def chain(args) -> None:
-    with open(os.path.join(args.config, "config.json")) as f:
-        config = json.load(f)
-    shapes = projections(config)
-    layers = config["num_hidden_layers"]
-    dev = torch.device("cuda")
-    copy_bw = measure_ceilings(dev, torch.bfloat16).copy_bytes_per_s / 1e9
-    order = ["qkv", "o", "gate_up", "down"]
-    weights = [{name: torch.randn(shapes[name][1], shapes[name][0], dtype=torch.bfloat16,
-                                  device=dev) * 0.02 for name in order} for _ in range(layers)]
+    shapes, weights = chain_weights(args.config)
+    layers = len(weights)
+    copy_bw = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_bytes_per_s / 1e9
     layer_bytes = sum(w.numel() * 2 for w in weights[0].values())
     floor_ms = layers * layer_bytes / copy_bw / 1e6
     print(f"{args.config}: copy bandwidth {copy_bw:.0f} GB/s; {layers} layers x "
           f"{layer_bytes / 1e6:.0f} MB of weights: floor {floor_ms:.3f} ms per step of these "
           f"products")
     for m in (int(b) for b in args.batches.split(",")):
-        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device=dev)
-                  for name in order}
-        quack = {"quack": quack_linear(False), "quack-parallel": quack_linear(True)}
+        inputs = {name: torch.randn(m, shapes[name][0], dtype=torch.bfloat16, device="cuda")
+                  for name in ORDER}
+        quack = {blas: quack_linear(blas == "quack-parallel") for blas in args.blas.split(",")
+                 if blas in ("quack", "quack-parallel")}
         # Check the split products against the plain one before timing them.
-        for name in order:
+        for name in ORDER:
             w = weights[0][name]
             for s in (2, 4):
                 if shapes[name][0] % s == 0:
                     ref = F.linear(inputs[name], w).float()
                     split_fns = [lambda: split_k_linear(inputs[name], w, s)] + [
-                        lambda fn=fn: fn(inputs[name], w, s) for b, fn in quack.items()
-                        if b in args.blas.split(",")]
+                        lambda fn=fn: fn(inputs[name], w, s) for fn in quack.values()]
                     for fn in split_fns:
                         err = (fn().float() - ref).abs().max().item()
                         assert err <= 2e-2 * ref.abs().max().item(), (name, s, err)
@@ -228,32 +239,22 @@ def chain(args) -> None:
                 for part in filter(None, variant.replace("none", "").split(",")):
                     name, slices = re.fullmatch(r"([a-z_]+?)(\d+)", part).groups()
                     split[name] = int(slices)
-                times = []
-                for reduce in (True, False):
-                    def product(name, w, reduce=True):
-                        s = split.get(name, 1)
-                        if blas in quack:
-                            quack[blas](inputs[name], w, s)
-                        elif s == 1:
-                            F.linear(inputs[name], w)
-                        else:
-                            split_k_linear(inputs[name], w, s, reduce)
 
-                    def step():
-                        for layer in weights:
-                            for name in order:
-                                product(name, layer[name], reduce)
-                    times.append(timed_us(step, calls=2, replays=args.replays))
-                    if not split or blas in quack:
-                        break
-                us = times[0]
-                per_call = {}
-                for name in order:  # each projection alone, over the layers' weights in turn
-                    def one():
-                        for layer in weights:
-                            product(name, layer[name])
-                    per_call[name] = timed_us(one, calls=2, replays=args.replays) / layers
-                without = f", without the sums {times[1] / 1e3:.3f} ms" if len(times) > 1 else ""
+                def product(name, w, reduce=True):
+                    s = split.get(name, 1)
+                    if blas in quack:
+                        quack[blas](inputs[name], w, s)
+                    elif s == 1:
+                        F.linear(inputs[name], w)
+                    else:
+                        split_k_linear(inputs[name], w, s, reduce)
+                us = step_us(product, weights, args.replays)
+                without = ""
+                if split and blas not in quack:  # our split's partials, their sum left out
+                    unsummed = step_us(lambda n, w: product(n, w, reduce=False), weights,
+                                       args.replays)
+                    without = f", without the sums {unsummed / 1e3:.3f} ms"
+                per_call = per_projection_us(product, weights, args.replays)
                 print(f"  {blas:9s} m={m:4d} split [{variant or 'none'}]: {us / 1e3:.3f} ms per "
                       f"step ({layers * layer_bytes / us / 1e3:.0f} GB/s){without} | "
                       + "; ".join(f"{n} {t:.1f} µs" for n, t in per_call.items()))

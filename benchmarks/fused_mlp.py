@@ -66,9 +66,7 @@ def main() -> None:
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, dtype=bf16, device=dev)
         residual = torch.randn(t, h, dtype=bf16, device=dev)
-        # Correctness first: float64 reference of layer 0.
-        ref_act = F.silu(x.double() @ gate_up[0].double().t()[:, :inter]) * (
-            x.double() @ gate_up[0].double().t()[:, inter:])
+        ref_act = swiglu_reference(x, gate_up[0])  # correctness first
         scale = ref_act.abs().max().item()
         for tuned in (False, True) if args.tuned else (False,):
             start = time.perf_counter()
@@ -125,6 +123,12 @@ def main() -> None:
                 print(f"  t={t:6d} {name:42s}: failed: {repr(exc)[:300]}")
 
 
+def swiglu_reference(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) × up in float64, for gate_up = [W_gate; W_up]."""
+    gate, up = (x.double() @ gate_up.double().t()).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def parse_config(spec: str, out_features: int):
     """'128x224c/1x1' -> quack GemmConfig(tile 128 x 224, cooperative, cluster 1 x 1); 'sized':
     the shard's configuration for decode batches on this GPU (shard.fused_mlp.sized_config)."""
@@ -158,8 +162,7 @@ def gate_up_configs(args) -> None:
     weight_bytes = 2 * inter * h * 2
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, dtype=bf16, device=dev)
-        ref = F.silu(x.double() @ gate_up[0].double().t()[:, :inter]) * (
-            x.double() @ gate_up[0].double().t()[:, inter:])
+        ref = swiglu_reference(x, gate_up[0])
         scale = ref.abs().max().item()
         variants = {"cuBLAS + SiLU x up": lambda: [silu_mul(F.linear(x, w)) for w in gate_up]}
         for name, config in configs.items():

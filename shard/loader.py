@@ -57,7 +57,7 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
     """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel.
     compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py).
     fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA).
-    fused_mlp: large steps' gate/up products apply SiLU × up in their epilogue (Hopper)."""
+    fused_mlp: gate/up products apply SiLU × up in their epilogue (Hopper; shard/fused_mlp.py)."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
         raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "

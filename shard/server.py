@@ -88,7 +88,8 @@ class Runtime:
                  "write %s; SiLU x up %s", self.dtype, self.loaded.quantization,
                  "compiled" if self.compiled else "eager",
                  "fused" if fused_rotary else "separate",
-                 f"in the gate/up product from {shard_fused_mlp.MIN_ROWS} rows"
+                 f"in the gate/up product (steps of {shard_fused_mlp.MIN_ROWS}+ rows, "
+                 f"see shard/fused_mlp.py)"
                  if fused_mlp else "a separate pass")
         peak = 0
         if self.device.type == "cuda":

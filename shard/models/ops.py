@@ -75,16 +75,17 @@ class Ops:
     rotary_into_cache: Callable
     compiled: bool
     fused_rotary: bool
-    # (x, gate_up weight) -> SiLU(gate) × up in one product, for steps of at least
-    # shard.fused_mlp.MIN_ROWS rows; None: always gate/up, then silu_mul.
+    # (x, gate_up weight) -> SiLU(gate) × up in one product, for the steps that
+    # shard.fused_mlp.fuses names; None: always gate/up, then silu_mul.
     swiglu_linear: Callable | None = None
 
     @classmethod
     def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False
               ) -> "Ops":
         """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
-        otherwise the rotary stage followed by two index copies. fused_mlp: gate/up products of
-        MIN_ROWS rows or more apply SiLU × up in their epilogue (shard/fused_mlp.py, quack on Hopper)."""
+        otherwise the rotary stage followed by two index copies. fused_mlp: gate/up products apply
+        SiLU × up in their epilogue, in the steps shard/fused_mlp.py's `fuses` names (quack,
+        Hopper)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
