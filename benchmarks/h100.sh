@@ -44,7 +44,8 @@ PY
 
 step_tests() {
   python3 -m pytest shard/tests/test_attention_cuda.py shard/tests/test_engine_cuda.py \
-    shard/tests/test_triton_kernels.py shard/tests/test_fused_mlp_cuda.py -q \
+    shard/tests/test_triton_kernels.py shard/tests/test_fused_mlp_cuda.py \
+    shard/tests/test_decode_gemm_cuda.py -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 
@@ -389,6 +390,31 @@ step_quack_pinned() {  # QKV, O, down at m=128 through quack pinned to small til
   timeout 400 python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b \
     --chain --batches 128 --quack-configs "$v" 2>&1 | grep -v Warning \
     | tee "$OUT/quack-pinned-8b.txt"
+}
+
+step_quack_pinned2() {  # 64-row tiles in 2 x 1 clusters for QKV, O, down: together, by rows, 1B
+  local all="o=64x64p/2x1,qkv=64x96p/2x1,down=64x64p/2x1"
+  local v="none;$all;o=64x32p/2x1;qkv=64x64p/2x1;down=64x32p/2x1;down=64x128p/2x1"
+  timeout 300 python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b \
+    --chain --batches 128,112,96 --quack-configs "$v" 2>&1 | grep -v Warning \
+    | tee "$OUT/quack-pinned2-8b.txt"
+  v="none;o=64x32p/2x1,qkv=64x48p/2x1,down=64x32p/2x1;o=64x32p/2x1;qkv=64x48p/2x1"
+  v="$v;down=64x32p/2x1;down=64x64p/2x1;o=64x64p/2x1"
+  timeout 200 python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.2-1b \
+    --chain --batches 128 --quack-configs "$v" 2>&1 | grep -v Warning \
+    | tee "$OUT/quack-pinned2-1b.txt"
+}
+
+step_decode_gemm_ab() {  # the batch targets with --decode-gemm off and on, same call
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  for f in off on; do
+    offline 8b-b128-gemm-$f $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
+      --decode-gemm $f
+  done
+  for f in on off; do
+    offline 1b-mixed-gemm-$f $m1 --num-requests 512 --mixed --repeat 3 --decode-gemm $f
+  done
 }
 
 step_sized_mlp_ab() {  # the batch targets, the fused gate/up from 1,024 rows (before) and 96

@@ -39,6 +39,7 @@ class ShardConfig:
     compile: str
     fused_rotary: str
     fused_mlp: str
+    decode_gemm: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
     log_format: str
@@ -127,6 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from 1,024; on needs cuda with "
                              "compute capability 9.0+, bfloat16 or float16, and quack; auto: "
                              "on where those hold")
+    parser.add_argument("--decode-gemm", default="auto", choices=["auto", "on", "off"],
+                        help="run decode batches' QKV, O and down products (112-128 rows) "
+                             "through quack's GEMM in 64-row tiles sized to fill the SMs, "
+                             "instead of cuBLAS; needs what --fused-mlp needs; auto: on where "
+                             "that holds")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

@@ -53,11 +53,12 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
          attention, load_format: str = "auto", quantize: str = "none",
          compiled: bool = False, fused_rotary: bool = False,
-         fused_mlp: bool = False) -> LoadedModel:
+         fused_mlp: bool = False, decode_gemm: bool = False) -> LoadedModel:
     """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel.
     compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py).
     fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA).
-    fused_mlp: gate/up products apply SiLU × up in their epilogue (Hopper; shard/fused_mlp.py)."""
+    fused_mlp: gate/up products apply SiLU × up in their epilogue (Hopper; shard/fused_mlp.py).
+    decode_gemm: decode batches' products in quack's narrow tiles (Hopper; shard/decode_gemm.py)."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
         raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "
@@ -75,7 +76,7 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
         weights = None if load_format == "dummy" else _safetensors(source.path)
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled, fused_rotary,
-                                                                     fused_mlp))
+                                                                     fused_mlp, decode_gemm))
     if load_format == "dummy":
         _randomize(model)
     else:

@@ -7,6 +7,7 @@ are vocab-parallel. With one rank every collective is skipped, so the model code
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,14 @@ class TensorParallel:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's rows (output features) split over ranks; no communication."""
+    """y = x W^T with W's rows (output features) split over ranks; no communication.
+    `product`: F.linear's signature (shard.models.ops.Ops.linear)."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TensorParallel,
-                 what: str = "output features"):
+                 what: str = "output features", product: Callable = F.linear):
         super().__init__()
         self.tp = tp
+        self.product = product
         self.local_sizes = [tp.split(size, what) for size in output_sizes]
         local_out = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
@@ -81,18 +84,20 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.product(x, self.weight, self.bias)
         y = self.int4.matmul(x)
         return y if self.bias is None else y + self.bias
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's columns (input features) split over ranks, then an all-reduce."""
+    """y = x W^T with W's columns (input features) split over ranks, then an all-reduce.
+    `product`: as ColumnParallelLinear's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
-                 what: str = "input features"):
+                 what: str = "input features", product: Callable = F.linear):
         super().__init__()
         self.tp = tp
+        self.product = product
         self.local_in = tp.split(in_features, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
@@ -113,7 +118,7 @@ class RowParallelLinear(nn.Module):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight) if self.int4 is None else self.int4.matmul(x)
+        y = self.product(x, self.weight) if self.int4 is None else self.int4.matmul(x)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

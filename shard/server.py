@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import sluice
 from shard import budget as budgets
 from shard import config as shard_config
+from shard import decode_gemm as shard_decode_gemm
 from shard import fused_mlp as shard_fused_mlp
 from shard import loader
 from shard.attention import select_backend
@@ -80,17 +81,22 @@ class Runtime:
         fused_rotary = _wanted(config.fused_rotary, self.device)
         if fused_rotary and self.device.type != "cuda":
             raise ValueError("--fused-rotary on needs a CUDA device (it is a Triton kernel)")
-        fused_mlp = _fused_mlp_wanted(config.fused_mlp, self.device, self.dtype)
+        fused_mlp = _quack_wanted("--fused-mlp", config.fused_mlp, self.device, self.dtype,
+                                  "SiLU x up stays a separate pass")
+        decode_gemm = _quack_wanted("--decode-gemm", config.decode_gemm, self.device,
+                                    self.dtype, "decode batches' products stay on cuBLAS")
         self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
                                   self.attention, config.load_format, config.quantize,
-                                  self.compiled, fused_rotary, fused_mlp)
+                                  self.compiled, fused_rotary, fused_mlp, decode_gemm)
         log.info("weights: %s; quantization: %s; elementwise stages %s; rotary and cache "
-                 "write %s; SiLU x up %s", self.dtype, self.loaded.quantization,
-                 "compiled" if self.compiled else "eager",
+                 "write %s; SiLU x up %s; decode batches' products %s", self.dtype,
+                 self.loaded.quantization, "compiled" if self.compiled else "eager",
                  "fused" if fused_rotary else "separate",
-                 f"in the gate/up product (steps of {shard_fused_mlp.MIN_ROWS}+ rows, "
-                 f"see shard/fused_mlp.py)"
-                 if fused_mlp else "a separate pass")
+                 "in the gate/up product (steps that shard/fused_mlp.py's fuses names)"
+                 if fused_mlp else "a separate pass",
+                 f"in quack's narrow tiles at {shard_decode_gemm.MIN_ROWS}-"
+                 f"{shard_decode_gemm.MAX_ROWS} rows (shard/decode_gemm.py)"
+                 if decode_gemm else "on cuBLAS")
         peak = 0
         if self.device.type == "cuda":
             peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,
@@ -120,9 +126,14 @@ class Runtime:
         request for seconds. Its steps are not traffic: they stay out of the metrics."""
         metrics, self.engine.metrics = self.engine.metrics, None
         try:
-            mlp = self.loaded.model.layers[0].mlp
-            if mlp.fuses_gate:  # every layer's gate/up has this shape
+            # Every layer's products have layer 0's shapes.
+            attn, mlp = self.loaded.model.layers[0].self_attn, self.loaded.model.layers[0].mlp
+            if mlp.fuses_gate:
                 shard_fused_mlp.warm_up(mlp.gate_up_proj.weight)
+            if mlp.ops.linear is shard_decode_gemm.linear:
+                shard_decode_gemm.warm_up([
+                    proj.weight for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                             mlp.down_proj) if proj.weight is not None])
             self._capture_graphs()
             if self.compiled:
                 # The budget's profile compiled the stages for eager steps of one size; a
@@ -255,15 +266,16 @@ def _wanted(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def _fused_mlp_wanted(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """--fused-mlp: auto means wherever quack's GEMM runs; on insists."""
+def _quack_wanted(flag: str, setting: str, device: torch.device, dtype: torch.dtype,
+                  otherwise: str) -> bool:
+    """--fused-mlp, --decode-gemm: auto means wherever quack's GEMM runs; on insists."""
     if setting == "off":
         return False
     reason = shard_fused_mlp.unavailable(device, dtype)
     if setting == "on" and reason:
-        raise ValueError(f"--fused-mlp on: {reason} (use --fused-mlp off)")
+        raise ValueError(f"{flag} on: {reason} (use {flag} off)")
     if reason and device.type == "cuda":
-        log.info("--fused-mlp auto: SiLU x up stays a separate pass: %s", reason)
+        log.info("%s auto: %s: %s", flag, otherwise, reason)
     return reason is None
 
 

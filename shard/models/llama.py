@@ -76,8 +76,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = d
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size, [config.num_heads * d, config.num_kv_heads * d,
-                                 config.num_kv_heads * d], config.qkv_bias, tp, "attention heads")
-        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp)
+                                 config.num_kv_heads * d], config.qkv_bias, tp, "attention heads",
+            ops.linear)
+        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp,
+                                        product=ops.linear)
         self.backend = backend
 
     def project(self, x, positions, rotary, kv_cache, slot_mapping, q_out=None):
@@ -98,8 +100,10 @@ class LlamaMLP(nn.Module):
         self.ops = ops
         inter = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
-                                                 config.mlp_bias, tp, "intermediate size")
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
+                                                 config.mlp_bias, tp, "intermediate size",
+                                                 ops.linear)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp,
+                                           product=ops.linear)
 
     @property
     def fuses_gate(self) -> bool:

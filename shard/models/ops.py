@@ -78,14 +78,17 @@ class Ops:
     # (x, gate_up weight) -> SiLU(gate) × up in one product, for the steps that
     # shard.fused_mlp.fuses names; None: always gate/up, then silu_mul.
     swiglu_linear: Callable | None = None
+    # F.linear's signature: what the QKV, O, gate/up and down products call.
+    linear: Callable = F.linear
 
     @classmethod
-    def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False
-              ) -> "Ops":
+    def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False,
+              decode_gemm: bool = False) -> "Ops":
         """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
         otherwise the rotary stage followed by two index copies. fused_mlp: gate/up products apply
         SiLU × up in their epilogue, in the steps shard/fused_mlp.py's `fuses` names (quack,
-        Hopper)."""
+        Hopper). decode_gemm: decode batches' products in quack's narrow tiles where
+        shard/decode_gemm.py's `takes` says so (Hopper)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
@@ -94,8 +97,12 @@ class Ops:
         swiglu_linear = None
         if fused_mlp:
             from shard.fused_mlp import swiglu_linear
+        linear = F.linear
+        if decode_gemm:
+            from shard.decode_gemm import linear
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
-                   compiled=compiled, fused_rotary=fused_rotary, swiglu_linear=swiglu_linear)
+                   compiled=compiled, fused_rotary=fused_rotary, swiglu_linear=swiglu_linear,
+                   linear=linear)
 
 
 def compile_stage(fn: Callable) -> Callable:

@@ -10,6 +10,7 @@ import gc
 import pytest
 import torch
 
+from shard import decode_gemm as shard_decode_gemm
 from shard import fused_mlp as shard_fused_mlp
 from shard import loader
 from shard.attention import (FlashAttention, TorchVarlenAttention, flash_unavailable,
@@ -41,10 +42,10 @@ def relative_error(a, b) -> float:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention, decode", [("torch", "triton"), ("torch", "flash"),
                                                ("flash", "triton"), ("flash", "flash")])
-@pytest.mark.parametrize("fused_rotary, fused_mlp", [(False, False), (True, False), (True, True)],
-                         ids=["separate", "fused-rotary", "fused-rotary-mlp"])
+@pytest.mark.parametrize("fused_rotary, quack", [(False, False), (True, False), (True, True)],
+                         ids=["separate", "fused-rotary", "fused-rotary-mlp-gemm"])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(
-        folder, attention, decode, compiled, fused_rotary, fused_mlp, monkeypatch):
+        folder, attention, decode, compiled, fused_rotary, quack, monkeypatch):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
     from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
@@ -54,15 +55,20 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
 
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
-    # Every step through the fused gate/up, however small: the 16-token chunks in quack's
-    # default configuration, the last 8 tokens in the one sized to the GPU.
+    # quack: every step through the fused gate/up, however small (the 16-token chunks in
+    # quack's default configuration, the last 8 tokens in the one sized to the GPU), and its
+    # other products through --decode-gemm's narrow tiles.
     monkeypatch.setattr(shard_fused_mlp, "MIN_ROWS", 1)
     monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 16)
+    monkeypatch.setattr(shard_decode_gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(shard_decode_gemm, "MAX_ROWS", 10**6)
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA, decode),
-                       compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp).model
+                       compiled=compiled, fused_rotary=fused_rotary, fused_mlp=quack,
+                       decode_gemm=quack).model
     assert ours.layers[0].self_attn.ops.fused_rotary == fused_rotary
-    assert (ours.layers[0].mlp.ops.swiglu_linear is not None) == fused_mlp
+    assert (ours.layers[0].mlp.ops.swiglu_linear is not None) == quack
+    assert (ours.layers[0].self_attn.o_proj.product is shard_decode_gemm.linear) == quack
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
@@ -160,20 +166,26 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     assert overlapped == synchronous
 
 
-@pytest.mark.parametrize("fused_mlp", [False, True], ids=["separate-mlp", "fused-mlp"])
+@pytest.mark.parametrize("quack", [False, True], ids=["cublas", "quack"])
 @pytest.mark.parametrize("attention", ["flash", "torch"])
 def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
-        folder, attention, fused_mlp, monkeypatch):
+        folder, attention, quack, monkeypatch):
     """A step with prefill chunks and decodes, padded to its token bucket: the real rows get the
     hidden states an eager forward gives, the real K/V land in their slots, and the padding rows
-    write only the scratch block. fused-mlp: every step's gate/up (graphs captured in warm-up
-    included) is quack's product, whatever its size: this step's (padded to 64 rows) in quack's
-    default configuration, the decode graphs' in the one sized to the GPU."""
+    write only the scratch block. quack: every step's gate/up (graphs captured in warm-up
+    included) is quack's fused product, whatever its size (this step's, padded to 64 rows, in
+    quack's default configuration, the decode graphs' in the one sized to the GPU), and every
+    other product --decode-gemm's narrow tiles."""
     monkeypatch.setattr(shard_fused_mlp, "MIN_ROWS", 1)
     monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 64)
+    monkeypatch.setattr(shard_decode_gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(shard_decode_gemm, "MAX_ROWS", 10**6)
+    setting = "on" if quack else "off"
     runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention,
-                            "--fused-mlp", "on" if fused_mlp else "off")
-    assert (runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is not None) == fused_mlp
+                            "--fused-mlp", setting, "--decode-gemm", setting)
+    layer = runtime.loaded.model.layers[0]
+    assert (layer.mlp.ops.swiglu_linear is not None) == quack
+    assert (layer.mlp.down_proj.product is shard_decode_gemm.linear) == quack
     engine = runtime.engine
     assert engine.piecewise is not None
     from shard import batch as step_batch
