@@ -169,6 +169,26 @@ step_final10() {  # the tenth session's record: every offline target, the sized 
   offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
 }
 
+step_final11() {  # the eleventh session's record: every offline target, --decode-gemm included
+  timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    "shard/tests/test_engine_cuda.py::test_a_steps_integer_tensors_reach_the_gpu_16_byte_aligned" \
+    2>&1 | tail -2
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+  offline 1b-mixed $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 3
+  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 8b-b1 $m8 --num-requests 1 --input-len 512 --output-len 128
+  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
+}
+
+step_b1_check() {  # the 1B at batch 1, --decode-gemm on and off (host-bound: per-step overhead)
+  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+  offline 1b-b1-on $m1 --num-requests 1 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b1-off $m1 --num-requests 1 --input-len 512 --output-len 128 --repeat 3 \
+    --decode-gemm off
+}
+
 step_target8b() {  # the 8B batch target alone
   offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
     --num-requests 128 --input-len 512 --output-len 128 --repeat 3

@@ -177,11 +177,14 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
                  for i, (n, o) in enumerate(zip(work.input_lens, work.output_lens))]
     engine.submit(stream, sequences)
     allocator_before = _allocator_counts(runtime.device)
+    compiles_before = _compile_counts()
     prefill_s = decode_s = 0.0
     steps = prefill_steps = decode_rows = 0
-    timed: list[tuple[float, int, int, int]] = []  # (seconds, step index, decodes, prompt tokens)
+    # (seconds, step index, decodes, prompt tokens, kernels first met in the step)
+    timed: list[tuple[float, int, int, int, list[str]]] = []
     start = time.perf_counter()
     while stream.finished < len(sequences):
+        jit_before = len(JIT_MET)
         t = time.perf_counter()
         engine.step()
         elapsed = time.perf_counter() - t
@@ -191,7 +194,8 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
         steps += 1
         rows = len(plan.decodes)
         if slowest:
-            timed.append((elapsed, steps, rows, sum(n for _, n in plan.prefills)))
+            timed.append((elapsed, steps, rows, sum(n for _, n in plan.prefills),
+                          JIT_MET[jit_before:]))
         if plan.prefills:
             prefill_s += elapsed
             prefill_steps += 1
@@ -206,12 +210,49 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
             "decode_step_seconds": decode_s,
             "mean_decode_batch": decode_rows / max(decode_steps, 1),
             "decode_step_ms": 1000 * decode_s / max(decode_steps, 1),
-            "slowest_steps": [{"ms": 1000 * t, "step": i, "decodes": d, "prompt_tokens": p}
-                              for t, i, d, p in sorted(timed, reverse=True)[:slowest]],
-            # What the caching allocator had to do during the run: a first run slower than the
-            # next ones may be growing its pool with cudaMalloc (CUDA only; else empty).
+            "slowest_steps": [{"ms": 1000 * t, "step": i, "decodes": d, "prompt_tokens": p,
+                               "triton_kernels_met": met}
+                              for t, i, d, p, met in sorted(timed, reverse=True)[:slowest]],
+            # What the caching allocator had to do during the run, and what was compiled in
+            # it: a first run slower than the next ones may be growing the allocator's pool
+            # (CUDA only; else empty) or meeting kernel specializations warm-up did not.
             "allocator": {key: after - allocator_before[key]
-                          for key, after in _allocator_counts(runtime.device).items()}}
+                          for key, after in _allocator_counts(runtime.device).items()},
+            "compiled": {key: after - compiles_before[key]
+                         for key, after in _compile_counts().items()}}
+
+
+# Triton kernels met in a specialization new to this process (compiled, or loaded from
+# Triton's disk cache), in order; filled by the hook watch_triton_compiles installs.
+JIT_MET: list[str] = []
+
+
+def watch_triton_compiles() -> None:
+    """Record in JIT_MET every Triton kernel launched with a specialization (argument types,
+    integers' divisibility by 16, constexprs) that this process has not compiled yet."""
+    try:
+        import triton
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+
+    def hook(*args, **kwargs) -> bool:
+        JIT_MET.append(str(kwargs.get("repr", "?")).split("[")[0])
+        return False  # True would skip the compilation
+
+    runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime_knobs is not None and hasattr(runtime_knobs, "jit_cache_hook"):
+        runtime_knobs.jit_cache_hook = hook  # Triton 3.4+
+    else:
+        JITFunction.cache_hook = hook
+
+
+def _compile_counts() -> dict[str, int]:
+    """Cumulative counts of compilations a step may trigger: Triton specializations (JIT_MET)
+    and torch.compile frames."""
+    from torch._dynamo.utils import counters
+
+    return {"triton_kernels": len(JIT_MET), "dynamo_frames": counters["frames"]["ok"]}
 
 
 def _allocator_counts(device: torch.device) -> dict[str, int]:
@@ -311,6 +352,7 @@ def main() -> None:
         runs = [result]
         label = f"transformers generate(), static batches of {args.batch}"
     else:
+        watch_triton_compiles()
         runtime = Runtime(config)
         runtime.warm_up()
         device, dtype = runtime.device, runtime.dtype
@@ -338,13 +380,16 @@ def main() -> None:
               + "; steps with prefill "
               + ", ".join(f"{r['prefill_step_seconds']:.2f}" for r in runs) + " s")
     for number, run in enumerate(runs if args.slowest_steps else [], 1):
-        allocator = run["allocator"]
+        allocator, compiled = run["allocator"], run["compiled"]
         print(f"  run {number} slowest  " + "; ".join(
-            f"#{s['step']} {s['ms']:.1f} ms ({s['decodes']} dec + {s['prompt_tokens']} tok)"
-            for s in run["slowest_steps"])
+            f"#{s['step']} {s['ms']:.1f} ms ({s['decodes']} dec + {s['prompt_tokens']} tok"
+            + (f"; met {', '.join(s['triton_kernels_met'])}" if s["triton_kernels_met"] else "")
+            + ")" for s in run["slowest_steps"])
             + (f"; allocator: {allocator['segments_allocated']} new segments, "
                f"{allocator['reserved_bytes'] / 2**20:+.0f} MiB reserved, "
-               f"{allocator['alloc_retries']} retries" if allocator else ""))
+               f"{allocator['alloc_retries']} retries" if allocator else "")
+            + f"; compiled: {compiled['triton_kernels']} Triton specializations, "
+              f"{compiled['dynamo_frames']} torch.compile frames")
     if runtime is not None:
         print(f"  steps             {result['steps']} ({result['steps_with_prefill']} with "
               f"prefill: {result['prefill_step_seconds']:.2f} s; decode-only: "

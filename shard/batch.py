@@ -107,18 +107,28 @@ def build(step: Step, block_tables: torch.Tensor, block_size: int, device: torch
     )
 
 
+ALIGN_INT64 = 2  # 16 bytes
+
+
 def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """The step's integer tensors on `device`, in one copy from pinned memory that does not
     wait for the GPU (a copy from pageable memory waits for all queued work)."""
     if device.type == "cpu":
         return list(tensors)
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).pin_memory()
-    on_device = flat.to(device, non_blocking=True)
-    out, offset = [], 0
+    parts, starts, offset = [], [], 0
     for t in tensors:
-        out.append(on_device[offset:offset + t.numel()].view(t.shape).to(t.dtype))
-        offset += t.numel()
-    return out
+        # Each tensor starts 16 bytes aligned: Triton specializes a kernel on whether each
+        # pointer argument is, so a step whose first tensor had an odd length compiled
+        # _rotary_cache_kernel again mid-run (~170 ms; docs/benchmarks.md, eleventh session).
+        pad = -t.numel() % ALIGN_INT64
+        parts.append(t.reshape(-1).to(torch.int64))
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.int64))
+        starts.append(offset)
+        offset += t.numel() + pad
+    on_device = torch.cat(parts).pin_memory().to(device, non_blocking=True)
+    return [on_device[start:start + t.numel()].view(t.shape).to(t.dtype)
+            for start, t in zip(starts, tensors)]
 
 
 def _prompt_rows(prefills: list[tuple[Sequence, int]], starts: list[int],

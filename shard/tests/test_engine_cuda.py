@@ -279,3 +279,18 @@ def test_engine_runs_every_chunked_step_through_piecewise_graphs(folder, monkeyp
     # Every prompt token went through them: 210, plus the warm-up request's 16; no step with
     # a chunk ran eagerly (the buckets reach 48 + 16 tokens).
     assert sum(calls) == 210 + 16 and max(calls) <= 48
+
+
+def test_a_steps_integer_tensors_reach_the_gpu_16_byte_aligned():
+    """Triton specializes a kernel on whether each pointer argument is 16-byte aligned: a step
+    whose token count was odd left its positions 8-byte aligned and compiled
+    _rotary_cache_kernel again in the middle of serving."""
+    from shard.batch import to_device
+
+    tensors = [torch.arange(3), torch.arange(10, 15), torch.arange(7, dtype=torch.int32),
+               torch.arange(4).view(2, 2), torch.arange(1)]
+    got = to_device(CUDA, *tensors)
+    for sent, arrived in zip(tensors, got):
+        assert arrived.device.type == "cuda" and arrived.dtype == sent.dtype
+        assert torch.equal(arrived.cpu(), sent)
+        assert arrived.data_ptr() % 16 == 0
