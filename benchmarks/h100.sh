@@ -404,7 +404,7 @@ step_quack_decode() {  # a decode step's other products (m=128) through quack, s
     | tee "$OUT/quack-decode-8b.txt"
 }
 
-step_quack_pinned() {  # QKV, O, down at m=128 through quack pinned to small tiles (not run yet)
+step_quack_pinned() {  # QKV, O, down at m=128 through quack pinned to small tiles, one at a time
   local v="none;o=64x64p/2x1;o=128x32p/1x1;o=64x64p/1x1;qkv=64x96p/2x1;qkv=128x48p/1x1"
   v="$v;down=64x64p/2x1;down=128x32p/1x1;down=64x64p/1x1"
   timeout 400 python3 benchmarks/decode_gemm.py --config benchmarks/configs/llama-3.1-8b \
