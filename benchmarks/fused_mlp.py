@@ -19,6 +19,11 @@ configuration and the pinned ones listed, e.g. at decode batches:
 
     python benchmarks/fused_mlp.py --tokens 64,128,256 --layers 32 \
         --configs 128x192p/1x1,128x224c/1x1,64x256p/2x1
+
+With `--new-rows`, the host time of the shard's fused gate/up at row counts new to the process
+(quack's plan caches key on the full shape), against repeated calls:
+
+    python benchmarks/fused_mlp.py --new-rows --tokens 16477,16537,16595,4096,4097
 """
 
 from __future__ import annotations
@@ -46,9 +51,17 @@ def main() -> None:
                              "configurations: TILE_MxTILE_N then c (cooperative) or p (pingpong), "
                              "then /CLUSTER_MxCLUSTER_N, or 'sized' (the shard's choice for "
                              "decode batches); comma-separated")
+    parser.add_argument("--new-rows", action="store_true",
+                        help="host time of the shard's fused gate/up (shard.fused_mlp."
+                             "swiglu_linear) at each of --tokens met for the first time, "
+                             "against the same call repeated: quack's plan caches key on the "
+                             "full shape, so a row count new to the process takes its cold path")
     args = parser.parse_args()
     if args.configs:
         gate_up_configs(args)
+        return
+    if args.new_rows:
+        new_rows(args)
         return
     from quack.gemm_interface import gemm_act, gemm_add_inplace
 
@@ -145,6 +158,27 @@ def parse_config(spec: str, out_features: int):
     return GemmConfig(tile_m=int(tile_m), tile_n=int(tile_n), pingpong=tile[-1] == "p",
                       cluster_m=int(cluster_m), cluster_n=int(cluster_n),
                       is_dynamic_persistent=False)
+
+
+def new_rows(args) -> None:
+    """Host ms of swiglu_linear's call (the launch, not the kernel) at row counts new to the
+    process, then repeated; each call synchronized before and after."""
+    from shard.fused_mlp import swiglu_linear
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    weight = torch.randn(2 * args.intermediate, args.hidden, dtype=bf16, device=dev) * 0.02
+    swiglu_linear(torch.randn(1024, args.hidden, dtype=bf16, device=dev), weight)  # compiled
+    for rows in (int(v) for v in args.tokens.split(",")):
+        x = torch.randn(rows, args.hidden, dtype=bf16, device=dev)
+        host_ms = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            swiglu_linear(x, weight)
+            host_ms.append(1e3 * (time.perf_counter() - start))
+            torch.cuda.synchronize()
+        print(f"  rows {rows:6d}: host {host_ms[0]:7.2f} ms first, then "
+              + ", ".join(f"{ms:.2f}" for ms in host_ms[1:]) + " ms")
 
 
 def gate_up_configs(args) -> None:

@@ -194,9 +194,14 @@ step_target8b() {  # the 8B batch target alone
     --num-requests 128 --input-len 512 --output-len 128 --repeat 3
 }
 
-step_first_run() {  # the first-run effect: 1B mixed, 3 runs; slowest steps and allocator per run
+step_first_run() {  # the first-run effect: 1B mixed, 3 runs; slowest steps, allocator, what was built
   offline 1b-mixed-first --model benchmarks/configs/llama-3.2-1b --load-format dummy \
     --num-requests 512 --mixed --repeat 3 --slowest-steps 3
+}
+
+step_quack_new_rows() {  # the fused gate/up's host time at row counts new to the process (not run yet)
+  timeout 200 python3 benchmarks/fused_mlp.py --new-rows --hidden 2048 --intermediate 8192 \
+    --tokens 16477,16537,16595,4096,4097 2>&1 | grep -v Warning | tee "$OUT/quack-new-rows-1b.txt"
 }
 
 step_serving64() {  # 8B serving at the target's 64 streams

@@ -23,6 +23,7 @@ Flags this script does not know go to the shard unchanged (`sluice shard --help`
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -248,11 +249,22 @@ def watch_triton_compiles() -> None:
 
 
 def _compile_counts() -> dict[str, int]:
-    """Cumulative counts of compilations a step may trigger: Triton specializations (JIT_MET)
-    and torch.compile frames."""
+    """Cumulative counts of what a step may have to build first: Triton specializations
+    (JIT_MET), torch.compile frames, FlashAttention-4's compiled kernels, and quack's launch
+    plans (keyed on the full shapes, so one per row count new to the process)."""
     from torch._dynamo.utils import counters
 
-    return {"triton_kernels": len(JIT_MET), "dynamo_frames": counters["frames"]["ok"]}
+    counts = {"triton_kernels": len(JIT_MET), "dynamo_frames": counters["frames"]["ok"],
+              "fa4_kernels": 0, "quack_plans": 0}
+    fa4 = sys.modules.get("flash_attn.cute.interface")
+    cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
+    counts["fa4_kernels"] = len(getattr(cache, "cache", ()))
+    frontend = sys.modules.get("quack.epilogue.frontend")
+    if frontend is not None:  # every epilogue module's plans (gc: outside the timed run)
+        counts["quack_plans"] = sum(len(getattr(mod, "_plan_cache", ()))
+                                    for mod in gc.get_objects()
+                                    if isinstance(mod, frontend.EpiMod))
+    return counts
 
 
 def _allocator_counts(device: torch.device) -> dict[str, int]:
@@ -388,8 +400,9 @@ def main() -> None:
             + (f"; allocator: {allocator['segments_allocated']} new segments, "
                f"{allocator['reserved_bytes'] / 2**20:+.0f} MiB reserved, "
                f"{allocator['alloc_retries']} retries" if allocator else "")
-            + f"; compiled: {compiled['triton_kernels']} Triton specializations, "
-              f"{compiled['dynamo_frames']} torch.compile frames")
+            + f"; new: {compiled['triton_kernels']} Triton specializations, "
+              f"{compiled['dynamo_frames']} torch.compile frames, {compiled['fa4_kernels']} FA4 "
+              f"kernels, {compiled['quack_plans']} quack plans")
     if runtime is not None:
         print(f"  steps             {result['steps']} ({result['steps_with_prefill']} with "
               f"prefill: {result['prefill_step_seconds']:.2f} s; decode-only: "
