@@ -77,7 +77,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size, [config.num_heads * d, config.num_kv_heads * d,
                                  config.num_kv_heads * d], config.qkv_bias, tp, "attention heads",
-            ops.linear)
+            product=ops.linear)
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp,
                                         product=ops.linear)
         self.backend = backend
@@ -101,7 +101,7 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
                                                  config.mlp_bias, tp, "intermediate size",
-                                                 ops.linear)
+                                                 product=ops.linear)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp,
                                            product=ops.linear)
 
