@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 SITE=/tmp/py/site-packages
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# The targets' models (random weights of the shipped configs) and workloads (issue 5's).
+M1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+M8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+B1="--num-requests 1 --input-len 512 --output-len 128"
+B128="--num-requests 128 --input-len 512 --output-len 128"
+B256="--num-requests 256 --input-len 512 --output-len 128"
+MIXED="--num-requests 512 --mixed"
 
 setup() {
   if [ ! -f $SITE/.installed ]; then
@@ -57,40 +64,32 @@ offline() {  # offline NAME ARGS...: one run, its JSON in $OUT/NAME.json
 }
 
 step_offline_1b() {
-  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b1 $m --num-requests 1 --input-len 512 --output-len 128
-  offline 1b-b256 $m --num-requests 256 --input-len 512 --output-len 128
-  offline 1b-mixed $m --num-requests 512 --mixed
-  offline 1b-b1-nographs $m --num-requests 1 --input-len 512 --output-len 128 --cuda-graphs 0
+  offline 1b-b1 $M1 $B1
+  offline 1b-b256 $M1 $B256
+  offline 1b-mixed $M1 $MIXED
+  offline 1b-b1-nographs $M1 $B1 --cuda-graphs 0
 }
 
 step_offline_1b_chunks() {  # 1,024-token chunks, and the piecewise graphs' share
-  local m="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b256-chunk1024 $m --num-requests 256 --input-len 512 --output-len 128 \
-    --max-batch-prefill-tokens 1024
-  offline 1b-b256-chunk1024-nopiecewise $m --num-requests 256 --input-len 512 --output-len 128 \
+  offline 1b-b256-chunk1024 $M1 $B256 --max-batch-prefill-tokens 1024
+  offline 1b-b256-chunk1024-nopiecewise $M1 $B256 \
     --max-batch-prefill-tokens 1024 --cuda-graph-tokens 0
-  offline 1b-b1-nopiecewise $m --num-requests 1 --input-len 512 --output-len 128 \
-    --cuda-graph-tokens 0
+  offline 1b-b1-nopiecewise $M1 $B1 --cuda-graph-tokens 0
 }
 
 step_offline_8b() {
-  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b1 $m --num-requests 1 --input-len 512 --output-len 128
-  offline 8b-b128 $m --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 8b-b1 $M8 $B1
+  offline 8b-b128 $M8 $B128 --repeat 3
 }
 
 step_offline_1b_b256() {  # the median of 3 runs: its steps with prefill vary by up to ~7%
-  offline 1b-b256 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --num-requests 256 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
 }
 
 step_large_buckets() {  # piecewise graphs up to 4,352 tokens: the 4,096-token mixed steps too
   local sizes=16,32,64,128,256,384,512,640,768,896,1024,1280,1536,1792,2048,2560,3072,3584,4096,4352
-  offline 1b-b256-buckets4352 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --num-requests 256 --input-len 512 --output-len 128 --cuda-graph-tokens $sizes
-  offline 8b-b128-buckets4352 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --num-requests 128 --input-len 512 --output-len 128 --cuda-graph-tokens $sizes
+  offline 1b-b256-buckets4352 $M1 $B256 --cuda-graph-tokens $sizes
+  offline 8b-b128-buckets4352 $M8 $B128 --cuda-graph-tokens $sizes
 }
 
 step_engine_tests() {
@@ -100,19 +99,15 @@ step_engine_tests() {
 
 step_targets() {  # the workloads still short of their targets, and the mixed one
   step_offline_1b_b256
-  offline 1b-mixed --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --num-requests 512 --mixed
-  offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-mixed $M1 $MIXED
+  offline 8b-b128 $M8 $B128 --repeat 3
 }
 
 rotary_run() {  # rotary_run 8b|1b fused|separate: that model's target with --fused-rotary on|off
   local flag=on; [ "$2" = separate ] && flag=off
   case $1 in
-    8b) offline 8b-b128-$2 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-          --num-requests 128 --input-len 512 --output-len 128 --repeat 3 --fused-rotary $flag ;;
-    1b) offline 1b-b256-$2 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-          --num-requests 256 --input-len 512 --output-len 128 --repeat 3 --fused-rotary $flag ;;
+    8b) offline 8b-b128-$2 $M8 $B128 --repeat 3 --fused-rotary $flag ;;
+    1b) offline 1b-b256-$2 $M1 $B256 --repeat 3 --fused-rotary $flag ;;
   esac
 }
 
@@ -133,73 +128,59 @@ step_triton_decode() {  # our decode kernel's block / warps / stages at the targ
 }
 
 step_final() {  # the seventh session's last call: every target on the H200 and 8B serving
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-mixed $m1 --num-requests 512 --mixed
-  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b1 $M1 $B1
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED
+  offline 8b-b128 $M8 $B128 --repeat 3
   serve llama-3.1-8b default 64
 }
 
 step_final8() {  # the eighth session's record: the batch targets with 16,384-token prompt steps
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-mixed $m1 --num-requests 512 --mixed
-  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED
+  offline 8b-b128 $M8 $B128 --repeat 3
 }
 
 step_final9() {  # the ninth session's record: final8, with the 8B run's clocks sampled
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-mixed $m1 --num-requests 512 --mixed
-  clocks 8b-b128 offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 \
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED
+  clocks 8b-b128 offline 8b-b128 $M8 $B128 \
     --repeat 3
 }
 
 step_final10() {  # the tenth session's record: every offline target, the sized gate/up included
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-mixed $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 2
-  offline 8b-b1 $m8 --num-requests 1 --input-len 512 --output-len 128
-  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
+  offline 8b-b128 $M8 $B128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED --repeat 3 --slowest-steps 2
+  offline 8b-b1 $M8 $B1
+  offline 1b-b1 $M1 $B1
 }
 
 step_final11() {  # the eleventh session's record: every offline target, --decode-gemm included
   timeout 120 python3 -m pytest -q -p no:cacheprovider \
     "shard/tests/test_engine_cuda.py::test_a_steps_integer_tensors_reach_the_gpu_16_byte_aligned" \
     2>&1 | tail -2
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 1b-mixed $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 3
-  offline 8b-b128 $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-b256 $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3
-  offline 8b-b1 $m8 --num-requests 1 --input-len 512 --output-len 128
-  offline 1b-b1 $m1 --num-requests 1 --input-len 512 --output-len 128
+  offline 1b-mixed $M1 $MIXED --repeat 3 --slowest-steps 3
+  offline 8b-b128 $M8 $B128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 8b-b1 $M8 $B1
+  offline 1b-b1 $M1 $B1
 }
 
 step_b1_check() {  # the 1B at batch 1, --decode-gemm on and off (host-bound: per-step overhead)
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b1-on $m1 --num-requests 1 --input-len 512 --output-len 128 --repeat 3
-  offline 1b-b1-off $m1 --num-requests 1 --input-len 512 --output-len 128 --repeat 3 \
-    --decode-gemm off
+  offline 1b-b1-on $M1 $B1 --repeat 3
+  offline 1b-b1-off $M1 $B1 --repeat 3 --decode-gemm off
 }
 
 step_target8b() {  # the 8B batch target alone
-  offline 8b-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --num-requests 128 --input-len 512 --output-len 128 --repeat 3
+  offline 8b-b128 $M8 $B128 --repeat 3
 }
 
-step_first_run() {  # the first-run effect: 1B mixed, 3 runs; slowest steps, allocator, what was built
-  offline 1b-mixed-first --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --num-requests 512 --mixed --repeat 3 --slowest-steps 3
+step_first_run() {  # the first-run effect: 1B mixed, 3 runs; slowest steps, what each built
+  offline 1b-mixed-first $M1 $MIXED --repeat 3 --slowest-steps 3
 }
 
-step_quack_new_rows() {  # the fused gate/up's host time at row counts new to the process (not run yet)
+step_quack_new_rows() {  # the fused gate/up's host cost at row counts new to the process
   timeout 200 python3 benchmarks/fused_mlp.py --new-rows --hidden 2048 --intermediate 8192 \
     --tokens 16477,16537,16595,4096,4097 2>&1 | grep -v Warning | tee "$OUT/quack-new-rows-1b.txt"
 }
@@ -213,26 +194,19 @@ step_torch_backend() {  # the torch backend's tests, then its old and new decode
     | tee "$OUT/gpu-engine-tests.log" | tail -3
   python3 -m pytest shard/tests/test_attention_cuda.py -k torch -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu-attention-torch-tests.log" | tail -3
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  offline 1b-b256-torch $m1 --num-requests 256 --input-len 512 --output-len 128 \
-    --attention torch
-  offline 1b-b256-torch-gathered $m1 --num-requests 256 --input-len 512 --output-len 128 \
+  offline 1b-b256-torch $M1 $B256 --attention torch
+  offline 1b-b256-torch-gathered $M1 $B256 \
     --attention torch --decode-attention flash --cuda-graph-tokens 0
 }
 
 step_decode_ab() {  # the same runs with FA4 for decode rows: what the Triton kernel buys
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
-  offline 1b-b256-fa4decode $m1 --num-requests 256 --input-len 512 --output-len 128 \
-    --decode-attention flash
-  offline 8b-b128-fa4decode $m8 --num-requests 128 --input-len 512 --output-len 128 \
-    --decode-attention flash
+  offline 1b-b256-fa4decode $M1 $B256 --decode-attention flash
+  offline 8b-b128-fa4decode $M8 $B128 --decode-attention flash
 }
 
 step_mixed_ab() {  # 1B mixed steps (192 decodes + a 4,096-token chunk), Triton or FA4 decode rows
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  profile 1b-mixed-b192-4000-triton $m1 --phase mixed --batch 192 --chunk 4000 --steps 10
-  profile 1b-mixed-b192-4000-fa4 $m1 --phase mixed --batch 192 --chunk 4000 --steps 10 \
+  profile 1b-mixed-b192-4000-triton $M1 --phase mixed --batch 192 --chunk 4000 --steps 10
+  profile 1b-mixed-b192-4000-fa4 $M1 --phase mixed --batch 192 --chunk 4000 --steps 10 \
     --decode-attention flash
 }
 
@@ -254,19 +228,16 @@ profile() {  # profile NAME ARGS...: where one engine step's time goes
 }
 
 step_profile() {
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  profile 1b-decode-b1 $m1 --phase decode --batch 1 --input-len 512
-  profile 1b-decode-b64 $m1 --phase decode --batch 64 --input-len 512
-  profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
-  profile 8b-decode-b1 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --phase decode --batch 1 --input-len 512
+  profile 1b-decode-b1 $M1 --phase decode --batch 1 --input-len 512
+  profile 1b-decode-b64 $M1 --phase decode --batch 64 --input-len 512
+  profile 1b-prefill-4x1024 $M1 --phase prefill --batch 4 --input-len 1024 --steps 10
+  profile 8b-decode-b1 $M8 --phase decode --batch 1 --input-len 512
 }
 
 step_profile_mixed() {  # a steady decode batch plus one prompt chunk per step
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  profile 1b-mixed-b192-1024 $m1 --phase mixed --batch 192 --chunk 1024 --steps 10
-  profile 1b-mixed-b192-4000 $m1 --phase mixed --batch 192 --chunk 4000 --steps 10
-  profile 1b-prefill-4x1024 $m1 --phase prefill --batch 4 --input-len 1024 --steps 10
+  profile 1b-mixed-b192-1024 $M1 --phase mixed --batch 192 --chunk 1024 --steps 10
+  profile 1b-mixed-b192-4000 $M1 --phase mixed --batch 192 --chunk 4000 --steps 10
+  profile 1b-prefill-4x1024 $M1 --phase prefill --batch 4 --input-len 1024 --steps 10
 }
 
 step_attention() {  # FA4's paged decode kernel alone, per tile shape and page size
@@ -314,7 +285,7 @@ step_probe8b() {  # the 8B target's two halves: GEMM rate by row count, a decode
 }
 
 step_timeline8b() {  # a steady batch-128 decode step: kernels and idle gaps, graph alone
-  profile 8b-decode-b128-timeline --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+  profile 8b-decode-b128-timeline $M8 \
     --phase decode --batch 128 --input-len 576 --steps 20 --timeline
   grep -E "^!!" "$OUT/profile-8b-decode-b128-timeline.txt"
   grep -A45 -- "-- timeline" "$OUT/profile-8b-decode-b128-timeline.txt"
@@ -363,8 +334,7 @@ step_clocks8b() {  # are the products slower under sustained load, and what are 
     --block-sizes 16 --tiles , --triton 64/4/3"
   clocks attention-short $a --iters 50
   clocks attention-long $a --iters 20000
-  clocks 8b-target offline 8b-b128-clocks --model benchmarks/configs/llama-3.1-8b \
-    --load-format dummy --num-requests 128 --input-len 512 --output-len 128
+  clocks 8b-target offline 8b-b128-clocks $M8 $B128
 }
 
 step_fusedmlp() {  # the MLP with SiLU x up and the residual add in quack's GEMM epilogues
@@ -431,63 +401,47 @@ step_quack_pinned2() {  # 64-row tiles in 2 x 1 clusters for QKV, O, down: toget
 }
 
 step_decode_gemm_ab() {  # the batch targets with --decode-gemm off and on, same call
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   for f in off on; do
-    offline 8b-b128-gemm-$f $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-      --decode-gemm $f
+    offline 8b-b128-gemm-$f $M8 $B128 --repeat 3 --decode-gemm $f
   done
   for f in on off; do
-    offline 1b-mixed-gemm-$f $m1 --num-requests 512 --mixed --repeat 3 --decode-gemm $f
+    offline 1b-mixed-gemm-$f $M1 $MIXED --repeat 3 --decode-gemm $f
   done
 }
 
 step_sized_mlp_ab() {  # the batch targets, the fused gate/up from 1,024 rows (before) and 96
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   for r in 1024 96; do
-    offline 8b-b128-rows$r $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-      --fused-mlp-rows $r
+    offline 8b-b128-rows$r $M8 $B128 --repeat 3 --fused-mlp-rows $r
   done
   for r in 96 1024; do
-    offline 1b-b256-rows$r $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
-      --fused-mlp-rows $r
+    offline 1b-b256-rows$r $M1 $B256 --repeat 3 --fused-mlp-rows $r
   done
 }
 
 step_fused_mlp_ab() {  # the batch targets with --fused-mlp off and on (the default), same call
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
-  local m8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   for f in off on; do
-    offline 8b-b128-mlp-$f $m8 --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-      --fused-mlp $f
+    offline 8b-b128-mlp-$f $M8 $B128 --repeat 3 --fused-mlp $f
   done
   for f in on off; do
-    offline 1b-b256-mlp-$f $m1 --num-requests 256 --input-len 512 --output-len 128 --repeat 3 \
-      --fused-mlp $f
-    offline 1b-mixed-mlp-$f $m1 --num-requests 512 --mixed --fused-mlp $f
+    offline 1b-b256-mlp-$f $M1 $B256 --repeat 3 --fused-mlp $f
+    offline 1b-mixed-mlp-$f $M1 $MIXED --fused-mlp $f
   done
 }
 
 step_fused_mlp_mixed() {  # the 1B mixed workload, 3 runs each, --fused-mlp off then on
-  local m1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
   for f in off on; do
-    offline 1b-mixed3-mlp-$f $m1 --num-requests 512 --mixed --repeat 3 --slowest-steps 2 \
-      --fused-mlp $f
+    offline 1b-mixed3-mlp-$f $M1 $MIXED --repeat 3 --slowest-steps 2 --fused-mlp $f
   done
 }
 
 step_chunks8b() {  # the 8B target with prompt steps of 4,096 (the server's default), 8,192, 16,384 tokens
-  local m="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
   for t in 4096 8192 16384; do
-    offline 8b-b128-chunk$t $m --num-requests 128 --input-len 512 --output-len 128 --repeat 3 \
-      --max-batch-prefill-tokens $t
+    offline 8b-b128-chunk$t $M8 $B128 --repeat 3 --max-batch-prefill-tokens $t
   done
 }
 
 step_profile_decode8b() {
-  profile 8b-decode-b128 --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-    --phase decode --batch 128 --input-len 576 --steps 20
+  profile 8b-decode-b128 $M8 --phase decode --batch 128 --input-len 576 --steps 20
 }
 
 step_elementwise() {  # the compiled elementwise stages alone, 1B and 8B prefill shapes
@@ -497,14 +451,13 @@ step_elementwise() {  # the compiled elementwise stages alone, 1B and 8B prefill
 }
 
 step_profile_decode8b_eager() {  # the same without graphs: the kernel table holds there
-  profile 8b-decode-b128-eager --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+  profile 8b-decode-b128-eager $M8 \
     --phase decode --batch 128 --input-len 576 --steps 20 --cuda-graphs 0
   grep -v " INFO " "$OUT/profile-8b-decode-b128-eager.txt" | grep -A40 "Self CUDA" | head -45
 }
 
 step_profile_decode256() {
-  profile 1b-decode-b256 --model benchmarks/configs/llama-3.2-1b --load-format dummy \
-    --phase decode --batch 256 --input-len 576 --steps 20
+  profile 1b-decode-b256 $M1 --phase decode --batch 256 --input-len 576 --steps 20
 }
 
 serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count

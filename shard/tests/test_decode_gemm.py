@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from shard import decode_gemm
 from shard.attention import TorchAttention
-from shard.models.config import ModelConfig
 from shard.models.llama import LlamaForCausalLM
 from shard.models.ops import Ops
 from shard.parallel import TensorParallel
 from shard.tests.test_llama_matches_transformers import paged_logits
+from shard.tests.tiny_model import tiny_config
 
 
 @pytest.mark.parametrize("features, sms, width", [
@@ -38,11 +38,7 @@ def test_products_of_112_to_128_rows_take_the_narrow_tiles(monkeypatch):
     """Every projection of a model built with the narrow-tile product calls it; those of
     112-128 rows (and not too wide) run in quack's tiles, the rest on cuBLAS, and the logits are
     those of plain F.linear."""
-    config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                         rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512,
-                         tie_word_embeddings=False, qkv_bias=False, o_bias=False,
-                         mlp_bias=False)
+    config = tiny_config(num_layers=2, max_position_embeddings=512)
     taken = []
 
     def narrow_tiles(x, weight, gemm_config):  # quack's product in plain PyTorch

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from shard import fused_mlp
-from shard.models.config import ModelConfig
 from shard.models.llama import LlamaMLP
 from shard.models.ops import Ops
 from shard.parallel import TensorParallel
+from shard.tests.tiny_model import tiny_config
 
 
 @pytest.mark.parametrize("features, sms, width", [
@@ -29,11 +29,7 @@ def test_tile_width_fills_the_sms_in_whole_waves(features, sms, width):
 
 
 def test_steps_from_min_rows_take_the_fused_product():
-    config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                         rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64,
-                         tie_word_embeddings=False, qkv_bias=False, o_bias=False,
-                         mlp_bias=False)
+    config = tiny_config()
     rows_fused = []
 
     def swiglu_linear(x, weight):  # quack's product in plain PyTorch: the same arithmetic

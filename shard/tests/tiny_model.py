@@ -1,4 +1,5 @@
-"""Tiny random models written by tests: config.json, safetensors weights and a tokenizer.
+"""Tiny random models written by tests: config.json, safetensors weights and a tokenizer (and
+the bare ModelConfig of one, for modules built in memory).
 
 The weights come from transformers' own classes (the oracle) with a fixed seed, so our model
 and transformers' can be compared on exactly the same checkpoint.
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import torch
 
+from shard.models.config import ModelConfig
 from shard.tokenizer import CHATML, byte_tokenizer
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A tiny Llama's ModelConfig, for modules built in memory without a checkpoint."""
+    fields = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                  num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                  rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=False,
+                  qkv_bias=False, o_bias=False, mlp_bias=False)
+    return ModelConfig(**(fields | overrides))
 
 def write_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random Llama (or Qwen2) checkpoint in `folder`; `overrides` change config fields."""
