@@ -258,12 +258,15 @@ def _compile_counts() -> dict[str, int]:
               "fa4_kernels": 0, "quack_plans": 0}
     fa4 = sys.modules.get("flash_attn.cute.interface")
     cache = getattr(getattr(fa4, "_flash_attn_fwd", None), "compile_cache", None)
-    counts["fa4_kernels"] = len(getattr(cache, "cache", ()))
+    while cache is not None and not isinstance(cache, dict):  # JITCache wrappers hold a dict
+        cache = getattr(cache, "cache", None)
+    counts["fa4_kernels"] = len(cache or ())
     frontend = sys.modules.get("quack.epilogue.frontend")
     if frontend is not None:  # every epilogue module's plans (gc: outside the timed run)
         counts["quack_plans"] = sum(len(getattr(mod, "_plan_cache", ()))
                                     for mod in gc.get_objects()
-                                    if isinstance(mod, frontend.EpiMod))
+                                    # type(): isinstance raises on a dead weak proxy
+                                    if issubclass(type(mod), frontend.EpiMod))
     return counts
 
 
