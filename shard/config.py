@@ -40,6 +40,7 @@ class ShardConfig:
     fused_rotary: str
     fused_mlp: str
     decode_gemm: str
+    last_layer_rows: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
     log_format: str
@@ -133,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "through quack's GEMM in 64-row tiles sized to fill the SMs, "
                              "instead of cuBLAS; needs what --fused-mlp needs; auto: on where "
                              "that holds")
+    parser.add_argument("--last-layer-rows", default="sampled", choices=["sampled", "all"],
+                        help="which of a step's rows go through the last layer's output "
+                             "projection and MLP: sampled, only those whose logits the step "
+                             "reads (each prompt's last token, each decode; 1/num_layers of a "
+                             "prompt's products saved, as llama.cpp does); all, every prompt "
+                             "token too. Steps with prompt logprobs always take all")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

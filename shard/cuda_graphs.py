@@ -193,11 +193,16 @@ class DecodeGraphs:
 
 class PiecewiseGraphs:
     """Steps with prefill chunks, up to the largest token bucket: L + 1 graphs per bucket
-    around the L attention calls, which run eagerly on the real rows."""
+    around the L attention calls, which run eagerly on the real rows.
+
+    Steps that read only their sampling rows (LlamaForCausalLM.forward's `rows`) end instead
+    with a tail graph per row bucket (`row_sizes`): those rows of the last layer's attention
+    output and residual, gathered, through its output projection, MLP and the final norm. It
+    reads the same static buffers whatever the token bucket, so one set serves them all."""
 
     @torch.inference_mode()  # static buffers as inference tensors (DecodeGraphs says why)
     def __init__(self, model, kv_cache, attention, token_sizes: list[int], scratch_slot: int,
-                 device: torch.device):
+                 device: torch.device, row_sizes: list[int] = ()):
         self.model = model
         self.kv_cache = kv_cache
         self.attention = attention
@@ -221,8 +226,21 @@ class PiecewiseGraphs:
         for size in reversed(self.token_sizes):  # the largest first: the others reuse its pool
             pieces = [functools.partial(self._piece, i, size) for i in range(num_pieces)]
             self._graphs[size] = _capture(pieces, pool, device, warmups=1)
-        log.info("captured piecewise CUDA graphs for steps of up to %s tokens (%d graphs each)",
-                 self.token_sizes, num_pieces)
+        self.row_sizes = sorted(row_sizes)
+        self.rows = torch.zeros(max(self.row_sizes, default=0), dtype=torch.long, device=device)
+        self.tail_hidden = torch.zeros_like(self.residual[:len(self.rows)])
+        self._tails = dict(zip(reversed(self.row_sizes), _capture(
+            [functools.partial(self._tail, n) for n in reversed(self.row_sizes)], pool, device,
+            warmups=1)))
+        log.info("captured piecewise CUDA graphs for steps of up to %s tokens (%d graphs each; "
+                 "tails for %s sampling rows)", self.token_sizes, num_pieces, self.row_sizes)
+
+    def _tail(self, n: int) -> None:
+        """The last layer past attention and the final norm, on the n rows named in self.rows."""
+        rows = self.rows[:n]
+        x, residual = self.model.layers[-1].after_attention(self.attended[rows],
+                                                            self.residual[rows])
+        self.tail_hidden[:n].copy_(self.model.norm(x, residual)[0])
 
     def _piece(self, index: int, n: int) -> None:
         """Piece `index` of a step of n rows: layer index-1's second half (or the embedding),
@@ -246,9 +264,10 @@ class PiecewiseGraphs:
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.token_sizes[-1]
 
-    def run(self, batch: StepBatch, meta) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's T tokens, final norm applied (a view of a
-        static buffer, valid until the next step's replay)."""
+    def run(self, batch: StepBatch, meta, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of the step's T tokens, final norm applied; with `rows`,
+        only those rows', in that order (as LlamaForCausalLM.forward). A view of a static
+        buffer, valid until the next step's replay."""
         t = batch.input_ids.shape[0]
         size = next(s for s in self.token_sizes if s >= t)
         self.input_ids[:t].copy_(batch.input_ids)
@@ -257,8 +276,22 @@ class PiecewiseGraphs:
         if size > t:  # padding rows write their K/V to the scratch block, nowhere else
             self.slot_mapping[t:size].fill_(self.scratch_slot)
         graphs = self._graphs[size]
+        n = 0 if rows is None else rows.shape[0]
+        tail = None
+        if rows is not None and n <= len(self.rows):
+            tail = self._tails.get(next((s for s in self.row_sizes if s >= n), 0))
         graphs[0].replay()
-        for graph, (k_cache, v_cache) in zip(graphs[1:], self.kv_cache.layers):
+        last = len(graphs) - 2
+        for i, (graph, (k_cache, v_cache)) in enumerate(zip(graphs[1:], self.kv_cache.layers)):
+            if i == last and rows is not None and n == 0:
+                return self.tail_hidden[:0]  # the last layer's keys and values are written
             self.attention.attend(self.q[:t], k_cache, v_cache, meta, out=self.attended[:t])
-            graph.replay()
-        return self.hidden[:t]
+            if i < last or tail is None:
+                graph.replay()
+            else:
+                # Rows n.. of the bucket gather whatever rows an earlier step named (all
+                # within the buffers): read, never returned.
+                self.rows[:n].copy_(rows)
+                tail.replay()
+                return self.tail_hidden[:n]
+        return self.hidden[:t] if rows is None else self.hidden[rows]

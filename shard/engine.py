@@ -107,7 +107,7 @@ class Engine:
     def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
                  limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device,
                  with_metrics: bool = False, async_scheduling: bool = False,
-                 compiled: bool = False):
+                 compiled: bool = False, sampled_rows_only: bool = True):
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = allocator
@@ -121,6 +121,9 @@ class Engine:
         # Each slot's latest sampled token, where the next step's decode reads it.
         self.last_tokens = torch.zeros(limits.max_batch_size, dtype=torch.long, device=device)
         self.async_scheduling = async_scheduling
+        # --last-layer-rows sampled: the last layer's output projection and MLP only for rows
+        # whose logits the step reads (LlamaForCausalLM.forward).
+        self.sampled_rows_only = sampled_rows_only
         self._in_flight: deque[_Launched] = deque()
         self.metrics = ShardMetrics(allocator, self.scheduler) if with_metrics else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -223,10 +226,16 @@ class Engine:
         if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
             return self.graphs.replay(batch)  # decode only: no prompt rows to score
         meta = self.attention.prepare(batch.layout)
+        # Prompt logprobs read every prompt row: those steps keep all of them.
+        rows = (batch.sample_rows if self.sampled_rows_only and batch.prompt_rows is None
+                else None)
         if self.piecewise is not None and self.piecewise.fits(batch.input_ids.shape[0]):
-            hidden = self.piecewise.run(batch, meta)
+            hidden = self.piecewise.run(batch, meta, rows)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, meta)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, meta,
+                                rows)
+        if rows is not None:  # hidden holds the sampling rows alone, in their order
+            return self.model.compute_logits(hidden)
         if batch.prompt_rows is not None:  # only requests that asked for them
             self._score_prompt(hidden, batch.prompt_rows)
         return self.model.compute_logits(hidden[batch.sample_rows])

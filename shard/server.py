@@ -117,7 +117,7 @@ class Runtime:
             self.loaded.tokenizer.eos_token_ids, self.device,
             with_metrics=config.metrics_port is not None,
             async_scheduling=_wanted(config.async_scheduling, self.device),
-            compiled=self.compiled)
+            compiled=self.compiled, sampled_rows_only=config.last_layer_rows == "sampled")
         self.config = config
 
     def warm_up(self) -> None:
@@ -231,9 +231,11 @@ class Runtime:
                                         config.max_batch_prefill_tokens + config.max_batch_size,
                                         layer_flops)
         if token_sizes:
+            # A step samples at most one row per sequence: its tails take the decode sizes.
             self.engine.piecewise = PiecewiseGraphs(
                 model, kv_cache, self.attention, token_sizes,
-                scratch_slot=scratch_block * self.budget.block_size, device=self.device)
+                scratch_slot=scratch_block * self.budget.block_size, device=self.device,
+                row_sizes=sizes if self.engine.sampled_rows_only else [])
 
     def info(self) -> pb.InfoResponse:
         tok = self.loaded.tokenizer

@@ -129,10 +129,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = LlamaMLP(config, tp, ops)
 
-    def forward(self, x, residual, positions, rotary, kv_cache, attn_meta):
+    def forward(self, x, residual, positions, rotary, kv_cache, attn_meta, rows=None):
+        """rows: if given, only these rows go on past attention (every row's keys and values
+        still reach the cache)."""
         q, residual = self.before_attention(x, residual, positions, rotary, kv_cache,
                                             attn_meta.slot_mapping)
         attended = self.self_attn.backend.attend(q, kv_cache[0], kv_cache[1], attn_meta)
+        if rows is not None:
+            attended, residual = attended[rows], residual[rows]
         return self.after_attention(attended, residual)
 
     # The two halves around attention, which piecewise CUDA graphs capture separately.
@@ -167,11 +171,25 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_meta) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's T ragged tokens, final norm applied."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_meta,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of the step's T ragged tokens, final norm applied; with
+        `rows` (indices into the T), only those rows' [len(rows), hidden], in that order.
+
+        Past the last layer's attention a row affects no other row, so the rows that nobody
+        reads (a prompt's tokens before its last) skip that layer's output projection and MLP:
+        1/L of a prompt's products, less its QKV (llama.cpp does the same)."""
         h, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            if i == last and rows is not None and rows.shape[0] == 0:
+                # A step of prompt chunks that end no prompt: only the keys and values count
+                # (no call on zero rows: compiled stages would compile again for them).
+                layer.before_attention(h, residual, positions, self.rotary, kv_cache,
+                                       attn_meta.slot_mapping)
+                return h.new_empty((0, h.shape[1]))
+            h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta,
+                                rows if i == last else None)
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None

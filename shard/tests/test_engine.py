@@ -128,7 +128,7 @@ class Driver:
 
 def make_engine(model, total_tokens: int = 1024, block_size: int = 4, max_prefill_tokens: int = 64,
                 max_batch_size: int = 16, eos_token_ids: tuple[int, ...] = (2,),
-                async_scheduling: bool | None = None):
+                async_scheduling: bool | None = None, sampled_rows_only: bool = True):
     num_blocks = total_tokens // block_size
     allocator = BlockAllocator(num_blocks, block_size)
     kv_cache = KVCache(model.config, 1, num_blocks, block_size, torch.float32, CPU)
@@ -138,7 +138,7 @@ def make_engine(model, total_tokens: int = 1024, block_size: int = 4, max_prefil
     if async_scheduling is None:
         async_scheduling = ASYNC_SCHEDULING
     engine = Engine(model, kv_cache, allocator, TorchAttention(), limits, eos_token_ids, CPU,
-                    async_scheduling=async_scheduling)
+                    async_scheduling=async_scheduling, sampled_rows_only=sampled_rows_only)
     return engine, Driver(engine), Recorder(engine)
 
 

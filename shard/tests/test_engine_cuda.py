@@ -187,22 +187,7 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
     assert (layer.mlp.ops.swiglu_linear is not None) == quack
     assert (layer.mlp.down_proj.product is shard_decode_gemm.linear) == quack
     engine = runtime.engine
-    assert engine.piecewise is not None
-    from shard import batch as step_batch
-    from shard.tests.test_engine import Recorder, request
-
-    stream = Recorder(engine)
-    engine.submit(stream, [request(stream, 200 + i, torch.arange(5, 12 + i), 6)
-                           for i in range(2)])
-    engine.step()  # their prefill: now they decode
-    engine.scheduler.add(request(stream, 300, torch.randint(3, 320, (33,)), 2))
-    for seq in engine.scheduler.admit():
-        engine.sampler.admit(seq.slot, seq.sampling, seq.prompt)
-    step = engine.scheduler.schedule()
-    assert len(step.decodes) == 2 and sum(n for _, n in step.prefills) == 33
-    batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
-                             CUDA, engine.last_tokens)
-    assert batch.input_ids.shape[0] == 35 and engine.piecewise.fits(35)  # padded to 64
+    batch = mixed_step(engine)
     scratch = engine.allocator.num_blocks
     with torch.inference_mode():
         before = [(k.clone(), v.clone()) for k, v in engine.kv_cache.layers]
@@ -226,6 +211,53 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
             untouched[written] = False
             untouched.view(-1, engine.allocator.block_size)[scratch] = False
             assert torch.equal(got[untouched], old[untouched]), f"layer {layer}: padding leaked"
+
+
+def mixed_step(engine):
+    """The batch of a step with two decodes and a 33-token prompt, built but not run."""
+    assert engine.piecewise is not None
+    from shard import batch as step_batch
+    from shard.tests.test_engine import Recorder, request
+
+    stream = Recorder(engine)
+    engine.submit(stream, [request(stream, 200 + i, torch.arange(5, 12 + i), 6)
+                           for i in range(2)])
+    engine.step()  # their prefill: now they decode
+    engine.scheduler.add(request(stream, 300, torch.randint(3, 320, (33,)), 2))
+    for seq in engine.scheduler.admit():
+        engine.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+    step = engine.scheduler.schedule()
+    assert len(step.decodes) == 2 and sum(n for _, n in step.prefills) == 33
+    batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
+                             CUDA, engine.last_tokens)
+    assert batch.input_ids.shape[0] == 35 and engine.piecewise.fits(35)  # padded to 64
+    return batch
+
+
+@pytest.mark.parametrize("attention", ["flash", "torch"])
+def test_piecewise_graphs_give_the_sampling_rows_of_an_eager_step(folder, attention):
+    """--last-layer-rows sampled: the step's 3 sampling rows through the tail graph of 4 rows,
+    20 rows (more than the largest tail, 16: the whole last piece, then those rows), and none
+    (no tail at all), each against the same rows of an eager forward of every row. Running the
+    step again rewrites the same keys and values, so each run sees the same cache."""
+    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention)
+    engine = runtime.engine
+    assert engine.piecewise.row_sizes == [1, 2, 4, 8, 16]
+    batch = mixed_step(engine)
+    with torch.inference_mode():
+        eager = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
+                             engine.attention.prepare(batch.layout)).clone()
+        eager_rows = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
+                                  engine.attention.prepare(batch.layout), batch.sample_rows)
+        assert relative_error(eager_rows, eager[batch.sample_rows]) < 1e-2
+        for rows in (batch.sample_rows, torch.arange(34, 14, -1, device=CUDA),
+                     batch.sample_rows[:0]):
+            meta = engine.attention.prepare(batch.layout)
+            graphed = engine.piecewise.run(batch, meta, rows).clone()
+            assert graphed.shape == (rows.shape[0], eager.shape[1])
+            if rows.shape[0]:
+                assert relative_error(graphed, eager[rows]) < 1e-2, rows.shape[0]
+    assert batch.sample_rows.shape[0] == 3
 
 
 def test_captures_hold_when_an_old_graph_is_garbage(folder, monkeypatch):
@@ -270,8 +302,8 @@ def test_engine_runs_every_chunked_step_through_piecewise_graphs(folder, monkeyp
     reaches its length."""
     calls = []
     real_run = PiecewiseGraphs.run
-    monkeypatch.setattr(PiecewiseGraphs, "run", lambda self, batch, meta: calls.append(
-        batch.input_ids.shape[0] - batch.layout.num_decodes) or real_run(self, batch, meta))
+    monkeypatch.setattr(PiecewiseGraphs, "run", lambda self, batch, meta, rows=None: calls.append(
+        batch.input_ids.shape[0] - batch.layout.num_decodes) or real_run(self, batch, meta, rows))
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
                for n in (5, 30, 12, 61, 2, 100)]
     _, tokens = run_greedy(folder, "auto", prompts, 8, "--max-batch-prefill-tokens", "48")
