@@ -409,6 +409,31 @@ step_decode_gemm_ab() {  # the batch targets with --decode-gemm off and on, same
   done
 }
 
+step_rows_ab() {  # the batch targets with --last-layer-rows all and sampled, same call
+  for r in all sampled; do
+    offline 8b-b128-rows-$r $M8 $B128 --repeat 3 --last-layer-rows $r
+  done
+  for r in sampled all; do
+    offline 1b-mixed-rows-$r $M1 $MIXED --repeat 3 --last-layer-rows $r
+  done
+}
+
+step_first_run8b() {  # the 8B target's runs, with the slowest steps of each and what they built
+  offline 8b-b128-first $M8 $B128 --repeat 3 --slowest-steps 3
+}
+
+step_first_run_eager() {  # the first-run effect with every CUDA module loaded at start
+  CUDA_MODULE_LOADING=EAGER offline 1b-mixed-first-eager $M1 $MIXED --repeat 3 --slowest-steps 3
+}
+
+step_final12() {  # the twelfth session's record: every offline target
+  offline 8b-b128 $M8 $B128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED --repeat 3 --slowest-steps 3
+  offline 8b-b1 $M8 $B1
+  offline 1b-b1 $M1 $B1 --repeat 3
+}
+
 step_sized_mlp_ab() {  # the batch targets, the fused gate/up from 1,024 rows (before) and 96
   for r in 1024 96; do
     offline 8b-b128-rows$r $M8 $B128 --repeat 3 --fused-mlp-rows $r
