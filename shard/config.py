@@ -138,8 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which of a step's rows go through the last layer's output "
                              "projection and MLP: sampled, only those whose logits the step "
                              "reads (each prompt's last token, each decode; 1/num_layers of a "
-                             "prompt's products saved, as llama.cpp does); all, every prompt "
-                             "token too. Steps with prompt logprobs always take all")
+                             "prompt's products saved); all, every prompt token too. Steps "
+                             "with prompt logprobs always take all")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="plan and launch step n+1 while step n runs, its tokens still on "
                              "the device, so host work overlaps the GPU; auto: on cuda only")

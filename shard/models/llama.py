@@ -178,7 +178,8 @@ class LlamaForCausalLM(nn.Module):
 
         Past the last layer's attention a row affects no other row, so the rows that nobody
         reads (a prompt's tokens before its last) skip that layer's output projection and MLP:
-        1/L of a prompt's products, less its QKV (llama.cpp does the same)."""
+        1/L of a prompt's products, less its QKV. (llama.cpp gathers the same rows one product
+        later, after the output projection.)"""
         h, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
