@@ -275,23 +275,24 @@ class PiecewiseGraphs:
         self.slot_mapping[:t].copy_(batch.layout.slot_mapping)
         if size > t:  # padding rows write their K/V to the scratch block, nowhere else
             self.slot_mapping[t:size].fill_(self.scratch_slot)
-        graphs = self._graphs[size]
-        n = 0 if rows is None else rows.shape[0]
-        tail = None
-        if rows is not None and n <= len(self.rows):
-            tail = self._tails.get(next((s for s in self.row_sizes if s >= n), 0))
+        graphs, layers = self._graphs[size], self.kv_cache.layers
         graphs[0].replay()
-        last = len(graphs) - 2
-        for i, (graph, (k_cache, v_cache)) in enumerate(zip(graphs[1:], self.kv_cache.layers)):
-            if i == last and rows is not None and n == 0:
-                return self.tail_hidden[:0]  # the last layer's keys and values are written
+        for graph, (k_cache, v_cache) in zip(graphs[1:-1], layers[:-1]):
             self.attention.attend(self.q[:t], k_cache, v_cache, meta, out=self.attended[:t])
-            if i < last or tail is None:
-                graph.replay()
-            else:
-                # Rows n.. of the bucket gather whatever rows an earlier step named (all
-                # within the buffers): read, never returned.
-                self.rows[:n].copy_(rows)
-                tail.replay()
-                return self.tail_hidden[:n]
-        return self.hidden[:t] if rows is None else self.hidden[rows]
+            graph.replay()
+        if rows is not None and rows.shape[0] == 0:
+            return self.tail_hidden[:0]  # the last layer's keys and values are written
+        self.attention.attend(self.q[:t], *layers[-1], meta, out=self.attended[:t])
+        if rows is None:
+            graphs[-1].replay()
+            return self.hidden[:t]
+        n = rows.shape[0]
+        tail = self._tails.get(next((s for s in self.row_sizes if s >= n), None))
+        if tail is None:  # more rows than the largest tail
+            graphs[-1].replay()
+            return self.hidden[rows]
+        # Rows n.. of the bucket gather whatever rows an earlier step named (all within the
+        # buffers): read, never returned.
+        self.rows[:n].copy_(rows)
+        tail.replay()
+        return self.tail_hidden[:n]

@@ -181,16 +181,16 @@ class LlamaForCausalLM(nn.Module):
         1/L of a prompt's products, less its QKV. (llama.cpp gathers the same rows one product
         later, after the output projection.)"""
         h, residual = self.embed_tokens(input_ids), None
-        last = len(self.layers) - 1
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            if i == last and rows is not None and rows.shape[0] == 0:
-                # A step of prompt chunks that end no prompt: only the keys and values count
-                # (no call on zero rows: compiled stages would compile again for them).
-                layer.before_attention(h, residual, positions, self.rotary, kv_cache,
-                                       attn_meta.slot_mapping)
-                return h.new_empty((0, h.shape[1]))
-            h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta,
-                                rows if i == last else None)
+        for layer, kv_cache in zip(self.layers[:-1], kv_caches[:-1]):
+            h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta)
+        last, kv_cache = self.layers[-1], kv_caches[-1]
+        if rows is not None and rows.shape[0] == 0:
+            # A step of prompt chunks that end no prompt: only the keys and values count (no
+            # call on zero rows: compiled stages would compile again for them).
+            last.before_attention(h, residual, positions, self.rotary, kv_cache,
+                                  attn_meta.slot_mapping)
+            return h.new_empty((0, h.shape[1]))
+        h, residual = last(h, residual, positions, self.rotary, kv_cache, attn_meta, rows)
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
