@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/generate.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xb9\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_dtype\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x04 \x01(\t\x12\x12\n\nnum_shards\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x07 \x01(\x04\x12 \n\x18max_batch_prefill_tokens\x18\x08 \x01(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x18\n\x10max_total_tokens\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x1a\n\x12\x66ree_budget_tokens\x18\x0c \x01(\x04\x12\'\n\ttokenizer\x18\r \x01(\x0b\x32\x14.sluice.v1.Tokenizer\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x12\n\nvocab_size\x18\x0f \x01(\r\x12\x14\n\x0cquantization\x18\x10 \x01(\t\x12\x1c\n\x14prefill_chunk_tokens\x18\x11 \x01(\r\"w\n\tTokenizer\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x15\n\rchat_template\x18\x02 \x01(\t\x12\x11\n\tbos_token\x18\x03 \x01(\t\x12\x11\n\teos_token\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\"\xb9\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"X\n\x12StoppingParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x12\n\nignore_eos\x18\x02 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\"\xac\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sluice.v1.SamplingParameters\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.sluice.v1.StoppingParameters\x12\x14\n\x0ctop_n_tokens\x18\x05 \x01(\r\x12;\n\rtrace_context\x18\x06 \x03(\x0b\x32$.sluice.v1.Request.TraceContextEntry\x12\x18\n\x10prefill_logprobs\x18\x07 \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x05\x42\x61tch\x12$\n\x08requests\x18\x01 \x03(\x0b\x32\x12.sluice.v1.Request\"\x15\n\x06\x43\x61ncel\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"a\n\x0fGenerateRequest\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x10.sluice.v1.BatchH\x00\x12#\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x11.sluice.v1.CancelH\x00\x42\x06\n\x04kind\"\xb6\x01\n\nTokenBatch\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\x0e\x66inish_reasons\x18\x04 \x03(\x0e\x32\x17.sluice.v1.FinishReason\x12\x14\n\x0ctop_n_counts\x18\x05 \x03(\r\x12\x17\n\x0ftop_n_token_ids\x18\x06 \x03(\r\x12\x16\n\x0etop_n_logprobs\x18\x07 \x03(\x02\"`\n\x0fPrefillLogprobs\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x17\n\x0ftop_n_token_ids\x18\x03 \x03(\r\x12\x16\n\x0etop_n_logprobs\x18\x04 \x03(\x02\"+\n\x0cRequestError\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe4\x01\n\x10GenerateResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.sluice.v1.TokenBatch\x12\x14\n\x0c\x61\x64mitted_ids\x18\x02 \x03(\x04\x12\'\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x17.sluice.v1.RequestError\x12\x1a\n\x12\x66ree_budget_tokens\x18\x04 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x34\n\x10prefill_logprobs\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.PrefillLogprobs*{\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x32\x92\x01\n\x0eTextGeneration\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12G\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sluice/v1/generate.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xb9\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_dtype\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x04 \x01(\t\x12\x12\n\nnum_shards\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x07 \x01(\x04\x12 \n\x18max_batch_prefill_tokens\x18\x08 \x01(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x18\n\x10max_total_tokens\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x1a\n\x12\x66ree_budget_tokens\x18\x0c \x01(\x04\x12\'\n\ttokenizer\x18\r \x01(\x0b\x32\x14.sluice.v1.Tokenizer\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x12\n\nvocab_size\x18\x0f \x01(\r\x12\x14\n\x0cquantization\x18\x10 \x01(\t\x12\x1c\n\x14prefill_chunk_tokens\x18\x11 \x01(\r\"w\n\tTokenizer\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x15\n\rchat_template\x18\x02 \x01(\t\x12\x11\n\tbos_token\x18\x03 \x01(\t\x12\x11\n\teos_token\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\"\xb9\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"X\n\x12StoppingParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x12\n\nignore_eos\x18\x02 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\"\xc4\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sluice.v1.SamplingParameters\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.sluice.v1.StoppingParameters\x12\x14\n\x0ctop_n_tokens\x18\x05 \x01(\r\x12;\n\rtrace_context\x18\x06 \x03(\x0b\x32$.sluice.v1.Request.TraceContextEntry\x12\x18\n\x10prefill_logprobs\x18\x07 \x01(\x08\x12\x16\n\x0eresumed_tokens\x18\x08 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x05\x42\x61tch\x12$\n\x08requests\x18\x01 \x03(\x0b\x32\x12.sluice.v1.Request\"\x15\n\x06\x43\x61ncel\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"a\n\x0fGenerateRequest\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x10.sluice.v1.BatchH\x00\x12#\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x11.sluice.v1.CancelH\x00\x42\x06\n\x04kind\"\xb6\x01\n\nTokenBatch\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\x0e\x66inish_reasons\x18\x04 \x03(\x0e\x32\x17.sluice.v1.FinishReason\x12\x14\n\x0ctop_n_counts\x18\x05 \x03(\r\x12\x17\n\x0ftop_n_token_ids\x18\x06 \x03(\r\x12\x16\n\x0etop_n_logprobs\x18\x07 \x03(\x02\"`\n\x0fPrefillLogprobs\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x17\n\x0ftop_n_token_ids\x18\x03 \x03(\r\x12\x16\n\x0etop_n_logprobs\x18\x04 \x03(\x02\">\n\x0cRequestError\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xf6\x01\n\x10GenerateResponse\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.sluice.v1.TokenBatch\x12\x14\n\x0c\x61\x64mitted_ids\x18\x02 \x03(\x04\x12\'\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x17.sluice.v1.RequestError\x12\x1a\n\x12\x66ree_budget_tokens\x18\x04 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x34\n\x10prefill_logprobs\x18\x06 \x03(\x0b\x32\x1a.sluice.v1.PrefillLogprobs\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08*{\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x32\x92\x01\n\x0eTextGeneration\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12G\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1928
-  _globals['_FINISHREASON']._serialized_end=2051
+  _globals['_FINISHREASON']._serialized_start=1989
+  _globals['_FINISHREASON']._serialized_end=2112
   _globals['_INFOREQUEST']._serialized_start=39
   _globals['_INFOREQUEST']._serialized_end=52
   _globals['_INFORESPONSE']._serialized_start=55
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGPARAMETERS']._serialized_start=807
   _globals['_STOPPINGPARAMETERS']._serialized_end=895
   _globals['_REQUEST']._serialized_start=898
-  _globals['_REQUEST']._serialized_end=1198
-  _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_start=1147
-  _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_end=1198
-  _globals['_BATCH']._serialized_start=1200
-  _globals['_BATCH']._serialized_end=1245
-  _globals['_CANCEL']._serialized_start=1247
-  _globals['_CANCEL']._serialized_end=1268
-  _globals['_GENERATEREQUEST']._serialized_start=1270
-  _globals['_GENERATEREQUEST']._serialized_end=1367
-  _globals['_TOKENBATCH']._serialized_start=1370
-  _globals['_TOKENBATCH']._serialized_end=1552
-  _globals['_PREFILLLOGPROBS']._serialized_start=1554
-  _globals['_PREFILLLOGPROBS']._serialized_end=1650
-  _globals['_REQUESTERROR']._serialized_start=1652
-  _globals['_REQUESTERROR']._serialized_end=1695
-  _globals['_GENERATERESPONSE']._serialized_start=1698
-  _globals['_GENERATERESPONSE']._serialized_end=1926
-  _globals['_TEXTGENERATION']._serialized_start=2054
-  _globals['_TEXTGENERATION']._serialized_end=2200
+  _globals['_REQUEST']._serialized_end=1222
+  _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_start=1171
+  _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_end=1222
+  _globals['_BATCH']._serialized_start=1224
+  _globals['_BATCH']._serialized_end=1269
+  _globals['_CANCEL']._serialized_start=1271
+  _globals['_CANCEL']._serialized_end=1292
+  _globals['_GENERATEREQUEST']._serialized_start=1294
+  _globals['_GENERATEREQUEST']._serialized_end=1391
+  _globals['_TOKENBATCH']._serialized_start=1394
+  _globals['_TOKENBATCH']._serialized_end=1576
+  _globals['_PREFILLLOGPROBS']._serialized_start=1578
+  _globals['_PREFILLLOGPROBS']._serialized_end=1674
+  _globals['_REQUESTERROR']._serialized_start=1676
+  _globals['_REQUESTERROR']._serialized_end=1738
+  _globals['_GENERATERESPONSE']._serialized_start=1741
+  _globals['_GENERATERESPONSE']._serialized_end=1987
+  _globals['_TEXTGENERATION']._serialized_start=2115
+  _globals['_TEXTGENERATION']._serialized_end=2261
 # @@protoc_insertion_point(module_scope)

@@ -104,7 +104,7 @@ class StoppingParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., ignore_eos: bool = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "sampling", "stopping", "top_n_tokens", "trace_context", "prefill_logprobs")
+    __slots__ = ("id", "input_ids", "sampling", "stopping", "top_n_tokens", "trace_context", "prefill_logprobs", "resumed_tokens")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class Request(_message.Message):
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParameters
@@ -126,7 +127,8 @@ class Request(_message.Message):
     top_n_tokens: int
     trace_context: _containers.ScalarMap[str, str]
     prefill_logprobs: bool
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., prefill_logprobs: bool = ...) -> None: ...
+    resumed_tokens: int
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., prefill_logprobs: bool = ..., resumed_tokens: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("requests",)
@@ -179,25 +181,29 @@ class PrefillLogprobs(_message.Message):
     def __init__(self, id: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_n_token_ids: _Optional[_Iterable[int]] = ..., top_n_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RequestError(_message.Message):
-    __slots__ = ("id", "message")
+    __slots__ = ("id", "message", "retryable")
     ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     id: int
     message: str
-    def __init__(self, id: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    retryable: bool
+    def __init__(self, id: _Optional[int] = ..., message: _Optional[str] = ..., retryable: bool = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "admitted_ids", "errors", "free_budget_tokens", "waiting_requests", "prefill_logprobs")
+    __slots__ = ("tokens", "admitted_ids", "errors", "free_budget_tokens", "waiting_requests", "prefill_logprobs", "draining")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_IDS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     FREE_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     tokens: TokenBatch
     admitted_ids: _containers.RepeatedScalarFieldContainer[int]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
     free_budget_tokens: int
     waiting_requests: int
     prefill_logprobs: _containers.RepeatedCompositeFieldContainer[PrefillLogprobs]
-    def __init__(self, tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., admitted_ids: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., free_budget_tokens: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_logprobs: _Optional[_Iterable[_Union[PrefillLogprobs, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., admitted_ids: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., free_budget_tokens: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_logprobs: _Optional[_Iterable[_Union[PrefillLogprobs, _Mapping]]] = ..., draining: bool = ...) -> None: ...
