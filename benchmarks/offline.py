@@ -40,7 +40,8 @@ from shard.engine import Stream  # noqa: E402
 from shard.kv_cache import bytes_per_token  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 from shard.scheduler import Sequence  # noqa: E402
-from shard.server import Runtime  # noqa: E402
+from shard import server as shard_server  # noqa: E402
+from shard.server import Started  # noqa: E402
 
 
 OFFLINE_PREFILL_TOKENS = 16384
@@ -132,10 +133,13 @@ class Floor:
     batch1_decode_tokens_per_s: float  # (weights + KV of one sequence) per step, at the median
 
 
-def floor(runtime: Runtime, work: Workload, ceilings: Ceilings, max_batch_size: int) -> Floor:
-    model, cfg = runtime.loaded.model, runtime.loaded.config
-    dtype_bytes = runtime.dtype.itemsize
-    params = sum(p.numel() for p in model.parameters())  # a tied head counts once
+def floor(started: Started, work: Workload, ceilings: Ceilings, max_batch_size: int) -> Floor:
+    """With N tensor-parallel ranks, each GPU (at the ceilings measured on this one) does 1/N
+    of the work: the floor of N GPUs at this GPU's rates."""
+    built = started.built
+    cfg, ranks = built.loaded.config, built.group.world_size
+    dtype_bytes = built.dtype.itemsize
+    params = _full_parameters(cfg)  # a tied head counts once
     head = cfg.vocab_size * cfg.hidden_size
     layer_params = params - head * (1 if cfg.tie_word_embeddings else 2)
     # Prefill: every prompt token through the layers, causal attention (QK^T and PV over half
@@ -148,14 +152,26 @@ def floor(runtime: Runtime, work: Workload, ceilings: Ceilings, max_batch_size: 
     # max_batch_size sequences per step.
     weight_bytes = (layer_params + head) * dtype_bytes
     steps = max(max(work.output_lens), math.ceil(sum(work.output_lens) / max_batch_size))
-    kv_token = bytes_per_token(cfg, 1, runtime.dtype)
+    kv_token = bytes_per_token(cfg, 1, built.dtype)
     kv_bytes = sum(kv_token * (o * i + o * (o - 1) / 2)
                    for i, o in zip(work.input_lens, work.output_lens))
     decode_bytes = steps * weight_bytes + kv_bytes
-    seconds = prefill_flops / ceilings.matmul_flops_per_s + decode_bytes / ceilings.copy_bytes_per_s
+    seconds = (prefill_flops / ceilings.matmul_flops_per_s
+               + decode_bytes / ceilings.copy_bytes_per_s) / ranks
     mid = sorted(work.input_lens)[len(work.input_lens) // 2]
     per_token = weight_bytes + kv_token * mid
-    return Floor(prefill_flops, decode_bytes, seconds, ceilings.copy_bytes_per_s / per_token)
+    return Floor(prefill_flops, decode_bytes, seconds,
+                 ranks * ceilings.copy_bytes_per_s / per_token)
+
+
+def _full_parameters(cfg) -> int:
+    """The whole model's parameters (every rank's slices together; the head once if tied)."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    layer = (h * qkv + cfg.num_heads * d * h + 3 * h * inter + 2 * h
+             + qkv * cfg.qkv_bias + h * cfg.o_bias + (2 * inter + h) * cfg.mlp_bias)
+    head = cfg.vocab_size * h
+    return cfg.num_layers * layer + h + head * (1 if cfg.tie_word_embeddings else 2)
 
 
 class _Count(Stream):
@@ -168,8 +184,8 @@ class _Count(Stream):
         self.finished += sum(1 for r in response.tokens.finish_reasons if r)
 
 
-def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) -> dict:
-    engine, vocab = runtime.engine, runtime.loaded.config.vocab_size
+def run_engine(started: Started, work: Workload, seed: int, slowest: int = 0) -> dict:
+    engine, vocab = started.engine, started.built.loaded.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     stream = _Count()
     sequences = [Sequence(request_id=i, stream=stream,
@@ -177,7 +193,7 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
                           sampling=SamplingParams(), max_new_tokens=o, ignore_eos=True)
                  for i, (n, o) in enumerate(zip(work.input_lens, work.output_lens))]
     engine.submit(stream, sequences)
-    allocator_before = _allocator_counts(runtime.device)
+    allocator_before = _allocator_counts(started.built.device)
     compiles_before = _compile_counts()
     prefill_s = decode_s = 0.0
     steps = prefill_steps = decode_rows = 0
@@ -187,7 +203,7 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
     while stream.finished < len(sequences):
         jit_before = len(JIT_MET)
         t = time.perf_counter()
-        engine.step()
+        engine.run_iteration()
         elapsed = time.perf_counter() - t
         plan = engine.last_step
         if plan is None:
@@ -218,7 +234,7 @@ def run_engine(runtime: Runtime, work: Workload, seed: int, slowest: int = 0) ->
             # it: a first run slower than the next ones may be growing the allocator's pool
             # (CUDA only; else empty) or meeting kernel specializations warm-up did not.
             "allocator": {key: after - allocator_before[key]
-                          for key, after in _allocator_counts(runtime.device).items()},
+                          for key, after in _allocator_counts(started.built.device).items()},
             "compiled": {key: after - compiles_before[key]
                          for key, after in _compile_counts().items()}}
 
@@ -359,7 +375,7 @@ def main() -> None:
             shard_argv += [flag, value]
     work = Workload.build(args)
     config = shard_config.parse(shard_argv, os.environ)
-    runtime = None
+    started = None
     if args.reference:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -368,17 +384,18 @@ def main() -> None:
         label = f"transformers generate(), static batches of {args.batch}"
     else:
         watch_triton_compiles()
-        runtime = Runtime(config)
-        runtime.warm_up()
-        device, dtype = runtime.device, runtime.dtype
-        runs = [run_engine(runtime, work, args.seed, args.slowest_steps)
+        started = shard_server.start(config, shard_argv)
+        device, dtype = started.built.device, started.built.dtype
+        runs = [run_engine(started, work, args.seed, args.slowest_steps)
                 for _ in range(max(args.repeat, 1))]
+        started.stop_ranks()
         result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-        label = (f"sluice engine ({runtime.attention.name} attention, cuda graphs "
-                 f"{'on' if runtime.engine.graphs else 'off'}, max_batch_size "
+        label = (f"sluice engine ({started.built.attention.name} attention, "
+                 f"{started.built.group.world_size} rank(s), cuda graphs "
+                 f"{'on' if started.warm.runner.graphs.decode else 'off'}, max_batch_size "
                  f"{config.max_batch_size}, max_batch_prefill_tokens "
                  f"{config.max_batch_prefill_tokens}, steps beside decodes "
-                 f"{runtime.info().prefill_chunk_tokens or 'unbounded'})")
+                 f"{started.info().prefill_chunk_tokens or 'unbounded'})")
     ceilings = measure_ceilings(device, dtype, SUSTAIN_S)
     report = {"workload": {"requests": args.num_requests, "mixed": args.mixed,
                            "input_tokens": sum(work.input_lens),
@@ -406,7 +423,7 @@ def main() -> None:
             + f"; new: {compiled['triton_kernels']} Triton specializations, "
               f"{compiled['dynamo_frames']} torch.compile frames, {compiled['fa4_kernels']} FA4 "
               f"kernels, {compiled['quack_plans']} quack plans")
-    if runtime is not None:
+    if started is not None:
         print(f"  steps             {result['steps']} ({result['steps_with_prefill']} with "
               f"prefill: {result['prefill_step_seconds']:.2f} s; decode-only: "
               f"{result['decode_step_seconds']:.2f} s, {result['decode_step_ms']:.2f} ms/step at "
@@ -417,7 +434,7 @@ def main() -> None:
         for key, label, rates in floors:
             if rates is None:
                 continue
-            f = floor(runtime, work, rates, config.max_batch_size)
+            f = floor(started, work, rates, config.max_batch_size)
             report[key] = asdict(f)
             print(f"  {label:17s} {f.seconds:10.2f} s   (prefill {f.prefill_flops / 1e12:.1f} "
                   f"TFLOP at {rates.matmul_flops_per_s / 1e12:.0f} TFLOP/s + decode "

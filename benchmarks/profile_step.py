@@ -32,7 +32,8 @@ from shard import config as shard_config  # noqa: E402
 from shard.engine import Stream  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 from shard.scheduler import Sequence  # noqa: E402
-from shard.server import Runtime  # noqa: E402
+from shard import server as shard_server  # noqa: E402
+from shard.server import Started  # noqa: E402
 
 
 class _Sink(Stream):
@@ -50,9 +51,9 @@ class Workload:
     """Keeps the engine stepping in one phase: a steady decode batch, one fresh prompt per
     step that finishes as it is prefilled, or both at once."""
 
-    def __init__(self, runtime: Runtime, args):
-        self.engine = runtime.engine
-        self.vocab = runtime.loaded.config.vocab_size
+    def __init__(self, started: Started, args):
+        self.engine = started.engine
+        self.vocab = started.built.loaded.config.vocab_size
         self.args = args
         self.sink = _Sink()
         self.next_id = 0
@@ -78,14 +79,14 @@ class Workload:
             self.engine.submit(self.sink, self._sequences(self.args.batch, max_new))
             while any(s.prefilling for s in self.engine.scheduler.running) or \
                     self.engine.scheduler.waiting or not self.engine.scheduler.running:
-                self.engine.step()
+                self.engine.run_iteration()
 
     def step(self) -> None:
         if self.args.phase == "prefill":
             self.engine.submit(self.sink, self._sequences(self.args.batch, 1))
         elif self.args.phase == "mixed":
             self.engine.submit(self.sink, self._sequences(1, 1, self.args.chunk))
-        self.engine.step()
+        self.engine.run_iteration()
 
 
 def main() -> None:
@@ -103,10 +104,9 @@ def main() -> None:
                              "replayed alone")
     args, shard_argv = parser.parse_known_args()
     config = shard_config.parse(shard_argv, os.environ)
-    runtime = Runtime(config)
-    runtime.warm_up()
-    device = runtime.device
-    work = Workload(runtime, args)
+    started = shard_server.start(config, shard_argv)
+    device = started.built.device
+    work = Workload(started, args)
     work.start()
     for _ in range(3):
         work.step()
@@ -117,11 +117,12 @@ def main() -> None:
         work.step()
     _sync(device)
     wall_ms = 1000 * (time.perf_counter() - start) / args.steps
-    plan = runtime.engine.last_step
+    plan = started.engine.last_step
     print(f"== {args.phase}, batch {args.batch}, input {args.input_len}: {wall_ms:.3f} ms/step "
           f"(last step: {len(plan.decodes)} decodes, "
           f"{sum(n for _, n in plan.prefills)} prefill tokens; graphs "
-          f"{'on' if runtime.engine.graphs else 'off'}, {runtime.attention.name} attention)")
+          f"{'on' if started.warm.runner.graphs.decode else 'off'}, "
+          f"{started.built.attention.name} attention)")
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -141,8 +142,8 @@ def main() -> None:
         for _ in range(args.steps):
             work.step()
         _sync(device)
-    if args.phase != "prefill" and len(runtime.engine.last_step.decodes) != args.batch:
-        print(f"!! the batch shrank to {len(runtime.engine.last_step.decodes)} decodes while "
+    if args.phase != "prefill" and len(started.engine.last_step.decodes) != args.batch:
+        print(f"!! the batch shrank to {len(started.engine.last_step.decodes)} decodes while "
               "profiling: the tables below mix batch sizes")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
@@ -150,14 +151,14 @@ def main() -> None:
     # The table ends with "Self CUDA time total": the kernels' time over the steps profiled.
     print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     if args.timeline and device.type == "cuda":
-        timeline(prof, runtime, args)
+        timeline(prof, started, args)
 
 
 def _short(name: str) -> str:
     return re.sub(r"[<(].*", "", name)[:48]
 
 
-def timeline(prof, runtime: Runtime, args) -> None:
+def timeline(prof, started: Started, args) -> None:
     """Where a step's wall time goes on the device, from the profiled steps' trace: kernels
     (each timed, inside graphs too), and the idle gaps between them, by the kernel that follows
     the gap. Then the step's decode graph replayed back to back with no host work: the
@@ -193,7 +194,7 @@ def timeline(prof, runtime: Runtime, args) -> None:
     print("   idle before each kernel, per step (us):")
     for name, t in by_gap.most_common(12):
         print(f"   {t / n:9.1f}  {name}")
-    graphs, plan = runtime.engine.graphs, runtime.engine.last_step
+    graphs, plan = started.warm.runner.graphs.decode, started.engine.last_step
     if graphs is not None and not plan.prefills:
         size = next(s for s in graphs.batch_sizes if s >= len(plan.decodes))
         graph = graphs._graphs[size]

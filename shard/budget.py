@@ -41,13 +41,15 @@ def kv_cache_bytes(config: ShardConfig, device: torch.device, reserved_bytes: in
     return int(total * config.cuda_memory_fraction) - used_by_others - reserved_bytes
 
 
-def size(config: ShardConfig, model: ModelConfig, dtype: torch.dtype, cache_bytes: int) -> Budget:
-    """The budget in blocks, and max_input/max_total tokens that fit inside it."""
+def size(config: ShardConfig, model: ModelConfig, dtype: torch.dtype, cache_bytes: int,
+         num_shards: int = 1) -> Budget:
+    """The budget in blocks, and max_input/max_total tokens that fit inside it; cache_bytes is
+    one rank's (each holds its share of every token's keys and values)."""
     block = config.block_size
     if config.max_batch_total_tokens is not None:
         tokens = config.max_batch_total_tokens
     else:
-        tokens = cache_bytes // bytes_per_token(model, config.num_shard, dtype)
+        tokens = cache_bytes // bytes_per_token(model, num_shards, dtype)
     num_blocks = tokens // block
     if num_blocks < 1:
         raise ValueError(f"the KV-cache budget ({tokens} tokens) holds not even one block of "
@@ -72,11 +74,12 @@ def size(config: ShardConfig, model: ModelConfig, dtype: torch.dtype, cache_byte
 
 def eager_forward(model, attention, tokens: int, config: ShardConfig, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
-    """Hidden states of one prompt of `tokens` random ids, run eagerly (no CUDA graph) over a
-    KV cache of its own, which is dropped after."""
+    """Hidden states of one prompt of `tokens` ids, run eagerly (no CUDA graph) over a KV cache
+    of its own, which is dropped after."""
     block = config.block_size
     num_blocks = blocks_for(tokens, block)
-    kv_cache = KVCache(model.config, config.num_shard, num_blocks, block, dtype, device)
+    kv_cache = KVCache(model.config, model.lm_head.tp.world_size, num_blocks, block, dtype,
+                       device)
     layout = StepLayout(
         num_decodes=0, query_starts=[0, tokens], context_lens=[tokens],
         cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=device),
@@ -84,8 +87,9 @@ def eager_forward(model, attention, tokens: int, config: ShardConfig, dtype: tor
         block_table=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
         slot_mapping=torch.arange(tokens, device=device), block_size=block)
     with torch.inference_mode():
-        return model(torch.randint(model.config.vocab_size, (tokens,), device=device),
-                     torch.arange(tokens, device=device), kv_cache.layers,
+        # The same ids on every rank: under tensor parallelism they run one forward together.
+        ids = torch.arange(tokens, device=device) % model.config.vocab_size
+        return model(ids, torch.arange(tokens, device=device), kv_cache.layers,
                      attention.prepare(layout))
 
 

@@ -23,7 +23,9 @@ class ShardConfig:
     decode_attention: str
     load_format: str
     quantize: str
-    num_shard: int
+    num_shard: int | None  # None: auto, the visible CUDA devices (1 on cpu)
+    rank_timeout_s: float
+    shutdown_grace_s: float
     block_size: int
     max_batch_total_tokens: int | None
     max_batch_prefill_tokens: int
@@ -74,8 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GGUF file's Q4_0/Q4_1 weights as they are on torch's int4 kernel "
                              "with bfloat16 activations (about 2.5x faster decoding, logits "
                              "about 2%% off, which can change greedy answers)")
-    parser.add_argument("--num-shard", type=int, default=1,
-                        help="tensor-parallel ranks of this shard group")
+    parser.add_argument("--num-shard", default="auto",
+                        help="tensor-parallel ranks of this shard group, one process and one "
+                             "GPU each (the model's weights split across them); auto: every "
+                             "visible CUDA device (a pod given nvidia.com/gpu: 4 runs 4), 1 on "
+                             "cpu, where several ranks run over gloo")
+    parser.add_argument("--rank-timeout", type=float, default=60.0,
+                        help="with several ranks, seconds one engine step may take before the "
+                             "group counts a rank as hung: it then reports NOT_SERVING, ends "
+                             "every stream with an error and exits non-zero (a rank that "
+                             "dies does the same at once)")
     parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     parser.add_argument("--max-batch-total-tokens", type=int, default=None,
                         help="KV-cache budget in tokens; default: measured from free memory")
@@ -156,14 +166,31 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
         prog="sluice shard", description="Serve one model replica (a shard group) over gRPC.")
     parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     parser.add_argument("--port", type=int, default=50051, help="gRPC listen port")
+    # `sluice serve` passes the router's --shutdown-grace here too.
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="on SIGTERM the group drains: health NOT_SERVING, new requests "
+                             "refused as retryable (routers send them elsewhere), running ones "
+                             "get this many seconds to finish; what still runs then ends as "
+                             "retryable errors, which routers resume on other groups")
     add_arguments(parser)
     logs.add_arguments(parser)
     tracing.add_arguments(parser)
     apply_environment(parser, environ)
     args = parser.parse_args(argv)
-    for name in ("block_size", "max_batch_prefill_tokens", "max_batch_size", "num_shard"):
+    for name in ("block_size", "max_batch_prefill_tokens", "max_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_shard == "auto":
+        args.num_shard = None
+    elif not args.num_shard.isdigit() or int(args.num_shard) < 1:
+        parser.error(f"--num-shard must be auto or a number of ranks >= 1, got "
+                     f"{args.num_shard!r}")
+    else:
+        args.num_shard = int(args.num_shard)
+    if not args.rank_timeout > 0:
+        parser.error("--rank-timeout must be above 0 seconds")
+    if args.shutdown_grace < 0:
+        parser.error("--shutdown-grace must be 0 or more seconds")
     if args.prefill_chunk_ms != "auto":
         try:
             if not 0.0 <= float(args.prefill_chunk_ms) < float("inf"):
@@ -176,4 +203,6 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
     fields = vars(args)
     traced = tracing.config_from(args, environ, "sluice-shard")
     del fields["otlp_endpoint"], fields["otlp_protocol"]
+    fields["rank_timeout_s"] = fields.pop("rank_timeout")
+    fields["shutdown_grace_s"] = fields.pop("shutdown_grace")
     return ShardConfig(**fields, tracing=traced)

@@ -27,6 +27,7 @@ import torch
 
 from shard.attention import StepLayout
 from shard.batch import StepBatch
+from shard.models.llama import Activations
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def parse_batch_sizes(spec: str, max_batch_size: int) -> list[int]:
 
 
 # Piecewise graphs pay where the host's ~0.5 ms of Python per eager layer is not hidden behind
-# the layer's own GPU work. Measured on the H100 with 4,352-token buckets (docs/benchmarks.md):
+# the layer's own GPU work. Measured on the H100 with 4,352-token buckets:
 # Llama-3.2-1B's 4,096-token steps (0.5 TFLOP of matrix products per layer) ran 17% faster in
 # graphs, Llama-3.1-8B's (1.8 TFLOP per layer) 4% slower, from the padding. Past 2,048 tokens,
 # `auto` captures only while a layer's matrix products stay under this:
@@ -224,7 +225,8 @@ class PiecewiseGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_pieces = len(model.layers) + 1
         for size in reversed(self.token_sizes):  # the largest first: the others reuse its pool
-            pieces = [functools.partial(self._piece, i, size) for i in range(num_pieces)]
+            buffers = self._activations(size)
+            pieces = [functools.partial(model.piece, i, buffers) for i in range(num_pieces)]
             self._graphs[size] = _capture(pieces, pool, device, warmups=1)
         self.row_sizes = sorted(row_sizes)
         self.rows = torch.zeros(max(self.row_sizes, default=0), dtype=torch.long, device=device)
@@ -235,31 +237,17 @@ class PiecewiseGraphs:
         log.info("captured piecewise CUDA graphs for steps of up to %s tokens (%d graphs each; "
                  "tails for %s sampling rows)", self.token_sizes, num_pieces, self.row_sizes)
 
-    def _tail(self, n: int) -> None:
-        """The last layer past attention and the final norm, on the n rows named in self.rows."""
-        rows = self.rows[:n]
-        x, residual = self.model.layers[-1].after_attention(self.attended[rows],
-                                                            self.residual[rows])
-        self.tail_hidden[:n].copy_(self.model.norm(x, residual)[0])
+    def _activations(self, n: int) -> Activations:
+        """The static buffers' first n rows, as the model's pieces read and write them."""
+        return Activations(self.input_ids[:n], self.positions[:n], self.slot_mapping[:n],
+                           self.kv_cache.layers, q=self.q[:n], attended=self.attended[:n],
+                           residual=self.residual[:n], hidden=self.hidden[:n], static=True)
 
-    def _piece(self, index: int, n: int) -> None:
-        """Piece `index` of a step of n rows: layer index-1's second half (or the embedding),
-        then layer index's first half (or the final norm)."""
-        model, layers = self.model, self.model.layers
-        if index == 0:
-            x, residual = model.embed_tokens(self.input_ids[:n]), None
-        else:
-            x, residual = layers[index - 1].after_attention(self.attended[:n],
-                                                            self.residual[:n])
-        if index == len(layers):
-            self.hidden[:n].copy_(model.norm(x, residual)[0])
-            return
-        # q straight into the static buffer (the fused rotary kernel writes it there; the
-        # separate stages copy it).
-        _, residual = layers[index].before_attention(
-            x, residual, self.positions[:n], model.rotary, self.kv_cache.layers[index],
-            self.slot_mapping[:n], q_out=self.q[:n])
-        self.residual[:n].copy_(residual)
+    def _tail(self, n: int) -> None:
+        """The last layer past attention and the final norm, on the n rows named in self.rows
+        (of the whole buffers: one tail serves every token bucket)."""
+        whole = self._activations(self.token_sizes[-1])
+        self.tail_hidden[:n].copy_(self.model.tail(whole, self.rows[:n]))
 
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.token_sizes[-1]
@@ -276,23 +264,21 @@ class PiecewiseGraphs:
         if size > t:  # padding rows write their K/V to the scratch block, nowhere else
             self.slot_mapping[t:size].fill_(self.scratch_slot)
         graphs, layers = self._graphs[size], self.kv_cache.layers
-        graphs[0].replay()
-        for graph, (k_cache, v_cache) in zip(graphs[1:-1], layers[:-1]):
-            self.attention.attend(self.q[:t], k_cache, v_cache, meta, out=self.attended[:t])
+
+        def attend(index: int) -> None:  # on the real rows only, ragged as ever
+            self.attention.attend(self.q[:t], *layers[index], meta, out=self.attended[:t])
+
+        def tail(chosen: torch.Tensor) -> torch.Tensor:
+            n = chosen.shape[0]
+            graph = self._tails.get(next((s for s in self.row_sizes if s >= n), None))
+            if graph is None:  # more rows than the largest tail
+                graphs[-1].replay()
+                return self.hidden[chosen]
+            # Rows n.. of the bucket gather whatever rows an earlier step named (all within
+            # the buffers): read, never returned.
+            self.rows[:n].copy_(chosen)
             graph.replay()
-        if rows is not None and rows.shape[0] == 0:
-            return self.tail_hidden[:0]  # the last layer's keys and values are written
-        self.attention.attend(self.q[:t], *layers[-1], meta, out=self.attended[:t])
-        if rows is None:
-            graphs[-1].replay()
-            return self.hidden[:t]
-        n = rows.shape[0]
-        tail = self._tails.get(next((s for s in self.row_sizes if s >= n), None))
-        if tail is None:  # more rows than the largest tail
-            graphs[-1].replay()
-            return self.hidden[rows]
-        # Rows n.. of the bucket gather whatever rows an earlier step named (all within the
-        # buffers): read, never returned.
-        self.rows[:n].copy_(rows)
-        tail.replay()
-        return self.tail_hidden[:n]
+            return self.tail_hidden[:n]
+
+        return self.model.run(self._activations(t), attend, rows,
+                              piece=lambda index: graphs[index].replay(), tail=tail)

@@ -1,7 +1,10 @@
 """The engine: rank 0's step loop, on a thread of its own.
 
 Routers' streams hand it batches and cancels through an inbox; once per step it emits, to each
-stream, one GenerateResponse with every new token of that stream's requests.
+stream, one GenerateResponse with every new token of that stream's requests. It owns admission
+and the plan of each step; the model runner (shard/runner.py, on every rank) owns the tensors.
+The engine hands each plan to `execute` (the runner, behind the broadcast to the other ranks)
+and reads back only the sampled tokens.
 
 With async scheduling (on CUDA by default) the loop plans and launches step n+1 before it
 waits for step n's tokens, so the host's work (planning, step tensors, emitting) overlaps the
@@ -20,21 +23,20 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from shard import batch as step_batch
-from shard.kv_cache import BlockAllocator, KVCache
+from shard import plan as step_plan
 from shard.metrics import ShardMetrics
-from shard.sampling import Sampler
-from shard.scheduler import Scheduler, Sequence, Step
+from shard.runner import StepOutput
+from shard.scheduler import Scheduler, Sequence, State, Step
 from sluice.v1 import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Prompt rows scored per LM-head call: bounds the [rows, vocab] float32 logits it holds.
-_PROMPT_SLICE_ROWS = 256
+DRAINING = "the shard group is draining (shutting down); another group takes the request"
 
 
 class Stream:
@@ -67,6 +69,13 @@ class _Close:
 
 
 @dataclass(slots=True)
+class _Drain:
+    """Take no new requests; with `hand_over`, end the running ones as retryable errors."""
+
+    hand_over: bool
+
+
+@dataclass(slots=True)
 class _Outgoing:
     """What one stream will be told at the end of this iteration, as packed arrays."""
 
@@ -84,19 +93,19 @@ class _Outgoing:
 
 @dataclass(slots=True)
 class _Launched:
-    """A step whose forward and sampling are queued on the device; its results travel to
-    `host` (pinned, on CUDA), complete once `ready` has passed."""
+    """A step whose forward and sampling are queued; its results come back in `output`."""
 
     step: Step
     samplers: list[Sequence]
-    host: torch.Tensor  # [S, 2 + 2 n] float64: token, logprob, top-n ids, top-n logprobs
-    top_n: int
-    ready: torch.cuda.Event | None
+    scoring: list[tuple[Sequence, int]]  # sequences whose prompt rows it scored, and how many
+    output: StepOutput
     started_s: float
 
 
 @dataclass(slots=True, frozen=True)
-class Limits:
+class ShardLimits:
+    """What one request and one step may hold on this shard group."""
+
     max_input_tokens: int
     max_total_tokens: int
     max_batch_prefill_tokens: int
@@ -104,37 +113,37 @@ class Limits:
 
 
 class Engine:
-    def __init__(self, model, kv_cache: KVCache, allocator: BlockAllocator, attention,
-                 limits: Limits, eos_token_ids: tuple[int, ...], device: torch.device,
-                 with_metrics: bool = False, async_scheduling: bool = False,
-                 compiled: bool = False, sampled_rows_only: bool = True):
-        self.model = model
-        self.kv_cache = kv_cache
-        self.allocator = allocator
-        self.attention = attention
+    def __init__(self, execute: Callable[[step_plan.StepPlan], StepOutput],
+                 scheduler: Scheduler, limits: ShardLimits, vocab_size: int,
+                 eos_token_ids: tuple[int, ...], async_scheduling: bool = False,
+                 metrics: ShardMetrics | None = None, errors_are_fatal: bool = False,
+                 on_failure: Callable[[str], None] = lambda reason: None):
+        """execute: runs a plan on every rank, returning rank 0's output. errors_are_fatal:
+        an exception in a step stops the engine (several ranks: they may be out of step)
+        instead of failing that step's requests. on_failure(reason): the engine thread ended
+        without being stopped."""
+        self.execute = execute
+        self.scheduler = scheduler
+        self.allocator = scheduler.allocator
         self.limits = limits
+        self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.device = device
-        self.scheduler = Scheduler(allocator, limits.max_batch_size,
-                                   limits.max_batch_prefill_tokens, limits.max_total_tokens)
-        self.sampler = Sampler(model.config.vocab_size, limits.max_batch_size, device, compiled)
-        # Each slot's latest sampled token, where the next step's decode reads it.
-        self.last_tokens = torch.zeros(limits.max_batch_size, dtype=torch.long, device=device)
         self.async_scheduling = async_scheduling
-        # --last-layer-rows sampled: the last layer's output projection and MLP only for rows
-        # whose logits the step reads (LlamaForCausalLM.forward).
-        self.sampled_rows_only = sampled_rows_only
+        self.metrics = metrics
+        self.errors_are_fatal = errors_are_fatal
+        self.on_failure = on_failure
+        self.draining = False
+        # When the iteration in progress began (monotonic seconds), None while it waits for
+        # work: a watchdog reads it (shard/ranks.py).
+        self.busy_since: float | None = None
+        self.last_step: Step | None = None  # the plan of the latest step, for measurements
         self._in_flight: deque[_Launched] = deque()
-        self.metrics = ShardMetrics(allocator, self.scheduler) if with_metrics else None
+        self._admitted: list[Sequence] = []  # admitted, not yet announced in a plan
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sequences: dict[tuple[Stream, int], Sequence] = {}
         self._reported_budget: dict[Stream, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Set once captured (on CUDA): DecodeGraphs, PiecewiseGraphs.
-        self.graphs = None
-        self.piecewise = None
-        self.last_step: Step | None = None  # the plan of the latest step, for measurements
 
     # -- called from other threads -------------------------------------------------------------
     def open_stream(self, stream: Stream) -> None:
@@ -149,6 +158,16 @@ class Engine:
     def close_stream(self, stream: Stream) -> None:
         self._inbox.put(_Close(stream))
 
+    def drain(self, hand_over: bool = False) -> None:
+        """Stop taking requests (they are refused as retryable, and every stream hears that
+        the group drains); with hand_over, also end the running ones that way."""
+        self._inbox.put(_Drain(hand_over))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing admitted, waiting or in flight (read from other threads: a snapshot)."""
+        return not self._sequences and not self._in_flight
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self._thread.start()
@@ -161,84 +180,52 @@ class Engine:
 
     # -- the step loop (engine thread) ---------------------------------------------------------
     def run(self) -> None:
-        while not self._stopping:
-            try:
-                self.step()
-            except Exception:
-                log.exception("engine step failed; failing its requests")
-                self._fail_running("internal error in the engine step")
+        try:
+            while not self._stopping:
+                try:
+                    self.run_iteration()
+                except Exception:
+                    if self.errors_are_fatal:
+                        raise
+                    log.exception("engine step failed; failing its requests")
+                    self._fail_running("internal error in the engine step")
+        except BaseException as exc:
+            log.exception("the engine stopped")
+            self.on_failure(f"the engine stopped: {type(exc).__name__}: {exc}")
 
-    def step(self) -> None:
-        """One iteration: take commands, launch one step, emit what finished steps sampled.
-
-        Synchronous, a step's tokens are emitted in the iteration that launched it; with async
-        scheduling, in the next one, after the next step has been launched."""
+    def run_iteration(self) -> None:
+        """One turn of the loop: take commands, admit, launch one step, emit what finished
+        steps sampled. Synchronous, a step's tokens are emitted in the iteration that launched
+        it; with async scheduling, in the next one, after the next step has been launched."""
         outgoing: dict[Stream, _Outgoing] = {}
         self._take_inbox(outgoing, block=self.scheduler.idle and not self._in_flight)  # 1.
+        self.busy_since = time.monotonic()
         for seq in self.scheduler.admit():                              #    admission
-            self.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+            self._admitted.append(seq)
             outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
         step = self.last_step = self.scheduler.schedule()               # 2. plan one step
         if step is not None:
-            self._in_flight.append(self._launch(step))                  # 3.-5.
+            self._in_flight.append(self._launch(step))                  # 3.-5. on every rank
         keep = 1 if self.async_scheduling and step is not None else 0
         while len(self._in_flight) > keep:
             self._collect(self._in_flight.popleft(), outgoing)          # 6. emit, free
         self._publish(outgoing)
+        self.busy_since = None
 
     def _launch(self, step: Step) -> _Launched:
-        """Queue the step's forward and sampling, and the copy of its results to the host."""
         started_s = time.perf_counter()
-        # Inference tensors throughout, as in warm-up: compiled stages guard on the kind of
-        # tensor too, and a new kind would compile again mid-run.
-        with torch.inference_mode():
-            batch = step_batch.build(step, self.scheduler.block_tables,  # 3. step tensors
-                                     self.allocator.block_size, self.device, self.last_tokens)
-            top_n = max((s.top_n_tokens for s in batch.samplers), default=0)
-            logits = self._forward(step, batch)                         # 4. forward
-            out = self.sampler(logits, [s.sampling for s in batch.samplers],  # 5. sample
-                               [s.slot for s in batch.samplers], batch.sample_positions, top_n)
-            self.last_tokens.index_copy_(0, batch.sample_slots, out.tokens)
-            # Everything the step reports travels in one float64 tensor (token ids are exact
-            # in float64): one transfer, one wait.
-            parts = [out.tokens[:, None], out.logprobs[:, None]]
-            if out.top_ids is not None:
-                parts += [out.top_ids, out.top_logprobs]
-            packed = torch.cat([p.double() for p in parts], dim=1)
-        ready = None
-        if self.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host = packed
-        for seq in step.decodes:
-            seq.num_cached += 1
-        for seq, n in step.prefills:
-            seq.num_cached += n
-        for seq in batch.samplers:
-            seq.num_pending += 1
-        return _Launched(step, batch.samplers, host, top_n, ready, started_s)
-
-    def _forward(self, step: Step, batch: step_batch.StepBatch) -> torch.Tensor:
-        """Logits of the step's sampling rows, in the model's dtype (the sampler upcasts)."""
-        if self.graphs is not None and not step.prefills and self.graphs.fits(len(step.decodes)):
-            return self.graphs.replay(batch)  # decode only: no prompt rows to score
-        meta = self.attention.prepare(batch.layout)
-        # Prompt logprobs read every prompt row: those steps keep all of them.
-        rows = (batch.sample_rows if self.sampled_rows_only and batch.prompt_rows is None
-                else None)
-        if self.piecewise is not None and self.piecewise.fits(batch.input_ids.shape[0]):
-            hidden = self.piecewise.run(batch, meta, rows)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, meta,
-                                rows)
-        if rows is not None:  # hidden holds the sampling rows alone, in their order
-            return self.model.compute_logits(hidden)
-        if batch.prompt_rows is not None:  # only requests that asked for them
-            self._score_prompt(hidden, batch.prompt_rows)
-        return self.model.compute_logits(hidden[batch.sample_rows])
+        # Admitted since the last plan (still running: a cancel may come between the two).
+        admitted = [s for s in self._admitted if s.state is State.RUNNING]
+        self._admitted = []
+        plan = step_plan.make(step, admitted)
+        output = self.execute(plan)
+        samplers = step.decodes + [s for s, n in step.prefills if s.num_cached + n == s.prompt_len]
+        scoring = []
+        if plan.sampling.prompt_targets is not None:
+            scored = plan.scored[len(step.decodes):].tolist()
+            scoring = [(s, n) for (s, _), n in zip(step.prefills, scored) if n]
+        self.scheduler.advance(step)
+        return _Launched(step, samplers, scoring, output, started_s)
 
     def _take_inbox(self, outgoing: dict[Stream, _Outgoing], block: bool) -> None:
         commands = [self._inbox.get()] if block else []
@@ -263,15 +250,22 @@ class Engine:
                     self.scheduler.release(self._sequences.pop(key))
                 self._reported_budget.pop(command.stream, None)
                 outgoing.pop(command.stream, None)
+            elif isinstance(command, _Drain):
+                self.draining = True
+                for stream in self._reported_budget:  # every stream hears it now
+                    outgoing.setdefault(stream, _Outgoing())
+                if command.hand_over:
+                    self._fail_requests(outgoing, DRAINING, retryable=True)
 
     def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
-        reason = self._invalid(seq) or self.scheduler.rejection(seq)
+        retryable = self.draining
+        reason = DRAINING if retryable else self._invalid(seq) or self.scheduler.rejection(seq)
         if reason is None and (seq.stream, seq.request_id) in self._sequences:
             reason = f"request id {seq.request_id} is already in use on this stream"
         if reason is not None:
             outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
-                pb.RequestError(id=seq.request_id, message=reason))
-            if self.metrics is not None:
+                pb.RequestError(id=seq.request_id, message=reason, retryable=retryable))
+            if self.metrics is not None and not retryable:
                 self.metrics.admission_rejections.inc()
             return
         self._sequences[(seq.stream, seq.request_id)] = seq
@@ -280,7 +274,7 @@ class Engine:
     def _invalid(self, seq: Sequence) -> str | None:
         """What makes a request unrunnable; routers validate too, but a bad one must not
         reach the forward, where it would fail every request of the step."""
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if seq.prompt_len == 0:
             return "the prompt is empty"
         if seq.prompt_len > self.limits.max_input_tokens:
@@ -292,50 +286,22 @@ class Engine:
             return "max_new_tokens must be at least 1"
         if seq.top_n_tokens > vocab:
             return f"top_n_tokens must be at most the vocabulary size ({vocab})"
+        if not 0 <= seq.resumed_tokens < seq.prompt_len:
+            return "resumed_tokens must be below the number of input tokens"
         return None
-
-    def _score_prompt(self, hidden: torch.Tensor, prompt: step_batch.PromptRows) -> None:
-        """Logprobs of the prompt tokens this step's chunks predict, kept on their sequences.
-
-        Unlike sampled tokens', they are the model's raw distribution (no penalty, no
-        temperature), as TGI reports them. Rows go through the LM head in slices so that a long
-        prompt never holds [prompt, vocab] logits at once."""
-        top_n = max(seq.top_n_tokens for seq, _ in prompt.owners)
-        parts = []
-        for lo in range(0, prompt.rows.shape[0], _PROMPT_SLICE_ROWS):
-            rows = prompt.rows[lo:lo + _PROMPT_SLICE_ROWS]
-            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(-1)
-            chosen = logprobs.gather(1, prompt.targets[lo:lo + rows.shape[0], None]).squeeze(1)
-            parts.append((chosen, *logprobs.topk(top_n, dim=-1)) if top_n else (chosen,))
-        scored = [torch.cat(columns) for columns in zip(*parts)]
-        offset = 0
-        for seq, count in prompt.owners:
-            seq.prompt_logprobs.append(tuple(
-                t[offset:offset + count, :seq.top_n_tokens] if t.dim() == 2 else
-                t[offset:offset + count] for t in scored))
-            offset += count
-
-    def _prompt_logprobs(self, seq: Sequence) -> pb.PrefillLogprobs:
-        """What the chunks of `seq`'s prefill scored, in one message (one host sync)."""
-        chunks = [torch.cat(columns) for columns in zip(*seq.prompt_logprobs)]
-        seq.prompt_logprobs = []
-        message = pb.PrefillLogprobs(id=seq.request_id)
-        if chunks:
-            message.logprobs.extend(chunks[0].tolist())
-        if len(chunks) == 3:
-            message.top_n_logprobs.extend(chunks[1].flatten().tolist())
-            message.top_n_token_ids.extend(chunks[2].flatten().tolist())
-        return message
 
     def _collect(self, launched: _Launched, outgoing: dict[Stream, _Outgoing]) -> None:
         """Wait for a launched step's results and emit them; free the sequences that ended."""
-        if launched.ready is not None:
-            launched.ready.synchronize()
-        rows = launched.host.tolist()
-        n_top = launched.top_n
+        output = launched.output
+        if output.ready is not None:
+            output.ready.synchronize()
+        if launched.scoring:
+            self._keep_prompt_scores(launched.scoring, output.prompt_scores)
+        rows = output.host.tolist()
+        n_top = output.top_n
         for seq, row in zip(launched.samplers, rows):
             seq.num_pending -= 1
-            if seq.slot < 0:
+            if seq.state is State.ENDED:
                 continue  # ended (EOS, stop token) or cancelled while this step was in flight
             token = int(row[0])
             seq.num_generated += 1
@@ -344,7 +310,7 @@ class Engine:
             reason = self._finish_reason(seq, token)
             o = outgoing.setdefault(seq.stream, _Outgoing())
             if seq.prefill_logprobs and seq.num_generated == 1:  # its prefill ended this step
-                o.prefill_logprobs.append(self._prompt_logprobs(seq))
+                o.prefill_logprobs.append(_prompt_logprobs(seq))
             o.ids.append(seq.request_id)
             o.token_ids.append(token)
             o.logprobs.append(row[1])
@@ -359,6 +325,18 @@ class Engine:
                 self.scheduler.release(seq)
         if self.metrics is not None:
             self.metrics.step_done(launched.step, time.perf_counter() - launched.started_s)
+
+    @staticmethod
+    def _keep_prompt_scores(scoring: list[tuple[Sequence, int]],
+                            scores: tuple[torch.Tensor, ...]) -> None:
+        """Each scoring sequence's slice of the step's prompt scores, kept (on the device)
+        until its prefill ends."""
+        offset = 0
+        for seq, count in scoring:
+            seq.prompt_logprobs.append(tuple(
+                t[offset:offset + count, :seq.top_n_tokens] if t.dim() == 2 else
+                t[offset:offset + count] for t in scores))
+            offset += count
 
     def _finish_reason(self, seq: Sequence, token: int) -> int:
         if token in self.eos_token_ids and not seq.ignore_eos:
@@ -378,7 +356,8 @@ class Engine:
         for stream, o in outgoing.items():
             response = pb.GenerateResponse(
                 admitted_ids=o.admitted, errors=o.errors, free_budget_tokens=free,
-                waiting_requests=waiting, prefill_logprobs=o.prefill_logprobs)
+                waiting_requests=waiting, prefill_logprobs=o.prefill_logprobs,
+                draining=self.draining)
             if o.ids:
                 response.tokens.CopyFrom(pb.TokenBatch(
                     ids=o.ids, token_ids=o.token_ids, logprobs=o.logprobs,
@@ -389,10 +368,29 @@ class Engine:
 
     def _fail_running(self, message: str) -> None:
         self._in_flight.clear()
+        self._admitted = []
         outgoing: dict[Stream, _Outgoing] = {}
+        self._fail_requests(outgoing, message, retryable=False)
+        self._publish(outgoing)
+
+    def _fail_requests(self, outgoing: dict[Stream, _Outgoing], message: str,
+                       retryable: bool) -> None:
+        """End every admitted and waiting request with an error."""
         for (stream, request_id), seq in list(self._sequences.items()):
             self.scheduler.release(seq)
             outgoing.setdefault(stream, _Outgoing()).errors.append(
-                pb.RequestError(id=request_id, message=message))
+                pb.RequestError(id=request_id, message=message, retryable=retryable))
         self._sequences.clear()
-        self._publish(outgoing)
+
+
+def _prompt_logprobs(seq: Sequence) -> pb.PrefillLogprobs:
+    """What the chunks of `seq`'s prefill scored, in one message (one host sync)."""
+    chunks = [torch.cat(columns) for columns in zip(*seq.prompt_logprobs)]
+    seq.prompt_logprobs = []
+    message = pb.PrefillLogprobs(id=seq.request_id)
+    if chunks:
+        message.logprobs.extend(chunks[0].tolist())
+    if len(chunks) == 3:
+        message.top_n_logprobs.extend(chunks[1].flatten().tolist())
+        message.top_n_token_ids.extend(chunks[2].flatten().tolist())
+    return message

@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from shard.models.config import SUPPORTED, ModelConfig, RopeScaling
@@ -86,28 +87,18 @@ class GGUFModel:
             rope_scaling=scaling,
         )
 
-    def tensors(self, config: ModelConfig,
-                int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
-        """Every tensor under its Hugging Face name: dequantized to float32, or with `int4`,
-        the Q4_0/Q4_1 weights of linear layers kept as their 4-bit groups."""
+    def tensors(self, config: ModelConfig, int4: bool = False) -> Iterator[tuple[str, "GGUFTensor"]]:
+        """Every tensor under its Hugging Face name, lazily (a rank dequantizes only the slices
+        it holds): float32, or with `int4`, the Q4_0/Q4_1 weights of linear layers kept as
+        their 4-bit groups."""
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
             permuted = self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            if int4 and t.tensor_type in INT4_TYPES and name.startswith("model.layers."):
-                groups = from_gguf_blocks(t.data, t.tensor_type)
-                if permuted:
-                    rows = torch.from_numpy(_undo_rope_permutation(
-                        np.arange(groups.shape[0])[:, None], heads)[:, 0])
-                    groups = Int4Groups(groups.q[rows], groups.scale[rows], groups.zero[rows])
-                yield name, groups
-                continue
-            array = dequantize(t.data, t.tensor_type)
-            if permuted:
-                array = _undo_rope_permutation(array, heads)
-            yield name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+            as_int4 = int4 and t.tensor_type in INT4_TYPES and name.startswith("model.layers.")
+            yield name, GGUFTensor(t, heads if permuted else 0, as_int4)
 
     def tokenizer(self) -> TokenizerSpec:
         tokens = self._get("tokenizer.ggml.tokens")
@@ -134,6 +125,49 @@ class GGUFModel:
             eos_token=tokens[eos_id] if eos_id is not None else "",
             eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos_ids)),
         )
+
+
+class GGUFTensor:
+    """One tensor of the file. Rows, and columns at whole quantization blocks, are cut from the
+    quantized data before it is dequantized; other column slices dequantize the whole tensor
+    first. llama.cpp's rotary row order (q and k) is undone per head, so slices of whole heads
+    need no other rows."""
+
+    def __init__(self, tensor, permuted_heads: int, int4: bool):
+        self._tensor = tensor
+        self._heads = permuted_heads  # 0: rows in Hugging Face order already
+        self._int4 = int4
+        self.shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+    def read(self) -> torch.Tensor | Int4Groups:
+        return self._convert(self._tensor.data, self.shape[0])
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor | Int4Groups:
+        data = self._tensor.data
+        if dim == 0:
+            return self._convert(data[start:start + length], length)
+        block, block_bytes = GGML_QUANT_SIZES[self._tensor.tensor_type]
+        if data.ndim == 2 and start % block == 0 and length % block == 0 and not self._int4:
+            if data.dtype == np.uint8:  # quantized: whole blocks of bytes
+                data = data[:, start // block * block_bytes:(start + length) // block * block_bytes]
+            else:
+                data = data[:, start:start + length]
+            return self._convert(data, self.shape[0])
+        return self.read().narrow(dim, start, length)
+
+    def _convert(self, data: np.ndarray, rows: int) -> torch.Tensor | Int4Groups:
+        heads = self._heads * rows // self.shape[0]  # the heads these rows hold
+        if self._int4:
+            groups = from_gguf_blocks(data, self._tensor.tensor_type)
+            if heads:
+                order = torch.from_numpy(_undo_rope_permutation(np.arange(rows)[:, None],
+                                                                heads)[:, 0])
+                groups = Int4Groups(groups.q[order], groups.scale[order], groups.zero[order])
+            return groups
+        array = dequantize(data, self._tensor.tensor_type)
+        if heads:
+            array = _undo_rope_permutation(array, heads)
+        return torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
 
 
 def _hf_name(name: str) -> str | None:

@@ -15,9 +15,15 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def local_kv_heads(config: ModelConfig, num_shards: int) -> int:
+    """Key/value heads one rank holds: its share, or one shared with other ranks when the
+    model has fewer than the ranks (shard/models/llama.py)."""
+    return config.num_kv_heads // min(config.num_kv_heads, num_shards)
+
+
 def bytes_per_token(config: ModelConfig, num_shards: int, dtype: torch.dtype) -> int:
     """KV-cache bytes one token takes on one rank (K and V, every layer)."""
-    kv_heads = config.num_kv_heads // num_shards
+    kv_heads = local_kv_heads(config, num_shards)
     return 2 * config.num_layers * kv_heads * config.head_dim * dtype.itemsize
 
 
@@ -58,7 +64,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, num_shards: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
-        kv_heads = config.num_kv_heads // num_shards
+        kv_heads = local_kv_heads(config, num_shards)
         shape = (config.num_layers, 2, num_blocks, block_size, kv_heads, config.head_dim)
         # Zeros, not empty: padded reads in attention must never meet NaN garbage.
         self.storage = torch.zeros(shape, dtype=dtype, device=device)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from shard import tokenizer as tokenizers
+from shard import weights
 from shard.gguf_model import GGUFModel
 from shard.models.config import ModelConfig
-from shard.models.llama import LlamaForCausalLM
+from shard.models.llama import LlamaForCausalLM, split_error
 from shard.models.ops import Ops
 from shard.parallel import TensorParallel
 from shard.quantization import int4_available
@@ -40,14 +38,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelNotFound(f"{folder} holds no *.safetensors weights")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+def read_config(source: ModelSource) -> ModelConfig:
+    """The model's shape alone, without its weights."""
+    if source.is_gguf:
+        return GGUFModel(source.path).config()
+    return ModelConfig.from_folder(source.path)
 
 
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
@@ -58,7 +53,8 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
     compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py).
     fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA).
     fused_mlp: gate/up products apply SiLU × up in their epilogue (Hopper; shard/fused_mlp.py).
-    decode_gemm: decode batches' products in quack's narrow tiles (Hopper; shard/decode_gemm.py)."""
+    decode_gemm: decode batches' products in quack's narrow tiles (Hopper; shard/decode_gemm.py).
+    Under tensor parallelism (tp) the rank reads only its slices of the weights."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
         raise ValueError("--quantize int4 runs GGUF Q4_0/Q4_1 weights on a CPU (with torch's "
@@ -66,34 +62,28 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
     if source.is_gguf:
         gguf_file = GGUFModel(source.path)
         config, tokenizer = gguf_file.config(), gguf_file.tokenizer()
-        weights = gguf_file.tensors(config, int4=int4)
+        tensors = gguf_file.tensors(config, int4=int4)
     else:
         config = ModelConfig.from_folder(source.path)
         if load_format == "dummy" and not tokenizers.has_tokenizer(source.path):
             tokenizer = tokenizers.byte_spec(config.vocab_size)  # random weights: no vocabulary
         else:
             tokenizer = tokenizers.from_folder(source.path)
-        weights = None if load_format == "dummy" else _safetensors(source.path)
+        tensors = (weights.dummy_tensors(config, device, dtype) if load_format == "dummy"
+                   else weights.safetensors_tensors(source.path))
+    error = split_error(config, tp.world_size)
+    if error:
+        raise ValueError(error)
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled, fused_rotary,
                                                                      fused_mlp, decode_gemm))
-    if load_format == "dummy":
-        _randomize(model)
-    else:
-        model.load_weights(weights)
+    try:
+        model.load_weights(tensors)
+    except FileNotFoundError as exc:
+        raise ModelNotFound(str(exc)) from exc
     quantization = "none"
     if any(getattr(m, "int4", None) is not None for m in model.modules()):
         quantization = "int4 weights (GGUF Q4 groups of 32), bfloat16 activations in linears"
         # Next to int4 layers the float32 LM head would dominate each step: bfloat16 halves it.
         model.lm_head.compute_weight = model.lm_head.weight.detach().to(torch.bfloat16)
     return LoadedModel(source, config, model.eval(), tokenizer, quantization)
-
-
-def _randomize(model: torch.nn.Module) -> None:
-    """Random weights of the right shapes, for benchmarks that need no real checkpoint."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    for name, param in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            param.data.fill_(1.0)
-        else:
-            param.data.normal_(0.0, 0.02, generator=generator)

@@ -6,7 +6,10 @@ when Prometheus scrapes. docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
@@ -21,7 +24,10 @@ COUNT_BUCKETS = tuple(2 ** i for i in range(0, 17))  # 1 .. 65536
 
 
 class ShardMetrics:
-    def __init__(self, allocator: BlockAllocator, scheduler: Scheduler):
+    def __init__(self, allocator: BlockAllocator, scheduler: Scheduler,
+                 worker_pids: dict[int, int], device_memory_bytes: list[int]):
+        """worker_pids: the other ranks' processes by rank; device_memory_bytes: every rank's
+        CUDA memory after warm-up (empty on cpu)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.step_duration = Histogram(
@@ -43,6 +49,7 @@ class ShardMetrics:
             "Requests refused for good at submission (invalid, or larger than the budget)",
             registry=r)
         r.register(_BudgetCollector(allocator, scheduler))
+        r.register(_RankCollector({0: os.getpid(), **worker_pids}, device_memory_bytes))
 
     def step_done(self, step: Step, duration_s: float) -> None:
         prefill = sum(n for _, n in step.prefills)
@@ -79,3 +86,32 @@ class _BudgetCollector:
                                 len(s.running))
         yield GaugeMetricFamily("sluice_shard_waiting_requests",
                                 "Requests waiting for budget, from every router", len(s.waiting))
+
+
+class _RankCollector:
+    """Per-rank memory: the only values that differ between the ranks of a group."""
+
+    def __init__(self, pids: dict[int, int], device_memory_bytes: list[int]):
+        self._processes = {rank: psutil.Process(pid) for rank, pid in pids.items()}
+        self._device_memory = device_memory_bytes
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        resident = GaugeMetricFamily("sluice_shard_rank_resident_memory_bytes",
+                                     "Host memory each rank's process holds (RSS)",
+                                     labels=["rank"])
+        for rank, process in sorted(self._processes.items()):
+            try:
+                resident.add_metric([str(rank)], process.memory_info().rss)
+            except psutil.Error:
+                continue  # it just exited: the group is failing
+        yield resident
+        if any(self._device_memory):
+            device = GaugeMetricFamily("sluice_shard_rank_device_memory_bytes",
+                                       "CUDA memory each rank reserved by the end of warm-up "
+                                       "(weights, KV cache, graphs)", labels=["rank"])
+            for rank, used in enumerate(self._device_memory):
+                device.add_metric([str(rank)], used)
+            yield device

@@ -2,7 +2,11 @@
 
 QKV and gate/up are column-parallel (each rank holds some output features), O and down are
 row-parallel (each rank holds some input features, then an all-reduce), embedding and LM head
-are vocab-parallel. With one rank every collective is skipped, so the model code is the same.
+are vocab-parallel (the vocabulary padded to a multiple of the ranks). With one rank every
+collective is skipped, so the model code is the same.
+
+A rank reads only its own slice of each checkpoint tensor (`narrow` on the lazy tensors of
+shard/weights.py), so its host memory holds its share of the model, not the model.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from shard import weights
 from shard.quantization import Int4Groups, Int4Weight
 
 
 @dataclass(slots=True, frozen=True)
 class TensorParallel:
+    """This rank's place in its shard group, and the collectives of the forward pass."""
+
     rank: int = 0
     world_size: int = 1
 
@@ -35,34 +42,48 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
-    def split(self, size: int, what: str) -> int:
-        if size % self.world_size:
-            raise ValueError(f"{what} ({size}) does not divide by {self.world_size} "
-                             "tensor-parallel ranks")
-        return size // self.world_size
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank (in place)."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0)
+        return x
+
+    def piece(self, size: int, pieces: int) -> tuple[int, int]:
+        """(start, length) of the slice this rank holds of `size` cut into `pieces` equal
+        slices; with fewer pieces than ranks, consecutive ranks share one (replication)."""
+        length = size // pieces
+        return self.rank * pieces // self.world_size * length, length
+
+    def padded(self, size: int) -> int:
+        """Per-rank length of `size` padded up to a multiple of the ranks."""
+        return -(-size // self.world_size)
 
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (output features) split over ranks; no communication.
+
+    output_sizes: the stacked outputs (q, k, v or gate, up); pieces: how many slices each one
+    is cut into (the ranks, or fewer for key/value heads shared by several ranks).
     `product`: F.linear's signature (shard.models.ops.Ops.linear)."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TensorParallel,
-                 what: str = "output features", product: Callable = F.linear):
+                 pieces: list[int] | None = None, product: Callable = F.linear):
         super().__init__()
         self.tp = tp
         self.product = product
-        self.local_sizes = [tp.split(size, what) for size in output_sizes]
+        pieces = pieces or [tp.world_size] * len(output_sizes)
+        self.slices = [tp.piece(size, n) for size, n in zip(output_sizes, pieces)]
+        self.local_sizes = [length for _, length in self.slices]
         local_out = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False) if bias else None
         self.int4: Int4Weight | None = None
         self._int4_parts: dict[int, Int4Groups] = {}
 
-    def load_shard(self, param: nn.Parameter, full: torch.Tensor | Int4Groups,
-                   index: int = 0) -> None:
+    def load_shard(self, param: nn.Parameter, full, index: int = 0) -> None:
         """Copy this rank's rows of the `index`-th stacked output (q/k/v, gate/up) into `param`."""
-        size = self.local_sizes[index]
-        rows = full.narrow(0, self.tp.rank * size, size)
+        start, size = self.slices[index]
+        rows = full.narrow(0, start, size)
         if isinstance(rows, Int4Groups):
             self._int4_parts[index] = rows  # packed by finish_loading, once all parts are in
             return
@@ -94,21 +115,20 @@ class RowParallelLinear(nn.Module):
     `product`: as ColumnParallelLinear's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
-                 what: str = "input features", product: Callable = F.linear):
+                 product: Callable = F.linear):
         super().__init__()
         self.tp = tp
         self.product = product
-        self.local_in = tp.split(in_features, what)
+        self.start, self.local_in = tp.piece(in_features, tp.world_size)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.int4: Int4Weight | None = None
 
-    def load_shard(self, param: nn.Parameter, full: torch.Tensor | Int4Groups,
-                   index: int = 0) -> None:
+    def load_shard(self, param: nn.Parameter, full, index: int = 0) -> None:
         if param is self.bias:  # the bias is added once, after the reduction
-            param.data.copy_(full)
+            param.data.copy_(weights.read(full))
             return
-        columns = full.narrow(1, self.tp.rank * self.local_in, self.local_in)
+        columns = full.narrow(1, self.start, self.local_in)
         if isinstance(columns, Int4Groups):
             self.int4, self.weight = Int4Weight(columns), None
         else:
@@ -124,17 +144,22 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding rows split over ranks; each rank looks up its own ids, then an all-reduce."""
+    """Embedding rows split over ranks (the last rank's padded with zeros when the vocabulary
+    does not divide); each rank looks up its own ids, then an all-reduce."""
 
     def __init__(self, vocab_size: int, dim: int, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.local_vocab = tp.split(vocab_size, "vocabulary size")
+        self.vocab_size = vocab_size
+        self.local_vocab = tp.padded(vocab_size)
         self.start = tp.rank * self.local_vocab
-        self.weight = nn.Parameter(torch.empty(self.local_vocab, dim), requires_grad=False)
+        # Rows of real tokens on this rank; the rest (padding) stay zero.
+        self.real_rows = max(0, min(self.local_vocab, vocab_size - self.start))
+        self.weight = nn.Parameter(torch.zeros(self.local_vocab, dim), requires_grad=False)
 
-    def load_shard(self, param: nn.Parameter, full: torch.Tensor, index: int = 0) -> None:
-        param.data.copy_(full.narrow(0, self.start, self.local_vocab))
+    def load_shard(self, param: nn.Parameter, full, index: int = 0) -> None:
+        if self.real_rows:
+            param.data[:self.real_rows].copy_(full.narrow(0, self.start, self.real_rows))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
@@ -146,7 +171,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for this rank's slice of the vocabulary, gathered into the whole vocabulary."""
+    """Logits for this rank's slice of the vocabulary, gathered into the whole vocabulary (the
+    padding's columns dropped)."""
 
     # A bfloat16 copy of the weight used for the product, when set (next to int4 layers).
     compute_weight: torch.Tensor | None = None
@@ -162,4 +188,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = F.linear(hidden.to(self.compute_weight.dtype), self.compute_weight)
             logits = logits.to(hidden.dtype)
         logits = self.tp.all_gather_last_dim(logits)
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[..., :self.vocab_size]
         return logits if out is None else out.copy_(logits)

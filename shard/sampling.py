@@ -59,7 +59,7 @@ class Sampler:
     A step of greedy rows only, without penalties or top-n (offline runs, most benchmarks) takes
     `greedy`. Compiled (`--compile`), it reads the logits in their own dtype, where the general
     path makes float32 copies and a full log-softmax over [S, vocab]: on the H100 that took a
-    1B decode step at batch ~225 from 3.83 to 3.62 ms (docs/benchmarks.md)."""
+    1B decode step at batch ~225 from 3.83 to 3.62 ms."""
 
     def __init__(self, vocab_size: int, max_batch_size: int, device: torch.device,
                  compiled: bool = False):
@@ -71,16 +71,25 @@ class Sampler:
         self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
         self._output_counts: torch.Tensor | None = None  # [slots, vocab] int32
 
-    def admit(self, slot: int, params: SamplingParams, prompt: torch.Tensor) -> None:
+    def admit(self, slot: int, params: SamplingParams, prompt: torch.Tensor,
+              resumed_tokens: int = 0) -> None:
+        """A sequence took `slot`. In a continuation the prompt's last `resumed_tokens` were
+        generated before (on another shard group): they count as generated, so the penalties
+        are what they would have been there."""
         if not params.penalized:
             return
         if self._output_counts is None:
             shape = (self.max_batch_size, self.vocab_size)
             self._prompt_seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        original = prompt.shape[0] - resumed_tokens
         self._prompt_seen[slot].zero_()
-        self._prompt_seen[slot, prompt.to(self.device)] = True
+        self._prompt_seen[slot, prompt[:original].to(self.device)] = True
         self._output_counts[slot].zero_()
+        if resumed_tokens:
+            generated = prompt[original:].to(self.device)
+            self._output_counts[slot].index_add_(
+                0, generated, torch.ones_like(generated, dtype=torch.int32))
 
     def warm_up(self, dtype: torch.dtype) -> None:
         """Compile the greedy stage before serving: for one row, then (automatic dynamic shapes)
@@ -89,10 +98,11 @@ class Sampler:
             for rows in (1, 2):
                 self._greedy(torch.zeros(rows, self.vocab_size, dtype=dtype, device=self.device))
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], slots: list[int],
-                 positions: list[int], top_n: int) -> SampleOutput:
-        """logits [S, vocab] (the model's dtype, or float32) for S sequences; positions: index
-        of each new token."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 slots: list[int] | torch.Tensor, positions: list[int], top_n: int
+                 ) -> SampleOutput:
+        """logits [S, vocab] (the model's dtype, or float32) for S sequences; slots: theirs (on
+        the host); positions: index of each new token."""
         dev = logits.device
         penalized = self._output_counts is not None and any(p.penalized for p in params)
         all_greedy = all(p.greedy for p in params)
@@ -134,10 +144,11 @@ class Sampler:
         return logits - freq * counts - presence * (counts > 0)
 
 
-def _on(values: list, device: torch.device) -> torch.Tensor:
-    """A small per-step tensor on `device`. On CUDA it travels from pinned memory without
-    blocking: a plain copy from pageable memory would wait for all queued GPU work."""
-    tensor = torch.tensor(values)
+def _on(values: list | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor on `device` (from a list, or a host tensor). On CUDA it travels
+    from pinned memory without blocking: a plain copy from pageable memory would wait for all
+    queued GPU work."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor

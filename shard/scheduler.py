@@ -12,6 +12,7 @@ inter-token latency.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ import torch
 from shard.kv_cache import BlockAllocator, blocks_for
 from shard.sampling import SamplingParams
 from shard.tracing import SequenceTrace
+
+
+class State(enum.Enum):
+    WAITING = "waiting"  # submitted, its reservation not yet taken
+    RUNNING = "running"  # admitted: it holds a slot and its blocks
+    ENDED = "ended"  # finished or cancelled; its slot and blocks are free again
 
 
 @dataclass(slots=True, eq=False)
@@ -36,7 +43,11 @@ class Sequence:
     # Also report the prompt's logprobs: gathered per prefill chunk on the device, sent at the end.
     prefill_logprobs: bool = False
     prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-    slot: int = -1  # row in the per-sequence tables while admitted
+    # A continuation after failover: the prompt's last tokens that this request generated on
+    # another shard group (they count as generated for the penalties).
+    resumed_tokens: int = 0
+    state: State = State.WAITING
+    slot: int = -1  # row in the per-sequence tables while running
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     num_generated: int = 0  # tokens emitted
@@ -64,17 +75,16 @@ class Step:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_prefill_tokens: int,
-                 max_total_tokens: int):
+                 max_total_tokens: int, step_tokens_while_decoding: int = 0):
         self.allocator = allocator
         self.max_prefill_tokens = max_prefill_tokens
         # Tokens a step that carries decodes may hold, decodes included; 0: no such bound.
-        self.step_tokens_while_decoding = 0
+        self.step_tokens_while_decoding = step_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
-        max_blocks = blocks_for(max_total_tokens, allocator.block_size)
-        # Block table of each slot, written once at admission: the step reads rows by slot.
-        self.block_tables = torch.zeros(max_batch_size, max_blocks, dtype=torch.int32)
+        # Blocks one sequence may hold: the width of the model runner's block tables.
+        self.max_blocks = blocks_for(max_total_tokens, allocator.block_size)
 
     @property
     def idle(self) -> bool:
@@ -85,9 +95,9 @@ class Scheduler:
     def rejection(self, seq: Sequence) -> str | None:
         """Why `seq` can never be admitted, or None."""
         needed = blocks_for(seq.reserved_tokens, self.allocator.block_size)
-        if needed > self.block_tables.shape[1]:
+        if needed > self.max_blocks:
             return (f"prompt + max_new_tokens = {seq.reserved_tokens} tokens exceeds "
-                    f"max_total_tokens ({self.block_tables.shape[1] * self.allocator.block_size})")
+                    f"max_total_tokens ({self.max_blocks * self.allocator.block_size})")
         if needed > self.allocator.num_blocks:
             return (f"prompt + max_new_tokens = {seq.reserved_tokens} tokens exceeds the whole "
                     f"budget ({self.allocator.total_tokens} tokens)")
@@ -108,7 +118,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.blocks = blocks
             seq.slot = self._free_slots.pop()
-            self.block_tables[seq.slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            seq.state = State.RUNNING
             self.running.append(seq)
             admitted.append(seq)
             if seq.trace is not None:
@@ -122,6 +132,17 @@ class Scheduler:
             return self.max_prefill_tokens
         # A quarter of the bound at least: prompts still advance beside a full batch of decodes.
         return min(self.max_prefill_tokens, max(cap - num_decodes, cap // 4))
+
+    def advance(self, step: Step) -> None:
+        """A launched step's tokens are in the cache (as far as later steps are concerned), and
+        each of its samplers has one more token on the way."""
+        for seq in step.decodes:
+            seq.num_cached += 1
+            seq.num_pending += 1
+        for seq, n in step.prefills:
+            seq.num_cached += n
+            if not seq.prefilling:
+                seq.num_pending += 1
 
     def schedule(self) -> Step | None:
         decodes, prefilling = [], []
@@ -147,13 +168,14 @@ class Scheduler:
         """Forget a finished or cancelled sequence and return its blocks and slot."""
         if seq.trace is not None:
             seq.trace.ended(seq.num_generated)
-        if seq.slot < 0:
+        if seq.state is State.WAITING:
             self.waiting.remove(seq)
-            return
-        self.running.remove(seq)
-        self.allocator.release(seq.blocks)
-        self._free_slots.append(seq.slot)
-        seq.blocks, seq.slot = [], -1
+        else:
+            self.running.remove(seq)
+            self.allocator.release(seq.blocks)
+            self._free_slots.append(seq.slot)
+            seq.blocks, seq.slot = [], -1
+        seq.state = State.ENDED
 
 
 def largest_within(target_s: float, sizes: list[int], seconds: Callable[[int], float]) -> int:

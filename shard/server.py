@@ -1,8 +1,12 @@
-"""The shard group's gRPC server: Info, the Generate stream and grpc.health.v1.
+"""`sluice shard`: one shard group (rank 0, which starts the others), served over gRPC.
 
-Start-up order: load weights, size the budget, warm up, then listen. When it is ready it prints
-one JSON line on stdout, {"event": "ready", "service": "shard", "address": "HOST:PORT"}, so a
+Start-up: start the other ranks, build, warm up, then listen. When it is ready it prints one
+JSON line on stdout, {"event": "ready", "service": "shard", "address": "HOST:PORT"}, so a
 supervisor can use --port 0 and learn the port the OS chose.
+
+Stop: SIGTERM drains (--shutdown-grace), then the ranks stop and the process exits 0. A
+failure of the group (a rank dies or hangs, the engine thread ends) makes it NOT_SERVING, ends
+every stream with UNAVAILABLE and exits non-zero.
 """
 
 from __future__ import annotations
@@ -13,392 +17,268 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Sequence as Seq
+import threading
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 import sluice
-from shard import budget as budgets
 from shard import config as shard_config
-from shard import decode_gemm as shard_decode_gemm
-from shard import fused_mlp as shard_fused_mlp
-from shard import loader
-from shard.attention import select_backend
-from shard.cuda_graphs import (DecodeGraphs, PiecewiseGraphs, parse_batch_sizes,
-                               parse_token_sizes)
-from shard.engine import Engine, Limits, Stream
-from shard.kv_cache import BlockAllocator, KVCache, blocks_for
-from shard.parallel import TensorParallel
-from shard.sampling import SamplingParams
-from shard.scheduler import Sequence, largest_within
+from shard import loader, ranks, runtime
+from shard.engine import Engine
+from shard.models.llama import split_error
+from shard.servicer import Health, TextGenerationServicer
 from shard.source import ModelNotFound, resolve
-from shard.tracing import SequenceTrace
 from sluice import logs, tracing
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
 log = logging.getLogger("shard")
-SERVICE_NAME = "sluice.v1.TextGeneration"
+# After a failure, what the orderly part (streams ended, server stopped) may take before the
+# process exits regardless.
+_FAILURE_EXIT_S = 5.0
 
 
-class _Discard(Stream):
-    """Where the warm-up request's tokens go."""
-
-    def send(self, response: pb.GenerateResponse) -> None:
-        pass
-
-
-class _RouterStream(Stream):
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue()
-
-    def send(self, response: pb.GenerateResponse) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, response)
-
-
-class Runtime:
-    """Everything a started shard holds: the engine and what Info reports about it."""
-
-    def __init__(self, config: shard_config.ShardConfig):
-        self.device = _device(config.device)
-        self.dtype = _dtype(config.dtype, self.device)
-        if self.device.type == "cuda":
-            # The host's tensors per step are small: more threads only add wake-ups (on the
-            # H100's 16 cores, a 4,096-element CPU gather took ~1 ms across threads).
-            torch.set_num_threads(1)
-        if config.num_shard != 1:
-            raise ValueError("--num-shard > 1 needs the multi-rank runtime, which is not built "
-                             "yet; the layers are tensor-parallel already")
-        self.attention = select_backend(config.attention, self.device, config.decode_attention)
-        source = resolve(config.model, config.revision)
-        log.info("loading %s from %s on %s (%s)", source.model_id, source.path, self.device,
-                 self.dtype)
-        self.compiled = _wanted(config.compile, self.device)
-        fused_rotary = _wanted(config.fused_rotary, self.device)
-        if fused_rotary and self.device.type != "cuda":
-            raise ValueError("--fused-rotary on needs a CUDA device (it is a Triton kernel)")
-        fused_mlp = _quack_wanted("--fused-mlp", config.fused_mlp, self.device, self.dtype,
-                                  "SiLU x up stays a separate pass")
-        decode_gemm = _quack_wanted("--decode-gemm", config.decode_gemm, self.device,
-                                    self.dtype, "decode batches' products stay on cuBLAS")
-        self.loaded = loader.load(source, TensorParallel(), self.device, self.dtype,
-                                  self.attention, config.load_format, config.quantize,
-                                  self.compiled, fused_rotary, fused_mlp, decode_gemm)
-        log.info("weights: %s; quantization: %s; elementwise stages %s; rotary and cache "
-                 "write %s; SiLU x up %s; decode batches' products %s", self.dtype,
-                 self.loaded.quantization, "compiled" if self.compiled else "eager",
-                 "fused" if fused_rotary else "separate",
-                 "in the gate/up product (steps that shard/fused_mlp.py's fuses names)"
-                 if fused_mlp else "a separate pass",
-                 f"in quack's narrow tiles at {shard_decode_gemm.MIN_ROWS}-"
-                 f"{shard_decode_gemm.MAX_ROWS} rows (shard/decode_gemm.py)"
-                 if decode_gemm else "on cuBLAS")
-        peak = 0
-        if self.device.type == "cuda":
-            peak = budgets.profile_peak_bytes(self.loaded.model, self.attention, config,
-                                              self.dtype, self.device)
-            log.info("weights + largest step: %.2f GiB at peak", peak / 2**30)
-        self.budget = budgets.size(config, self.loaded.config, self.dtype,
-                                   budgets.kv_cache_bytes(config, self.device, peak))
-        log.info("KV-cache budget: %d tokens (%d blocks of %d)", self.budget.total_tokens,
-                 self.budget.num_blocks, self.budget.block_size)
-        allocator = BlockAllocator(self.budget.num_blocks, self.budget.block_size)
-        # One block more than the budget: the scratch block that CUDA-graph padding writes to.
-        kv_cache = KVCache(self.loaded.config, 1, self.budget.num_blocks + 1,
-                           self.budget.block_size, self.dtype, self.device)
-        self.engine = Engine(
-            self.loaded.model, kv_cache, allocator, self.attention,
-            Limits(self.budget.max_input_tokens, self.budget.max_total_tokens,
-                   config.max_batch_prefill_tokens, config.max_batch_size),
-            self.loaded.tokenizer.eos_token_ids, self.device,
-            with_metrics=config.metrics_port is not None,
-            async_scheduling=_wanted(config.async_scheduling, self.device),
-            compiled=self.compiled, sampled_rows_only=config.last_layer_rows == "sampled")
-        self.config = config
-
-    def warm_up(self) -> None:
-        """Compile and capture everything a step may run, then run one short request through
-        the whole step path before serving: compiling mid-run would stall every running
-        request for seconds. Its steps are not traffic: they stay out of the metrics."""
-        metrics, self.engine.metrics = self.engine.metrics, None
-        try:
-            # Every layer's products have layer 0's shapes.
-            attn, mlp = self.loaded.model.layers[0].self_attn, self.loaded.model.layers[0].mlp
-            if mlp.fuses_gate:
-                shard_fused_mlp.warm_up(mlp.gate_up_proj.weight)
-            if mlp.ops.linear is shard_decode_gemm.linear:
-                shard_decode_gemm.warm_up([
-                    proj.weight for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                             mlp.down_proj) if proj.weight is not None])
-            self._capture_graphs()
-            if self.compiled:
-                # The budget's profile compiled the stages for eager steps of one size; a
-                # second makes the token count dynamic (steps past the largest graph bucket
-                # run eagerly).
-                budgets.eager_forward(self.loaded.model, self.attention,
-                                      min(24, self.budget.max_input_tokens), self.config,
-                                      self.dtype, self.device)
-                self.engine.sampler.warm_up(self.dtype)
-            self._run_alone([min(16, self.budget.max_input_tokens)], max_new_tokens=2)
-            self.engine.scheduler.step_tokens_while_decoding = self._bound_steps_while_decoding()
-        finally:
-            self.engine.metrics = metrics
-
-    def _run_alone(self, prompt_lens: list[int], max_new_tokens: int) -> float:
-        """Run requests with prompts of these lengths (random ids) to their end while nothing
-        else runs, and return the wall time of the first step, the one that prefills them."""
-        sink, vocab = _Discard(), self.loaded.config.vocab_size
-        self.engine.submit(sink, [
-            Sequence(request_id=i, stream=sink, prompt=torch.randint(vocab, (n,)),
-                     sampling=SamplingParams(), max_new_tokens=max_new_tokens, ignore_eos=True)
-            for i, n in enumerate(prompt_lens)])
-        self._synchronize()
-        started = time.perf_counter()
-        self.engine.step()
-        self._synchronize()  # with async scheduling the step is still running
-        seconds = time.perf_counter() - started
-        while not self.engine.scheduler.idle:
-            self.engine.step()
-        return seconds
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _bound_steps_while_decoding(self) -> int:
-        """Tokens a step that carries decodes may hold (0: no bound): the largest step size
-        that runs within --prefill-chunk-ms, timed here on steps of prompt tokens alone."""
-        setting = self.config.prefill_chunk_ms
-        if setting == "auto":
-            # A CPU prefills so slowly that chunks within 40 ms would starve prompts.
-            ms = 40.0 if self.device.type == "cuda" else 0.0
-        else:
-            ms = float(setting)
-        largest = self.config.max_batch_prefill_tokens
-        # Below ~256 rows a step costs about what a decode step costs (its weights are read
-        # once either way): smaller chunks would buy no latency. Graph buckets run unpadded.
-        candidates = (self.engine.piecewise.token_sizes if self.engine.piecewise is not None
-                      else range(256, largest, 256))
-        sizes = [s for s in candidates if 256 <= s < largest and self._fits_alone(s)] + [largest]
-        if not ms or len(sizes) == 1 or not self._fits_alone(largest):
-            return 0
-        measured = {}
-
-        def seconds(tokens: int) -> float:
-            # The best of two: a step alone, without the decodes' KV reads beside it.
-            measured[tokens] = min(self._run_alone(self._prompts_of(tokens), 1)
-                                   for _ in range(2))
-            return measured[tokens]
-
-        bound = largest_within(ms / 1e3, sizes, seconds)
-        log.info("steps beside decodes: %s within %g ms (measured: %s)",
-                 f"at most {bound} tokens" if bound else "unbounded", ms,
-                 ", ".join(f"{n} tokens {t * 1e3:.1f} ms" for n, t in sorted(measured.items())))
-        return bound
-
-    def _prompts_of(self, tokens: int) -> list[int]:
-        """Prompt lengths, each within max_input_tokens, that add up to `tokens`."""
-        longest = self.budget.max_input_tokens
-        return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
-
-    def _fits_alone(self, tokens: int) -> bool:
-        prompts = self._prompts_of(tokens)
-        blocks = sum(blocks_for(n + 1, self.budget.block_size) for n in prompts)
-        return (len(prompts) <= self.config.max_batch_size
-                and blocks <= self.engine.allocator.num_blocks)
-
-    def _capture_graphs(self) -> None:
-        """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache.
-        Piecewise graphs under every CUDA backend (attention runs between them); decode graphs
-        where the backend's decode metadata has a fixed shape."""
-        if self.device.type != "cuda":
-            return
-        config, model, kv_cache = self.config, self.loaded.model, self.engine.kv_cache
-        scratch_block = self.budget.num_blocks  # the KV cache's one block past the budget
-        sizes = parse_batch_sizes(config.cuda_graphs, config.max_batch_size)
-        if sizes and self.attention.decode_graphs:
-            self.engine.graphs = DecodeGraphs(
-                model, kv_cache, self.attention, sizes,
-                self.engine.scheduler.block_tables.shape[1], self.budget.block_size,
-                scratch_block=scratch_block, device=self.device)
-        layer = model.layers[0]
-        layer_flops = 2 * sum(p.numel() for p in layer.parameters() if p.dim() == 2)
-        token_sizes = parse_token_sizes(config.cuda_graph_tokens,
-                                        config.max_batch_prefill_tokens + config.max_batch_size,
-                                        layer_flops)
-        if token_sizes:
-            # A step samples at most one row per sequence: its tails take the decode sizes.
-            self.engine.piecewise = PiecewiseGraphs(
-                model, kv_cache, self.attention, token_sizes,
-                scratch_slot=scratch_block * self.budget.block_size, device=self.device,
-                row_sizes=sizes if self.engine.sampled_rows_only else [])
-
-    def info(self) -> pb.InfoResponse:
-        tok = self.loaded.tokenizer
-        return pb.InfoResponse(
-            model_id=self.loaded.source.model_id,
-            model_dtype=str(self.dtype).removeprefix("torch."),
-            device_type=self.device.type,
-            attention_backend=self.attention.name,
-            num_shards=self.config.num_shard,
-            block_size=self.budget.block_size,
-            max_batch_total_tokens=self.budget.total_tokens,
-            max_batch_prefill_tokens=self.config.max_batch_prefill_tokens,
-            prefill_chunk_tokens=self.engine.scheduler.step_tokens_while_decoding,
-            max_input_tokens=self.budget.max_input_tokens,
-            max_total_tokens=self.budget.max_total_tokens,
-            max_batch_size=self.config.max_batch_size,
-            free_budget_tokens=self.engine.allocator.free_tokens,
-            tokenizer=pb.Tokenizer(tokenizer_json=tok.tokenizer_json,
-                                   chat_template=tok.chat_template, bos_token=tok.bos_token,
-                                   eos_token=tok.eos_token, eos_token_ids=tok.eos_token_ids),
-            version=sluice.__version__,
-            vocab_size=self.loaded.config.vocab_size,
-            quantization=self.loaded.quantization,
-        )
-
-
-def _wanted(setting: str, device: torch.device) -> bool:
-    """An auto|on|off flag whose auto means on for CUDA (--compile, --fused-rotary,
-    --async-scheduling)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
-def _quack_wanted(flag: str, setting: str, device: torch.device, dtype: torch.dtype,
-                  otherwise: str) -> bool:
-    """--fused-mlp, --decode-gemm: auto means wherever quack's GEMM runs; on insists."""
-    if setting == "off":
-        return False
-    reason = shard_fused_mlp.unavailable(device, dtype)
-    if setting == "on" and reason:
-        raise ValueError(f"{flag} on: {reason} (use {flag} off)")
-    if reason and device.type == "cuda":
-        log.info("%s auto: %s: %s", flag, otherwise, reason)
-    return reason is None
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def to_sequence(request: pb.Request, stream: Stream, traced: bool = False) -> Sequence:
-    s, stop = request.sampling, request.stopping
-    return Sequence(
-        request_id=request.id,
-        stream=stream,
-        prompt=torch.tensor(list(request.input_ids), dtype=torch.long),
-        sampling=SamplingParams(
-            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
-            typical_p=s.typical_p or 1.0, repetition_penalty=s.repetition_penalty or 1.0,
-            frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
-            seed=s.seed),
-        max_new_tokens=stop.max_new_tokens,
-        ignore_eos=stop.ignore_eos,
-        stop_token_ids=frozenset(stop.stop_token_ids),
-        top_n_tokens=request.top_n_tokens,
-        prefill_logprobs=request.prefill_logprobs,
-        trace=SequenceTrace.start(request.trace_context, request.id) if traced else None,
+def info(warm: runtime.Warm, engine: Engine) -> pb.InfoResponse:
+    built = warm.built
+    tok = built.loaded.tokenizer
+    return pb.InfoResponse(
+        model_id=built.loaded.source.model_id,
+        model_dtype=str(built.dtype).removeprefix("torch."),
+        device_type=built.device.type,
+        attention_backend=built.attention.name,
+        num_shards=built.group.world_size,
+        block_size=built.budget.block_size,
+        max_batch_total_tokens=built.budget.total_tokens,
+        max_batch_prefill_tokens=built.config.max_batch_prefill_tokens,
+        prefill_chunk_tokens=engine.scheduler.step_tokens_while_decoding,
+        max_input_tokens=built.budget.max_input_tokens,
+        max_total_tokens=built.budget.max_total_tokens,
+        max_batch_size=built.config.max_batch_size,
+        free_budget_tokens=engine.allocator.free_tokens,
+        tokenizer=pb.Tokenizer(tokenizer_json=tok.tokenizer_json,
+                               chat_template=tok.chat_template, bos_token=tok.bos_token,
+                               eos_token=tok.eos_token, eos_token_ids=tok.eos_token_ids),
+        version=sluice.__version__,
+        vocab_size=built.loaded.config.vocab_size,
+        quantization=built.loaded.quantization,
     )
-
-
-class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
-    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
-        return self.runtime.info()
-
-    async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest],
-                       context) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self.runtime.engine
-        stream = _RouterStream(asyncio.get_running_loop())
-        engine.open_stream(stream)
-        reader = asyncio.create_task(self._read(request_iterator, stream))
-        try:
-            while (response := await stream.queue.get()) is not None:
-                yield response
-        finally:
-            reader.cancel()
-            engine.close_stream(stream)  # a router that goes away cancels all its requests
-
-    async def _read(self, request_iterator, stream: _RouterStream) -> None:
-        engine = self.runtime.engine
-        try:
-            async for message in request_iterator:
-                if message.HasField("batch"):
-                    traced = self.runtime.config.tracing.enabled
-                    engine.submit(stream, [to_sequence(r, stream, traced)
-                                           for r in message.batch.requests])
-                elif message.HasField("cancel"):
-                    engine.cancel(stream, list(message.cancel.ids))
-        finally:
-            stream.queue.put_nowait(None)  # the router closed its side: end the stream
 
 
 def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
+class Failure:
+    """The group's one way to fail, from any thread: before serving, exit at once; while
+    serving, wake `serve`, which reports it to health and streams and returns 1."""
+
+    def __init__(self, workers: ranks.Workers | None,
+                 hard_exit: Callable[[int, ranks.Workers | None], None] | None = None):
+        """hard_exit(code, workers): how the process ends when the orderly part hangs."""
+        self.workers = workers
+        self._hard_exit = hard_exit or _exit_now
+        self.reason: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._lock = threading.Lock()
+
+    def serving(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._loop, self._event = loop, event
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            if self.workers is not None:  # a failed collective: name the rank behind it
+                self.reason = self.workers.death(timeout_s=1.0) or reason
+        log.error("shard group failed: %s", self.reason)
+        if self._loop is None:
+            self._hard_exit(1, self.workers)
+            return
+        # A hang (the engine thread stuck in a collective) must not keep the process alive.
+        timer = threading.Timer(_FAILURE_EXIT_S, self._hard_exit, (1, self.workers))
+        timer.daemon = True
+        timer.start()
+        self._loop.call_soon_threadsafe(self._event.set)
+
+
+def _exit_now(code: int, workers: ranks.Workers | None) -> None:
+    if workers is not None:
+        workers.kill()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@dataclass(slots=True)
+class Started:
+    """Rank 0 of a started, warmed-up group, with its engine (not yet running): what `serve`
+    serves, and what benchmarks and tests drive step by step."""
+
+    warm: runtime.Warm
+    engine: Engine
+    failure: Failure
+
+    @property
+    def built(self) -> runtime.Built:
+        return self.warm.built
+
+    def info(self) -> pb.InfoResponse:
+        return info(self.warm, self.engine)
+
+    def stop_ranks(self) -> None:
+        """End the other ranks (their step loops, then their processes)."""
+        self.warm.executor.stop()
+        if self.failure.workers is not None:
+            self.failure.workers.stop(self.built.config.rank_timeout_s)
+
+
+def start(config: shard_config.ShardConfig, argv: list[str]) -> Started:
+    """Start the other ranks (with `argv`, this process's own command line), build and warm up
+    every rank. Raises ValueError or ModelNotFound for what cannot start."""
+    workers = None
+    try:
+        device = _device(config.device, 0)
+        world_size = _num_shard(config.num_shard, device)
+        if world_size > 1:
+            # Say what cannot split before starting anything (loading repeats the check).
+            error = split_error(loader.read_config(resolve(config.model, config.revision)),
+                                world_size)
+            if error:
+                raise ValueError(error)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks share one host
+            store = ranks.create_store(world_size)
+            workers = ranks.Workers(argv, world_size, store.port, os.environ)
+            failure = Failure(workers)
+            workers.watch(failure)
+            group = ranks.join(ranks.RankSetup(0, world_size, "127.0.0.1", store.port), device,
+                               store)
+        else:
+            failure, group = Failure(None), ranks.alone()
+        built = runtime.build(config, group, device)
+        warm = runtime.warm_up(built, ranks.PlanChannel(group) if world_size > 1 else None)
+    except BaseException:
+        if workers is not None:
+            workers.kill()
+        raise
+    engine = runtime.serving_engine(warm, config.metrics_port is not None,
+                                    workers.pids if workers else {}, failure)
+    return Started(warm, engine, failure)
+
+
+async def serve(started: Started) -> int:
+    """Serve until SIGINT/SIGTERM (drain, then 0) or a failure of the group (1)."""
+    warm, engine, failure = started.warm, started.engine, started.failure
+    built = warm.built
+    config = built.config
+    metrics = engine.metrics
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.max_receive_message_length", 64 << 20)])
-    pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(runtime), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    config = runtime.config
+    servicer = TextGenerationServicer(engine, lambda: info(warm, engine),
+                                      config.tracing.enabled)
+    pb_grpc.add_TextGenerationServicer_to_server(servicer, server)
+    health = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     port = server.add_insecure_port(listen_address(config.host, config.port))
     await server.start()
-    runtime.engine.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop, failed = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    failure.serving(loop, failed)
+    engine.start()
+    if built.group.world_size > 1:
+        ranks.Watchdog(lambda: engine.busy_since, config.rank_timeout_s, failure)
+    await health.set(True)
     address = listen_address(config.host, port)
-    log.info("shard serving %s on %s", runtime.loaded.source.model_id, address)
+    log.info("shard serving %s on %s (%d rank%s)", built.loaded.source.model_id, address,
+             built.group.world_size, "s" if built.group.world_size > 1 else "")
     ready = {"event": "ready", "service": "shard", "address": address}
-    if runtime.engine.metrics is not None:
-        metrics_port = runtime.engine.metrics.serve(config.host, config.metrics_port)
+    if metrics is not None:
+        metrics_port = metrics.serve(config.host, config.metrics_port)
         ready["metrics_address"] = listen_address(config.host, metrics_port)
         log.info("shard metrics on http://%s/metrics", ready["metrics_address"])
     print(json.dumps(ready), flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shard stopping")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace_s)
-    runtime.engine.stop()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, failed)]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    await health.set(False)
+    if not failed.is_set():
+        await _drain(engine, config.shutdown_grace_s, failed)
+    if failed.is_set():
+        servicer.fail(f"shard group failed: {failure.reason}")
+        await server.stop(1.0)
+        return 1
+    await server.stop(1.0)
+    engine.stop()
+    started.stop_ranks()
+    return 0
+
+
+async def _drain(engine: Engine, grace_s: float, failed: asyncio.Event) -> None:
+    """Stop taking requests; let the running ones finish within grace_s; hand the rest back
+    (retryable errors: routers resume them on other groups)."""
+    log.info("shard draining: up to %g s for running requests", grace_s)
+    engine.drain()
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while not engine.idle and not failed.is_set():
+        if asyncio.get_running_loop().time() >= deadline:
+            log.warning("shard drain: grace period over; handing running requests back")
+            engine.drain(hand_over=True)
+            break
+        await asyncio.sleep(0.05)
+    # The hand-over's responses leave on the next engine iteration: give them a moment.
+    for _ in range(100):
+        if engine.idle:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+
+
+def _device(name: str, rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    if name == "cuda":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device(name)
+
+
+def _num_shard(setting: int | None, device: torch.device) -> int:
+    """--num-shard: auto is every visible CUDA device (1 on cpu)."""
+    if device.type != "cuda":
+        return setting or 1
+    visible = torch.cuda.device_count()
+    if setting is not None and setting > visible:
+        raise ValueError(f"--num-shard {setting}: only {visible} CUDA device(s) are visible "
+                         "(one rank per GPU)")
+    return setting or visible
 
 
 def main(argv: Seq[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     config = shard_config.parse(argv, os.environ)
     logs.configure(config.log_format)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        runtime = Runtime(config)
-        runtime.warm_up()
+        started = start(config, argv)
     except (ModelNotFound, ValueError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
     provider = tracing.start(config.tracing)
     try:
-        asyncio.run(serve(runtime))
+        code = asyncio.run(serve(started))
     finally:
         tracing.stop(provider)
+    if code:
+        _exit_now(code, started.failure.workers)

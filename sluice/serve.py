@@ -131,9 +131,11 @@ def parse(argv: Sequence[str] | None, environ) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv, os.environ)
     if args.num_threads is None and args.device != "cuda":
-        # The router and its clients share this machine: leave them a core. On a 2-core
-        # machine this serves faster than torch's default of every core (docs/benchmarks.md).
-        args.num_threads = max(1, (os.cpu_count() or 2) - 1)
+        # The router and its clients share this machine: leave them a core, and split the
+        # rest between the ranks. On a 2-core machine one core for the model served faster
+        # than torch's default of every core (measured with benchmarks/load.py).
+        ranks = int(args.num_shard) if args.num_shard.isdigit() else 1
+        args.num_threads = max(1, ((os.cpu_count() or 2) - 1) // ranks)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -142,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = 0
     try:
         shard = Child("shard", python + ["shard", "--host", "127.0.0.1", "--port",
-                                         str(args.shard_port)]
+                                         str(args.shard_port), "--shutdown-grace",
+                                         str(args.shutdown_grace)]
                       + _forwarded(args, shard_config.add_arguments)
                       + _forwarded(args, _common_arguments))
         children.append(shard)

@@ -7,16 +7,36 @@ embedding layers are tensor-parallel from the start, so several ranks change no 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from shard import fused_mlp
+from shard import fused_mlp, weights
 from shard.models.config import ModelConfig
 from shard.models.ops import EAGER, Ops
 from shard.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                             TensorParallel, VocabParallelEmbedding)
+
+
+@dataclass(slots=True)
+class Activations:
+    """What passes between the pieces of one step's forward (LlamaForCausalLM.run).
+
+    Eager steps rebind q, residual and hidden to each piece's new tensors. Graph captures set
+    `static`: the fields are then fixed buffers of the step's rows that pieces write into, since
+    a replayed graph reads and writes the addresses it was captured with."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]: cache slot of each token's key and value
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    q: torch.Tensor | None = None  # [T, heads, head_dim]: the latest layer's rotated queries
+    attended: torch.Tensor | None = None  # [T, heads, head_dim]: its attention output
+    residual: torch.Tensor | None = None  # [T, hidden]
+    hidden: torch.Tensor | None = None  # [T, hidden]: after the final norm
+    static: bool = False
 
 
 class RMSNorm(nn.Module):
@@ -66,18 +86,42 @@ def _scale_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Ten
     return torch.where(middle, blended, scaled)
 
 
+def split_error(config: ModelConfig, world_size: int) -> str | None:
+    """Why `config` cannot be split over `world_size` tensor-parallel ranks, or None.
+
+    Query heads and the MLP's intermediate size must divide; key/value heads must divide, or
+    divide the ranks (then consecutive ranks share one, as vLLM replicates them); the
+    vocabulary is padded instead."""
+    n = world_size
+    heads, kv_heads, inter = config.num_heads, config.num_kv_heads, config.intermediate_size
+    problems = []
+    if heads % n:
+        problems.append(f"{heads} attention heads do not divide by {n}")
+    if kv_heads % n and n % kv_heads:
+        problems.append(f"{kv_heads} key/value heads neither divide by {n} nor divide {n}")
+    if inter % n:
+        problems.append(f"the intermediate size {inter} does not divide by {n}")
+    if not problems:
+        return None
+    return (f"this model (attention heads {heads}, key/value heads {kv_heads}, intermediate "
+            f"size {inter}) cannot be split over {n} tensor-parallel ranks: "
+            + "; ".join(problems) + ". Use a --num-shard that divides them")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, backend, ops: Ops):
         super().__init__()
         d = config.head_dim
         self.ops = ops
-        self.num_heads = tp.split(config.num_heads, "attention heads")
-        self.num_kv_heads = tp.split(config.num_kv_heads, "key/value heads")
+        self.num_heads = config.num_heads // tp.world_size
+        # Fewer key/value heads than ranks: each rank holds the one its query heads read.
+        kv_pieces = min(config.num_kv_heads, tp.world_size)
+        self.num_kv_heads = config.num_kv_heads // kv_pieces
         self.head_dim = d
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size, [config.num_heads * d, config.num_kv_heads * d,
-                                 config.num_kv_heads * d], config.qkv_bias, tp, "attention heads",
-            product=ops.linear)
+                                 config.num_kv_heads * d], config.qkv_bias, tp,
+            pieces=[tp.world_size, kv_pieces, kv_pieces], product=ops.linear)
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, config.o_bias, tp,
                                         product=ops.linear)
         self.backend = backend
@@ -100,8 +144,7 @@ class LlamaMLP(nn.Module):
         self.ops = ops
         inter = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
-                                                 config.mlp_bias, tp, "intermediate size",
-                                                 product=ops.linear)
+                                                 config.mlp_bias, tp, product=ops.linear)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp,
                                            product=ops.linear)
 
@@ -129,17 +172,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = LlamaMLP(config, tp, ops)
 
-    def forward(self, x, residual, positions, rotary, kv_cache, attn_meta, rows=None):
-        """rows: if given, only these rows go on past attention (every row's keys and values
-        still reach the cache)."""
-        q, residual = self.before_attention(x, residual, positions, rotary, kv_cache,
-                                            attn_meta.slot_mapping)
-        attended = self.self_attn.backend.attend(q, kv_cache[0], kv_cache[1], attn_meta)
-        if rows is not None:
-            attended, residual = attended[rows], residual[rows]
-        return self.after_attention(attended, residual)
-
-    # The two halves around attention, which piecewise CUDA graphs capture separately.
+    # The two halves around attention: the model's pieces (LlamaForCausalLM.piece) join them.
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping,
                          q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
@@ -173,35 +206,82 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_meta,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's T ragged tokens, final norm applied; with
-        `rows` (indices into the T), only those rows' [len(rows), hidden], in that order.
+        """Hidden states [T, hidden] of the step's T ragged tokens, final norm applied, run
+        eagerly (a decode graph captures this too); with `rows` (indices into the T), only
+        those rows' [len(rows), hidden], in that order (see `run`)."""
+        a = Activations(input_ids, positions, attn_meta.slot_mapping, kv_caches)
+        backend = self.layers[0].self_attn.backend
 
-        Past the last layer's attention a row affects no other row, so the rows that nobody
-        reads (a prompt's tokens before its last) skip that layer's output projection and MLP:
-        1/L of a prompt's products, less its QKV. (llama.cpp gathers the same rows one product
-        later, after the output projection.)"""
-        h, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers[:-1], kv_caches[:-1]):
-            h, residual = layer(h, residual, positions, self.rotary, kv_cache, attn_meta)
-        last, kv_cache = self.layers[-1], kv_caches[-1]
+        def attend(index: int) -> None:
+            a.attended = backend.attend(a.q, *kv_caches[index], attn_meta)
+
+        return self.run(a, attend, rows)
+
+    def run(self, a: Activations, attend: Callable[[int], None],
+            rows: torch.Tensor | None = None, piece: Callable[[int], None] | None = None,
+            tail: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The one layer loop of every step: piece 0, layer 0's attention, piece 1, ..., the
+        last piece. attend(i) fills a.attended from a.q over layer i's cache. Eager steps
+        compute the pieces (`piece` and `tail` default to this model's); piecewise CUDA graphs
+        pass their replays of the same pieces.
+
+        Past the last layer's attention a row affects no other row, so with `rows` only those
+        rows go on (`tail`): the rows that nobody reads (a prompt's tokens before its last)
+        skip that layer's output projection and MLP: 1/L of a prompt's products, less its QKV.
+        (llama.cpp gathers the same rows one product later, after the output projection.)"""
+        piece = piece or (lambda index: self.piece(index, a))
+        tail = tail or (lambda chosen: self.tail(a, chosen))
+        last = len(self.layers) - 1
+        for index in range(last):
+            piece(index)
+            attend(index)
+        piece(last)
         if rows is not None and rows.shape[0] == 0:
             # A step of prompt chunks that end no prompt: only the keys and values count (no
             # call on zero rows: compiled stages would compile again for them).
-            last.before_attention(h, residual, positions, self.rotary, kv_cache,
-                                  attn_meta.slot_mapping)
-            return h.new_empty((0, h.shape[1]))
-        h, residual = last(h, residual, positions, self.rotary, kv_cache, attn_meta, rows)
-        return self.norm(h, residual)[0]
+            return a.residual.new_empty((0, a.residual.shape[1]))
+        attend(last)
+        if rows is None:
+            piece(last + 1)
+            return a.hidden
+        return tail(rows)
+
+    def piece(self, index: int, a: Activations) -> None:
+        """Piece `index` of the forward: the embedding (index 0) or layer index-1 past its
+        attention, then layer `index` up to its attention (its keys and values written to the
+        cache), or the final norm (index num_layers, into a.hidden)."""
+        layers = self.layers
+        if index == 0:
+            x, residual = self.embed_tokens(a.input_ids), None
+        else:
+            x, residual = layers[index - 1].after_attention(a.attended, a.residual)
+        if index == len(layers):
+            hidden = self.norm(x, residual)[0]
+            a.hidden = a.hidden.copy_(hidden) if a.static else hidden
+            return
+        q, residual = layers[index].before_attention(
+            x, residual, a.positions, self.rotary, a.kv_caches[index], a.slot_mapping,
+            q_out=a.q if a.static else None)
+        if a.static:  # q went straight into its buffer (or was copied there)
+            a.residual.copy_(residual)
+        else:
+            a.q, a.residual = q, residual
+
+    def tail(self, a: Activations, rows: torch.Tensor) -> torch.Tensor:
+        """The last layer past its attention, and the final norm, on `rows` alone."""
+        x, residual = self.layers[-1].after_attention(a.attended[rows], a.residual[rows])
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:
         return self.lm_head(hidden, out)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors; each layer keeps only this rank's shard."""
+    def load_weights(self, tensors: Iterable[tuple[str, object]]) -> None:
+        """Load Hugging Face-named tensors (lazy ones of shard/weights.py, or torch tensors);
+        each layer reads and keeps only this rank's slice."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = set()
-        for name, tensor in weights:
+        for name, tensor in tensors:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
@@ -216,12 +296,10 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             module = self.get_submodule(name.rpartition(".")[0])
-            if isinstance(tensor, torch.Tensor):
-                tensor = tensor.to(param.dtype)
             if hasattr(module, "load_shard"):
                 module.load_shard(param, tensor, index)
             else:
-                param.data.copy_(tensor)
+                param.data.copy_(weights.read(tensor))
             loaded.add(name)
         expected = {n for n in params if not (n == "lm_head.weight" and
                                               self.config.tie_word_embeddings)}

@@ -1,7 +1,8 @@
 """The engine's step loop, driven synchronously on a tiny random Llama.
 
-The engine is built as shard/server.py's Runtime builds it (model, KV cache, allocator, torch
-attention), and `engine.step()` runs in the test thread. A recording Stream keeps every
+The engine is built as shard/runtime.py builds it (model runner over the model and its KV
+cache, scheduler over the allocator, torch attention), and `engine.run_iteration()` runs in the
+test thread. A recording Stream keeps every
 GenerateResponse, and checks on each one that the reported free budget is the allocator's.
 
 Every test runs twice: with synchronous steps, and with async scheduling (step n+1 launched
@@ -16,11 +17,12 @@ import torch
 
 from shard import loader
 from shard.attention import TorchAttention
-from shard.engine import Engine, Limits, Stream
+from shard.engine import Engine, ShardLimits, Stream
 from shard.kv_cache import BlockAllocator, KVCache
 from shard.parallel import TensorParallel
-from shard.sampling import SamplingParams
-from shard.scheduler import Sequence
+from shard.runner import Graphs, ModelRunner
+from shard.sampling import Sampler, SamplingParams
+from shard.scheduler import Scheduler, Sequence
 from shard.source import ModelSource
 from sluice.v1 import generate_pb2 as pb
 
@@ -78,7 +80,7 @@ class Recorder(Stream):
 class Driver:
     """Steps the engine in the test thread.
 
-    Engine.step() sleeps on its inbox when the scheduler is idle (the engine thread's wait for
+    Engine.run_iteration() sleeps on its inbox when the scheduler is idle (the engine thread's wait for
     work). Here that would hang the test, so the driver refuses to step an idle engine that has
     no command pending, and says so.
     """
@@ -111,7 +113,7 @@ class Driver:
                 f"the engine would sleep on its inbox with {len(scheduler.waiting)} requests "
                 f"waiting and {len(scheduler.running)} running")
         self.mail = False
-        self.engine.step()
+        self.engine.run_iteration()
         self.steps += 1
 
     def busy(self) -> bool:
@@ -133,12 +135,18 @@ def make_engine(model, total_tokens: int = 1024, block_size: int = 4, max_prefil
     allocator = BlockAllocator(num_blocks, block_size)
     kv_cache = KVCache(model.config, 1, num_blocks, block_size, torch.float32, CPU)
     max_total = min(total_tokens, model.config.max_position_embeddings)
-    limits = Limits(max_input_tokens=max_total - 1, max_total_tokens=max_total,
-                    max_batch_prefill_tokens=max_prefill_tokens, max_batch_size=max_batch_size)
+    limits = ShardLimits(max_input_tokens=max_total - 1, max_total_tokens=max_total,
+                         max_batch_prefill_tokens=max_prefill_tokens,
+                         max_batch_size=max_batch_size)
     if async_scheduling is None:
         async_scheduling = ASYNC_SCHEDULING
-    engine = Engine(model, kv_cache, allocator, TorchAttention(), limits, eos_token_ids, CPU,
-                    async_scheduling=async_scheduling, sampled_rows_only=sampled_rows_only)
+    scheduler = Scheduler(allocator, max_batch_size, max_prefill_tokens, max_total)
+    runner = ModelRunner(model, kv_cache, TorchAttention(), TensorParallel(), CPU, max_batch_size,
+                         scheduler.max_blocks, block_size,
+                         Sampler(model.config.vocab_size, max_batch_size, CPU), Graphs(),
+                         sampled_rows_only)
+    engine = Engine(runner.execute, scheduler, limits, model.config.vocab_size, eos_token_ids,
+                    async_scheduling)
     return engine, Driver(engine), Recorder(engine)
 
 

@@ -15,11 +15,12 @@ from shard import fused_mlp as shard_fused_mlp
 from shard import loader
 from shard.attention import (FlashAttention, TorchVarlenAttention, flash_unavailable,
                              select_backend)
-from shard.config import parse
-from shard.cuda_graphs import PiecewiseGraphs
+from shard import plan as step_plan
+from shard.cuda_graphs import DecodeGraphs, PiecewiseGraphs
 from shard.parallel import TensorParallel
-from shard.server import Runtime
+from shard.server import Started
 from shard.source import ModelSource
+from shard.tests import in_process
 from shard.tests.test_llama_matches_transformers import paged_logits
 from shard.tests.test_warm_up import assert_no_compiling_after_warm_up
 from shard.tests.tiny_model import write_tiny_model
@@ -80,17 +81,22 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
     assert relative_error(got, truth) <= 1.25 * reference_error + 1e-3, reference_error
 
 
-def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *flags: str):
-    runtime = Runtime(parse(["--model", str(folder), "--max-batch-total-tokens", "4096",
-                             "--cuda-graphs", graphs, "--max-batch-size", "16", *flags], {}))
-    runtime.warm_up()
+def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *flags: str
+               ) -> tuple[Started, list[list[int]]]:
+    started = in_process.start(["--model", str(folder), "--max-batch-total-tokens", "4096",
+                                "--cuda-graphs", graphs, "--max-batch-size", "16", *flags])
     from shard.tests.test_engine import Driver, Recorder, request
 
-    engine = runtime.engine
+    engine = started.engine
     driver, stream = Driver(engine), Recorder(engine)
     driver.submit(stream, [request(stream, i, p, max_new) for i, p in enumerate(prompts)])
     driver.run_until_done()
-    return runtime, [stream.tokens(i) for i in range(len(prompts))]
+    return started, [stream.tokens(i) for i in range(len(prompts))]
+
+
+def step_batch(started: Started, step, admitted=()):
+    """The batch the runner builds for `step` (taking in `admitted`), not run."""
+    return started.warm.runner.prepare(step_plan.make(step, list(admitted)))
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
@@ -108,46 +114,74 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention):
     """Under flash, and under torch with its decode rows through the Triton kernel."""
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
-    runtime, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2,
+    started, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2,
                             "--attention", attention)
-    engine = runtime.engine
+    engine, runner = started.engine, started.warm.runner
     expected = FlashAttention if attention == "flash" else TorchVarlenAttention
-    assert isinstance(runtime.attention, expected) and engine.graphs is not None
+    assert isinstance(runner.attention, expected) and runner.graphs.decode is not None
     # The same decode step, replayed from a graph and run eagerly, gives the same logits.
-    from shard import batch as step_batch
     from shard.tests.test_engine import Recorder, request
 
     stream = Recorder(engine)
     seqs = [request(stream, 100 + i, torch.arange(5, 12 + i), 4) for i in range(3)]
     engine.submit(stream, seqs)
-    engine.step()  # prefill
+    engine.run_iteration()  # prefill
     step = engine.scheduler.schedule()
     assert not step.prefills and len(step.decodes) == 3
-    batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
-                             CUDA, engine.last_tokens)
+    batch = step_batch(started, step)
     with torch.inference_mode():
-        graphed = engine.graphs.replay(batch).float().clone()
-        hidden = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
-                              engine.attention.prepare(batch.layout))
-        eager = engine.model.compute_logits(hidden).float()
+        graphed = runner.graphs.decode.replay(batch).float().clone()
+        hidden = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
+                              runner.attention.prepare(batch.layout))
+        eager = runner.model.compute_logits(hidden).float()
     assert relative_error(graphed, eager) < 1e-2
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
-def test_engine_with_cuda_graphs_serves_a_mixed_batch_to_its_lengths(folder, attention):
+def test_engine_replays_a_graph_for_every_step_a_graph_holds(folder, attention, monkeypatch):
+    """Mixed requests to their lengths: every decode-only step replays a decode graph, every
+    step with a prompt chunk (all within the token buckets) replays the piecewise graphs, and
+    no step runs the model eagerly."""
+    replays = {"decode": 0, "piecewise": 0, "eager": 0}
+    for name, cls, method in (("decode", DecodeGraphs, "replay"),
+                              ("piecewise", PiecewiseGraphs, "run")):
+        real = getattr(cls, method)
+
+        def counted(self, *args, real=real, name=name, **kwargs):
+            replays[name] += 1
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counted)
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
                for n in (3, 17, 40, 9, 64)]
-    runtime, tokens = run_greedy(folder, "auto", prompts, 12, "--attention", attention)
-    assert runtime.engine.graphs is not None and runtime.engine.piecewise is not None
-    assert [len(t) for t in tokens] == [12] * 5
+    started = in_process.start(["--model", str(folder), "--max-batch-total-tokens", "4096",
+                                "--max-batch-size", "16", "--attention", attention])
+    from shard.tests.test_engine import Driver, Recorder, request
+
+    model = started.warm.runner.model
+    real_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *args, **kwargs: (
+        replays.__setitem__("eager", replays["eager"] + 1) or real_forward(self, *args,
+                                                                           **kwargs)))
+    engine = started.engine
+    driver, stream = Driver(engine), Recorder(engine)
+    driver.submit(stream, [request(stream, i, p, 12) for i, p in enumerate(prompts)])
+    steps = {"decode": 0, "piecewise": 0}
+    while driver.busy():
+        driver.step()
+        if engine.last_step is not None:
+            steps["piecewise" if engine.last_step.prefills else "decode"] += 1
+    assert [len(stream.tokens(i)) for i in range(5)] == [12] * 5
+    assert replays == {**steps, "eager": 0} and steps["decode"] >= 10
 
 
 def test_torch_backend_without_triton_decode_rows_captures_no_decode_graphs(folder):
     """varlen_attn over gathered contexts depends on their lengths: its decode steps run
     eagerly (the piecewise graphs still hold the layers of steps with prompts)."""
-    runtime, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 5,
+    started, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 5,
                                  "--attention", "torch", "--decode-attention", "flash")
-    assert runtime.engine.graphs is None and runtime.engine.piecewise is not None
+    graphs = started.warm.runner.graphs
+    assert graphs.decode is None and graphs.piecewise is not None
     assert len(tokens[0]) == 5
 
 
@@ -156,11 +190,12 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     defaults), are the same whether step n+1 is launched before step n's tokens are read."""
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
                for n in (5, 30, 12, 61, 2)]
-    runtime, overlapped = run_greedy(folder, "auto", prompts, 9)
-    assert runtime.engine.async_scheduling and runtime.compiled
-    assert runtime.loaded.model.layers[0].self_attn.ops.fused_rotary  # the CUDA default
+    started, overlapped = run_greedy(folder, "auto", prompts, 9)
+    assert started.engine.async_scheduling and started.built.compiled
+    layer = started.built.loaded.model.layers[0]
+    assert layer.self_attn.ops.fused_rotary  # the CUDA default
     # And on Hopper with quack installed (the image's flash extra), the fused MLP.
-    assert runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is not None
+    assert layer.mlp.ops.swiglu_linear is not None
     # Same kernels both ways (compiled and eager stages round differently in bfloat16).
     _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous
@@ -181,30 +216,30 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
     monkeypatch.setattr(shard_decode_gemm, "MIN_ROWS", 1)
     monkeypatch.setattr(shard_decode_gemm, "MAX_ROWS", 10**6)
     setting = "on" if quack else "off"
-    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention,
+    started, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention,
                             "--fused-mlp", setting, "--decode-gemm", setting)
-    layer = runtime.loaded.model.layers[0]
+    layer = started.built.loaded.model.layers[0]
     assert (layer.mlp.ops.swiglu_linear is not None) == quack
     assert (layer.mlp.down_proj.product is shard_decode_gemm.linear) == quack
-    engine = runtime.engine
-    batch = mixed_step(engine)
+    engine, runner = started.engine, started.warm.runner
+    batch = mixed_step(started)
     scratch = engine.allocator.num_blocks
     with torch.inference_mode():
-        before = [(k.clone(), v.clone()) for k, v in engine.kv_cache.layers]
-        meta = engine.attention.prepare(batch.layout)
-        graphed = engine.piecewise.run(batch, meta).clone()
-        after_graphs = [(k.clone(), v.clone()) for k, v in engine.kv_cache.layers]
-        for (k, v), (k0, v0) in zip(engine.kv_cache.layers, before):  # undo, then eagerly
+        before = [(k.clone(), v.clone()) for k, v in runner.kv_cache.layers]
+        meta = runner.attention.prepare(batch.layout)
+        graphed = runner.graphs.piecewise.run(batch, meta).clone()
+        after_graphs = [(k.clone(), v.clone()) for k, v in runner.kv_cache.layers]
+        for (k, v), (k0, v0) in zip(runner.kv_cache.layers, before):  # undo, then eagerly
             k.copy_(k0)
             v.copy_(v0)
-        eager = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
-                             engine.attention.prepare(batch.layout))
+        eager = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
+                             runner.attention.prepare(batch.layout))
     assert relative_error(graphed, eager) < 1e-2
     written = batch.layout.slot_mapping.cpu()
     for layer, ((k, v), (k0, v0)) in enumerate(zip(after_graphs, before)):
         heads, dim = k.shape[-2:]
-        for got, eager_cache, old in ((k, engine.kv_cache.layers[layer][0], k0),
-                                      (v, engine.kv_cache.layers[layer][1], v0)):
+        for got, eager_cache, old in ((k, runner.kv_cache.layers[layer][0], k0),
+                                      (v, runner.kv_cache.layers[layer][1], v0)):
             got, eager_cache, old = (t.view(-1, heads, dim).cpu() for t in (got, eager_cache, old))
             assert relative_error(got[written], eager_cache[written]) < 1e-2, f"layer {layer}"
             untouched = torch.ones(got.shape[0], dtype=torch.bool)
@@ -213,24 +248,23 @@ def test_piecewise_graphs_give_the_hidden_states_and_cache_of_an_eager_step(
             assert torch.equal(got[untouched], old[untouched]), f"layer {layer}: padding leaked"
 
 
-def mixed_step(engine):
+def mixed_step(started: Started):
     """The batch of a step with two decodes and a 33-token prompt, built but not run."""
-    assert engine.piecewise is not None
-    from shard import batch as step_batch
+    engine = started.engine
+    assert started.warm.runner.graphs.piecewise is not None
     from shard.tests.test_engine import Recorder, request
 
     stream = Recorder(engine)
     engine.submit(stream, [request(stream, 200 + i, torch.arange(5, 12 + i), 6)
                            for i in range(2)])
-    engine.step()  # their prefill: now they decode
+    engine.run_iteration()  # their prefill: now they decode
     engine.scheduler.add(request(stream, 300, torch.randint(3, 320, (33,)), 2))
-    for seq in engine.scheduler.admit():
-        engine.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+    admitted = engine.scheduler.admit()
     step = engine.scheduler.schedule()
     assert len(step.decodes) == 2 and sum(n for _, n in step.prefills) == 33
-    batch = step_batch.build(step, engine.scheduler.block_tables, engine.allocator.block_size,
-                             CUDA, engine.last_tokens)
-    assert batch.input_ids.shape[0] == 35 and engine.piecewise.fits(35)  # padded to 64
+    batch = step_batch(started, step, admitted)
+    assert batch.input_ids.shape[0] == 35
+    assert started.warm.runner.graphs.piecewise.fits(35)  # padded to 64
     return batch
 
 
@@ -240,20 +274,21 @@ def test_piecewise_graphs_give_the_sampling_rows_of_an_eager_step(folder, attent
     20 rows (more than the largest tail, 16: the whole last piece, then those rows), and none
     (no tail at all), each against the same rows of an eager forward of every row. Running the
     step again rewrites the same keys and values, so each run sees the same cache."""
-    runtime, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention)
-    engine = runtime.engine
-    assert engine.piecewise.row_sizes == [1, 2, 4, 8, 16]
-    batch = mixed_step(engine)
+    started, _ = run_greedy(folder, "auto", [torch.arange(3, 20)], 2, "--attention", attention)
+    runner = started.warm.runner
+    piecewise = runner.graphs.piecewise
+    assert piecewise.row_sizes == [1, 2, 4, 8, 16]
+    batch = mixed_step(started)
     with torch.inference_mode():
-        eager = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
-                             engine.attention.prepare(batch.layout)).clone()
-        eager_rows = engine.model(batch.input_ids, batch.positions, engine.kv_cache.layers,
-                                  engine.attention.prepare(batch.layout), batch.sample_rows)
+        eager = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
+                             runner.attention.prepare(batch.layout)).clone()
+        eager_rows = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
+                                  runner.attention.prepare(batch.layout), batch.sample_rows)
         assert relative_error(eager_rows, eager[batch.sample_rows]) < 1e-2
         for rows in (batch.sample_rows, torch.arange(34, 14, -1, device=CUDA),
                      batch.sample_rows[:0]):
-            meta = engine.attention.prepare(batch.layout)
-            graphed = engine.piecewise.run(batch, meta, rows).clone()
+            meta = runner.attention.prepare(batch.layout)
+            graphed = piecewise.run(batch, meta, rows).clone()
             assert graphed.shape == (rows.shape[0], eager.shape[1])
             if rows.shape[0]:
                 assert relative_error(graphed, eager[rows]) < 1e-2, rows.shape[0]
@@ -289,11 +324,12 @@ def test_captures_hold_when_an_old_graph_is_garbage(folder, monkeypatch):
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin)
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", capture_end)
     try:
-        runtime, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 4)
+        started, tokens = run_greedy(folder, "auto", [torch.arange(3, 20)], 4)
     finally:
         gc.set_threshold(*threshold)
     assert not spares and len(tokens[0]) == 4
-    assert runtime.engine.graphs is not None and runtime.engine.piecewise is not None
+    graphs = started.warm.runner.graphs
+    assert graphs.decode is not None and graphs.piecewise is not None
 
 
 def test_engine_runs_every_chunked_step_through_piecewise_graphs(folder, monkeypatch):

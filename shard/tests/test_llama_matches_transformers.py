@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from shard import batch as step_batch
 from shard import loader
+from shard import plan as step_plan
 from shard.attention import TorchAttention
 from shard.kv_cache import BlockAllocator, KVCache
 from shard.parallel import TensorParallel
@@ -53,6 +54,9 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     scheduler.add(seq)
     assert scheduler.admit() == [seq]
     assert seq.blocks[0] != 0 and seq.blocks != sorted(seq.blocks)
+    # The model runner's block tables, as the plan's admission fills them.
+    block_tables = torch.zeros(2, scheduler.max_blocks, dtype=torch.int32)
+    admitted = [seq]
     attention = model.layers[0].self_attn.backend  # the backend the model was built with
     last_tokens = torch.zeros(2, dtype=torch.long, device=device)  # decodes read their token here
     rows, prefill_chunks = [], 0
@@ -60,19 +64,19 @@ def paged_logits(model, prompt: torch.Tensor, decode_tokens: list[int], block_si
     with torch.inference_mode():
         while seq.num_cached < total_fed:
             step = scheduler.schedule()
-            batch = step_batch.build(step, scheduler.block_tables, block_size, device,
-                                     last_tokens)
+            plan = step_plan.make(step, admitted)
+            admitted = []
+            for slot, count in zip(plan.admitted_slots.tolist(), plan.admitted_counts.tolist()):
+                block_tables[slot, :count] = plan.admitted_blocks[:count]
+            batch = step_batch.build(plan, block_tables, block_size, device, last_tokens)
             hidden = model(batch.input_ids, batch.positions, cache.layers,
                            attention.prepare(batch.layout))
             # All positions of the step, prefill rows included, in position order.
             assert batch.positions.cpu().tolist() == list(
                 range(seq.num_cached, seq.num_cached + batch.positions.shape[0]))
             rows.append(model.compute_logits(hidden).float())
-            for s in step.decodes:
-                s.num_cached += 1
-            for s, n in step.prefills:
-                s.num_cached += n
-                prefill_chunks += 1
+            prefill_chunks += len(step.prefills)
+            scheduler.advance(step)
             if not seq.prefilling and seq.num_cached < total_fed:
                 last_tokens[seq.slot] = decode_tokens[seq.num_cached - prompt.shape[0]]
     assert prefill_chunks == -(-prompt.shape[0] // max_prefill_tokens)

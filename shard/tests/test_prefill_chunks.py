@@ -8,7 +8,8 @@ import torch
 
 from shard.config import parse
 from shard.scheduler import largest_within
-from shard.server import Runtime
+from shard.server import Started
+from shard.tests import in_process
 from shard.tests.test_engine import Driver, Recorder, random_prompt, request
 from shard.tests.test_scheduler import finish_prefill, make_scheduler, seq
 from shard.tests.tiny_model import write_tiny_model
@@ -66,12 +67,10 @@ def test_a_step_beside_decodes_splits_the_bounded_budget_oldest_prompt_first():
 
 # -- measured in warm-up, reported, obeyed -----------------------------------------------------
 
-def start(folder, *flags: str) -> Runtime:
-    runtime = Runtime(parse(["--model", str(folder), "--device", "cpu",
+def start(folder, *flags: str) -> Started:
+    return in_process.start(["--model", str(folder), "--device", "cpu",
                              "--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens",
-                             "1024", *flags], {}))
-    runtime.warm_up()
-    return runtime
+                             "1024", *flags])
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +85,22 @@ def folder(tmp_path_factory):
     (("--prefill-chunk-ms", "1e-6"), 256),  # nothing does: the smallest step, 256 tokens
 ])
 def test_warm_up_measures_the_bound_and_info_reports_it(folder, flags, bound):
-    runtime = start(folder, *flags)
-    assert runtime.engine.scheduler.step_tokens_while_decoding == bound
-    assert runtime.info().prefill_chunk_tokens == bound
-    assert runtime.engine.allocator.free_tokens == 4096  # the timed requests left nothing behind
+    started = start(folder, *flags)
+    assert started.engine.scheduler.step_tokens_while_decoding == bound
+    assert started.info().prefill_chunk_tokens == bound
+    assert started.engine.allocator.free_tokens == 4096  # the timed requests left nothing behind
 
 
 def test_the_timed_warm_up_steps_stay_out_of_the_metrics(folder):
-    runtime = start(folder, "--prefill-chunk-ms", "1e-6", "--metrics-port", "0")
-    assert runtime.engine.scheduler.step_tokens_while_decoding == 256  # it did time steps
-    registry = runtime.engine.metrics.registry
+    started = start(folder, "--prefill-chunk-ms", "1e-6", "--metrics-port", "0")
+    assert started.engine.scheduler.step_tokens_while_decoding == 256  # it did time steps
+    registry = started.engine.metrics.registry
     assert registry.get_sample_value("sluice_shard_step_duration_seconds_count") == 0
     assert registry.get_sample_value("sluice_shard_prefill_tokens_total") == 0
 
 
 def test_a_long_prompt_beside_a_decoding_stream_advances_in_bounded_steps(folder):
-    runtime = start(folder, "--prefill-chunk-ms", "1e-6")
-    engine = runtime.engine
+    engine = start(folder, "--prefill-chunk-ms", "1e-6").engine
     driver, stream = Driver(engine), Recorder(engine)
     long_prompt = random_prompt(700, seed=7)
     driver.submit(stream, [request(stream, 1, long_prompt, 3)])  # alone: one step of 700

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shard import engine as engine_module
+from shard import runner as runner_module
 from shard import loader
 from shard.attention import TorchAttention
 from shard.parallel import TensorParallel
@@ -85,7 +85,7 @@ def test_prompt_top_n_alternatives_are_the_most_likely_tokens(model, oracle):
 def test_asking_for_prompt_logprobs_changes_no_token_in_a_mixed_batch(model, oracle,
                                                                       monkeypatch):
     # Slices of 5 rows: several LM-head calls per chunk, split across sequences.
-    monkeypatch.setattr(engine_module, "_PROMPT_SLICE_ROWS", 5)
+    monkeypatch.setattr(runner_module, "_PROMPT_SLICE_ROWS", 5)
     prompts = [random_prompt(n, seed=30 + n) for n in (1, 2, 19, 33)]
     plain_engine, plain_driver, plain = make_engine(model, max_prefill_tokens=16)
     plain_driver.submit(plain, [request(plain, i, p, 6) for i, p in enumerate(prompts)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from shard import plan as step_plan
 from shard.kv_cache import BlockAllocator
 from shard.sampling import SamplingParams
 from shard.scheduler import Scheduler, Sequence
@@ -70,19 +71,26 @@ def test_admission_is_fifo_and_a_request_that_does_not_fit_blocks_the_ones_behin
     assert scheduler.allocator.free_blocks == 2
 
 
-def test_admission_reserves_prompt_plus_max_new_tokens_in_blocks_and_fills_the_block_table():
+def test_admission_reserves_prompt_plus_max_new_tokens_in_blocks_and_the_plan_carries_them():
     scheduler = make_scheduler(num_blocks=10, block_size=4)
     s = seq(1, 9, 3)  # 12 tokens: exactly 3 blocks
     scheduler.add(s)
     assert scheduler.admit() == [s]
     assert len(s.blocks) == 3 and s.slot >= 0
-    assert scheduler.block_tables[s.slot, :3].tolist() == s.blocks
     t = seq(2, 9, 4)  # 13 tokens: 4 blocks
     scheduler.add(t)
-    scheduler.admit()
+    assert scheduler.admit() == [t]
     assert len(t.blocks) == 4 and not set(t.blocks) & set(s.blocks)
-    assert scheduler.block_tables[t.slot, :4].tolist() == t.blocks
     assert scheduler.allocator.free_blocks == 3
+    # Every rank's block tables learn both reservations from the next step's plan.
+    plan = step_plan.make(scheduler.schedule(), [s, t])
+    assert plan.admitted_slots.tolist() == [s.slot, t.slot]
+    assert plan.admitted_counts.tolist() == [3, 4]
+    assert plan.admitted_blocks.tolist() == s.blocks + t.blocks
+    unpacked = step_plan.StepPlan.unpack(plan.packed.clone())  # as another rank receives it
+    assert unpacked.admitted_blocks.tolist() == s.blocks + t.blocks
+    assert unpacked.prefill_ids.tolist() == s.prompt.tolist() + t.prompt.tolist()
+    assert unpacked.lengths.tolist() == [9, 9] and unpacked.starts.tolist() == [0, 0]
 
 
 def test_max_batch_size_limits_running_sequences():

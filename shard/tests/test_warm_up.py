@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shard import ranks, runtime
 from shard.config import parse
-from shard.server import Runtime
+from shard.server import Started
+from shard.tests import in_process
 from shard.tests.test_engine import Driver, Recorder, request
 from shard.tests.tiny_model import write_tiny_model
 
@@ -18,12 +20,11 @@ from shard.tests.tiny_model import write_tiny_model
 PROMPT_LENGTHS = (3, 17, 40, 9, 64, 130)
 
 
-def assert_no_compiling_after_warm_up(argv: list[str]) -> Runtime:
+def assert_no_compiling_after_warm_up(argv: list[str]) -> Started:
     torch._dynamo.reset()  # other tests compiled the same functions for other models
-    runtime = Runtime(parse(argv, {}))
-    runtime.warm_up()
-    assert runtime.compiled
-    engine = runtime.engine
+    started = in_process.start(argv)
+    assert started.built.compiled
+    engine = started.engine
     driver, stream = Driver(engine), Recorder(engine)
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n))
                for n in PROMPT_LENGTHS]
@@ -32,30 +33,34 @@ def assert_no_compiling_after_warm_up(argv: list[str]) -> Runtime:
         driver.run_until_done()
     assert [len(stream.tokens(i)) for i in range(len(prompts))] == [
         2 + 3 * i for i in range(len(prompts))]
-    return runtime
+    return started
 
 
 def test_steps_after_warm_up_compile_nothing_on_the_cpu(tmp_path):
     folder = write_tiny_model(tmp_path / "llama")
-    runtime = assert_no_compiling_after_warm_up(
+    started = assert_no_compiling_after_warm_up(
         ["--model", str(folder), "--device", "cpu", "--compile", "on", "--async-scheduling", "on",
          "--max-batch-total-tokens", "4096", "--max-batch-size", "16",
          "--max-batch-prefill-tokens", "100"])
-    assert runtime.engine.async_scheduling
+    assert started.engine.async_scheduling
     # The fused rotary kernel is Triton, CUDA only: auto leaves the separate stages on a CPU;
     # the fused MLP is quack's Hopper GEMM: auto leaves gate/up and SiLU x up apart.
-    assert not runtime.loaded.model.layers[0].self_attn.ops.fused_rotary
-    assert runtime.loaded.model.layers[0].mlp.ops.swiglu_linear is None
+    assert not started.built.loaded.model.layers[0].self_attn.ops.fused_rotary
+    assert started.built.loaded.model.layers[0].mlp.ops.swiglu_linear is None
 
 
 def test_fused_rotary_on_a_cpu_is_refused_with_the_reason(tmp_path):
     folder = write_tiny_model(tmp_path / "llama")
     with pytest.raises(ValueError, match="--fused-rotary on needs a CUDA device"):
-        Runtime(parse(["--model", str(folder), "--device", "cpu", "--fused-rotary", "on"], {}))
+        build(["--model", str(folder), "--device", "cpu", "--fused-rotary", "on"])
 
 
 def test_fused_mlp_on_a_cpu_is_refused_with_the_reason(tmp_path):
     folder = write_tiny_model(tmp_path / "llama")
     with pytest.raises(ValueError, match=r"--fused-mlp on: the fused MLP is a CUDA kernel "
                                          r"\(quack's Hopper GEMM\) \(use --fused-mlp off\)"):
-        Runtime(parse(["--model", str(folder), "--device", "cpu", "--fused-mlp", "on"], {}))
+        build(["--model", str(folder), "--device", "cpu", "--fused-mlp", "on"])
+
+
+def build(argv: list[str]) -> runtime.Built:
+    return runtime.build(parse(argv, {}), ranks.alone(), torch.device("cpu"))
