@@ -1,13 +1,13 @@
 """The wheels the lent GPU machine needs and cannot download (it has no internet).
 
     python benchmarks/gpu_wheels.py download       # here: fills .whl/ and .gpu-cu13/ (git ignores both)
-    python3 benchmarks/gpu_wheels.py requirements  # there (h100.sh): what pip must satisfy
+    python3 benchmarks/gpu_wheels.py requirements  # there (gpu.sh): what pip must satisfy
 
 .whl/ holds FlashAttention-4 and the CUTLASS DSL (installed with --target, no dependencies) and
-.whl/deps/ our own requirements for CPython 3.12 on manylinux: h100.sh installs from it only what
+.whl/deps/ our own requirements for CPython 3.12 on manylinux: gpu.sh installs from it only what
 the machine's image lacks. The DSL's CUDA 13 libraries (a 92 MB wheel) are over one call's
 carry limit, so they travel unpacked and xz-compressed in .gpu-cu13/cu13.tar.xz, in a call of
-their own (docs/benchmarks.md).
+their own (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ STUBS = ["protobuf>=5.27", "grpcio>=1.66.2"]
 # What the GPU image brings and must keep: never downloaded, never replaced.
 IMAGE = {"torch", "numpy", "transformers", "safetensors", "huggingface_hub", "tokenizers",
          "triton"}
-# Of the test extras, what the GPU tests (h100.sh tests) and benchmarks/serving.py import.
+# Of the test extras, what the GPU tests (gpu.sh tests) and benchmarks/serving.py import.
 GPU_TESTS = {"pytest", "pytest_timeout", "httpx", "aiohttp"}
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"] + [
     arg for tag in ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64",
@@ -87,7 +87,7 @@ def download() -> None:
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "requirements":
-        print(" ".join(requirements()))  # no spaces inside: h100.sh word-splits it
+        print(" ".join(requirements()))  # no spaces inside: gpu.sh word-splits it
     elif command == "download":
         download()
     else:

@@ -1,11 +1,16 @@
 """Async scheduling through the real shard server and router: the same concurrent requests on
 a shard that launches step n+1 before reading step n's tokens (`--async-scheduling on`, the
 CUDA default, forced here on CPU) and on one that does not give the same answers, finishes
-and budget, also when a client goes away mid-stream."""
+and budget; a client that goes away mid-stream gives its budget back and leaves the request
+running beside it as it would have been alone."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -53,17 +58,80 @@ def test_concurrent_requests_get_the_same_answers_with_and_without_overlap(stack
         assert wait_for_free_budget(shard, total) == total
 
 
+# A stream long enough to be cut off mid-way (ignore_eos: no early end on the random model), and
+# a greedy bystander that runs beside it when it is cut off.
+LEAVING = {"prompt": "a long one", "max_tokens": 900, "ignore_eos": True, "stream": True}
+BYSTANDER = {"prompt": "after", "max_tokens": 48, "ignore_eos": True, "temperature": 0,
+             "stream": True, "stream_options": {"include_usage": True}}
+
+
+def _open(client: httpx.Client, body: dict) -> tuple[httpx.Response, Iterator[str]]:
+    """A streamed completion, open: its answer and the iterator over its lines."""
+    answer = client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+    return answer, answer.iter_lines()
+
+
+def _events(answer: httpx.Response, lines) -> Iterator[dict]:
+    assert answer.status_code == 200, answer.read()
+    for line in lines:
+        if line.startswith("data:") and line != "data: [DONE]":
+            yield json.loads(line[len("data:"):])
+
+
+def _completion(events: Iterator[dict]) -> tuple[str, list[str], int]:
+    """(the text, the finish reasons, completion tokens) of a streamed completion."""
+    text, reasons, tokens = "", [], -1
+    for event in events:
+        for choice in event["choices"]:
+            text += choice["text"]
+            if choice["finish_reason"] is not None:
+                reasons.append(choice["finish_reason"])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    return text, reasons, tokens
+
+
+def _request_log(router, max_new_tokens: int, timeout_s: float = 10) -> dict:
+    """The router's log line of the request that asked for `max_new_tokens`, once written."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = [line for line in router.log_lines() if line.get("message") == "request"
+                 and line.get("max_new_tokens") == max_new_tokens]
+        if lines:
+            return lines[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no request line with max_new_tokens={max_new_tokens}")
+
+
 @pytest.mark.parametrize("mode", ["on", "off"])
-def test_a_client_leaving_mid_stream_frees_its_budget_and_others_still_finish(stacks, mode):
+def test_a_client_leaving_mid_stream_frees_its_budget_and_a_running_neighbour_is_undisturbed(
+        stacks, mode):
+    """A stream cancelled while another runs beside it (with overlap, its in-flight token is
+    dropped and its blocks go back at once) changes nothing of the other's answer: the same
+    text, finish and token count as the same request alone; the cancelled one's blocks all come
+    back."""
     shard, router = stacks[mode]
     total = shard_info(shard).max_batch_total_tokens
-    body = {"inputs": "a long one", "parameters": {"max_new_tokens": 200}, "stream": True}
-    with httpx.stream("POST", f"{router.url}/generate_stream", json=body, timeout=60) as answer:
-        lines = answer.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-    # The stream is closed after its first token: the router cancels, the shard frees.
-    assert wait_for_free_budget(shard, total) == total
-    done = httpx.post(f"{router.url}/generate", timeout=60,
-                      json={"inputs": "after", "parameters": {"max_new_tokens": 5}})
-    assert done.status_code == 200 and isinstance(done.json()["generated_text"], str)
+    with httpx.Client(base_url=router.url, timeout=60) as client:
+        alone_answer, alone_lines = _open(client, BYSTANDER)
+        try:
+            alone = _completion(_events(alone_answer, alone_lines))
+        finally:
+            alone_answer.close()
+        assert alone[1:] == (["length"], BYSTANDER["max_tokens"])
+        leaving, leaving_lines = _open(client, LEAVING)
+        try:
+            assert len(list(itertools.islice(_events(leaving, leaving_lines), 3))) == 3
+            beside, beside_lines = _open(client, BYSTANDER)
+            beside_events = _events(beside, beside_lines)
+            first = next(beside_events)  # both run now
+        finally:
+            leaving.close()  # the client leaves: the router cancels, the shard frees
+        try:
+            assert _completion(itertools.chain([first], beside_events)) == alone
+        finally:
+            beside.close()
+    cut = _request_log(router, LEAVING["max_tokens"])
+    assert cut["finish_reason"] == "cancelled"
+    assert 3 <= cut["generated_tokens"] < LEAVING["max_tokens"]
     assert wait_for_free_budget(shard, total) == total

@@ -103,7 +103,8 @@ OPERATIONS = [
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(request.app.state.openapi)
+    limits = openapi.ServedLimits.of(request.app.state.router)
+    return JSONResponse(request.app.state.openapi.document(limits))
 
 
 async def docs(request: Request) -> Response:
@@ -135,5 +136,5 @@ def build(config: RouterConfig) -> Starlette:
                     middleware=[Middleware(RequestMiddleware)], exception_handlers={
                         RouterError: _router_error, HTTPException: _http_error,
                         Exception: _unexpected})
-    app.state.openapi = openapi.document(OPERATIONS, sluice.__version__)
+    app.state.openapi = openapi.Description(OPERATIONS, sluice.__version__)
     return app

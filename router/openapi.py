@@ -1,5 +1,6 @@
 """GET /openapi.json and GET /docs: the API described from the same models that parse requests
-and write answers, and the same table that routes them, so the description cannot drift."""
+and write answers, and the same table that routes them, so the description cannot drift; with
+the limits the server enforces now written in (router/openapi_limits.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from router import openai_responses, tgi_responses
+from router.openapi_limits import STREAM_VARIANTS, ServedLimits, constrain
 
 _REF = "#/components/schemas/{model}"
 
@@ -44,7 +46,23 @@ class Operation:
     openai: bool = False  # errors in OpenAI's shape rather than TGI's
 
 
-def document(operations: list[Operation], version: str) -> dict:
+class Description:
+    """A router's OpenAPI document, built once for each set of limits it meets (they change when
+    the first shard group connects)."""
+
+    def __init__(self, operations: list[Operation], version: str):
+        self._operations = operations
+        self._version = version
+        self._built: dict[ServedLimits | None, dict] = {}
+
+    def document(self, limits: ServedLimits | None) -> dict:
+        if limits not in self._built:
+            self._built[limits] = document(self._operations, self._version, limits)
+        return self._built[limits]
+
+
+def document(operations: list[Operation], version: str, limits: ServedLimits | None = None
+             ) -> dict:
     models: list[type[BaseModel]] = [tgi_responses.TGIError, openai_responses.OpenAIError]
     for op in operations:
         models += [m for m in (op.body, op.answer, op.events) if m is not None]
@@ -52,6 +70,8 @@ def document(operations: list[Operation], version: str) -> dict:
     outputs = [(m, "serialization") for m in dict.fromkeys(models) if m not in
                {op.body for op in operations}]
     refs, schemas = models_json_schema(inputs + outputs, ref_template=_REF)
+    components = schemas.get("$defs", {})
+    constrain(components, limits)
 
     def ref(model: type[BaseModel], mode: str) -> dict:
         return refs[(model, mode)]
@@ -76,15 +96,18 @@ def document(operations: list[Operation], version: str) -> dict:
                                      "operationId": op.endpoint.__name__ + "_" + op.tag.lower(),
                                      "responses": responses}
         if op.body is not None:
+            body = ref(op.body, "validation")
+            if not op.json and op.body.__name__ in STREAM_VARIANTS:  # it only streams
+                body = {"$ref": _REF.format(model=STREAM_VARIANTS[op.body.__name__])}
             operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": ref(op.body, "validation")}}}
+                "application/json": {"schema": body}}}
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": version,
                  "description": "Text generation with the TGI and OpenAI APIs."},
         "paths": paths,
-        "components": {"schemas": schemas.get("$defs", {})},
+        "components": {"schemas": components},
     }
 
 

@@ -299,7 +299,7 @@ class FlashAttention(_TritonDecodeRows):
     Why two kernels: FA4 has no split-KV on Hopper and reads a decode batch's pages at 1.6–2.5
     TB/s; the Triton kernel reached 2.65–2.8 TB/s on the H100 on the same batches (114 against
     188 µs per call at batch 256 and d=64, 108 against 122 µs at batch 128 and d=128) and, with
-    split-KV, 6 against 9.6 µs at batch 1 (benchmarks/decode_attention.py, docs/benchmarks.md).
+    split-KV, 6 against 9.6 µs at batch 1 (benchmarks/decode_attention.py, H100).
 
     FA4's Python interface spends ~0.3 ms per call choosing and checking its kernel, which a
     step outside CUDA graphs pays on every layer. All layers of a step share the metadata, so

@@ -8,7 +8,7 @@ clusters of two along the rows (the two row tiles share one load of each weight 
 and the narrowest width whose two rows of tiles still fit in one wave of the SMs (`tile_width`:
 64 for 4,096 output features on 132 SMs, 128 tiles) took 15.8, 11.5 and 33.4 µs: a whole step's
 products 4.22 -> 4.02 ms on the 8B, 0.81 -> 0.74 ms on the 1B (benchmarks/decode_gemm.py
---chain --quack-configs; docs/benchmarks.md, eleventh session).
+--chain --quack-configs, H200).
 
 Only where measured to pay (`takes`): 112-128 rows (the decode graphs of 97-128 sequences pad to
 those). At 96 rows the second row tile is half empty and the same configuration lost to cuBLAS

@@ -15,8 +15,8 @@ Two configurations of the product, by the step's row count (`fuses`):
   width whose tile count fills the SMs in whole waves (`sized_config`): 62 µs. Past 128 rows
   only in whole 128-row tiles: with a partly filled last tile it measured slower than cuBLAS
   (8B at 136 rows: 131 µs against 70; at 256: 97 against 108).
-Elsewhere cuBLAS's product and a separate SiLU × up. Measured in docs/benchmarks.md
-(`benchmarks/fused_mlp.py --configs`).
+Elsewhere cuBLAS's product and a separate SiLU × up. Measured on the H200 with
+`benchmarks/fused_mlp.py --configs`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Paged decode attention in Triton: one query token per sequence against its cached context.
 
 Why our own kernel: FlashAttention-4 on Hopper has no split-KV and reads the pages of a decode
-batch at 1.6–2.5 TB/s (docs/benchmarks.md), about half of a decode step's time on the models we
-measure. Here each program takes one (sequence, KV head, split): the query heads that share the
+batch at 1.6–2.5 TB/s (benchmarks/decode_attention.py on the H100, where this kernel reads them
+at 2.65–2.8), about half of a decode step's time on the models we measure. Here each program takes one (sequence, KV head, split): the query heads that share the
 KV head (GQA) are the rows of one small matrix product, so each page is read once for all of
 them, and a batch too small to fill the GPU splits every context into `num_splits` parts whose
 partial results a second kernel merges (flash-decoding).
@@ -141,7 +141,8 @@ class PagedDecode:
             part_out = part_lse = out  # unused
         scale = 1.0 / math.sqrt(dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
         # Two warps for small heads: on the H200, 8B's d=128 read its KV at 3.9 TB/s with 2 or
-        # 4 warps, the 1B's d=64 at 3.85 with 2 against 3.45 with 4 (docs/benchmarks.md).
+        # 4 warps, the 1B's d=64 at 3.85 with 2 against 3.45 with 4 (decode_attention.py
+        # --triton at batches 120 and 224).
         warps = self.num_warps or (2 if dim <= 64 else 4)
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,

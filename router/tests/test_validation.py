@@ -14,12 +14,26 @@ LIMITS = Limits(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2,
 def test_tgi_is_greedy_by_default_and_samples_when_any_warper_is_set():
     params, seed = sampling(temperature=None, greedy_by_default=True)
     assert params.temperature == 0.0 and seed is None
-    for kwargs in ({"do_sample": True}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.9},
+    # Each warper reaches the shard with its own value (these are exact in float32); the others
+    # keep their neutral one.
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0}
+    for kwargs in ({"do_sample": True}, {"temperature": 0.75}, {"top_k": 5}, {"top_p": 0.875},
                    {"typical_p": 0.5}):
         params, seed = sampling(greedy_by_default=True, **({"temperature": None} | kwargs))
-        assert params.temperature > 0, kwargs
+        want = neutral | {k: v for k, v in kwargs.items() if k in neutral}
+        assert {k: getattr(params, k) for k in neutral} == want, kwargs
         assert seed is not None and 0 <= seed < 2**64
         assert params.seed == seed
+
+
+def test_penalties_reach_the_shard_with_their_values_and_default_to_neutral():
+    params, _ = sampling(temperature=0.5, repetition_penalty=1.25, frequency_penalty=-0.5,
+                         presence_penalty=0.75)
+    assert (params.repetition_penalty, params.frequency_penalty,
+            params.presence_penalty) == (1.25, -0.5, 0.75)
+    params, _ = sampling(temperature=0.5)
+    assert (params.repetition_penalty, params.frequency_penalty,
+            params.presence_penalty) == (1.0, 0.0, 0.0)
 
 
 def test_openai_samples_by_default_and_temperature_zero_is_greedy():

@@ -1,5 +1,5 @@
-"""--fused-mlp's choices that need no GPU: the tile width sized to the SMs, and which steps take
-the fused product. The product itself is tested against float64 on the GPU
+"""--fused-mlp's choices that need no GPU: the tile width sized to the SMs, which steps take the
+fused product, and how the MLP uses it. The product itself is tested against float64 on the GPU
 (test_fused_mlp_cuda.py)."""
 
 from __future__ import annotations
@@ -28,26 +28,58 @@ def test_tile_width_fills_the_sms_in_whole_waves(features, sms, width):
     assert fused_mlp.tile_width(features, sms) == width
 
 
-def test_steps_from_min_rows_take_the_fused_product():
+def test_fused_steps_are_decode_batches_up_to_one_tile_whole_tiles_and_prompt_steps():
+    """The rule, whatever its measured thresholds: below MIN_ROWS cuBLAS; up to one tile of
+    TILE_ROWS, every row count; past it, whole tiles only (a partly filled last tile measured
+    slower than cuBLAS); from MIN_TOKENS, every row count."""
+    low, tile, prompt = fused_mlp.MIN_ROWS, fused_mlp.TILE_ROWS, fused_mlp.MIN_TOKENS
+    fused = [rows for rows in range(1, prompt + 3 * tile) if fused_mlp.fuses(rows)]
+    whole_tiles = list(range(2 * tile, prompt, tile))
+    assert fused == (list(range(low, tile + 1)) + whole_tiles
+                     + list(range(prompt, prompt + 3 * tile)))
+
+
+def _mlps(swiglu_linear) -> tuple[LlamaMLP, LlamaMLP]:
+    """(the separate MLP, the same weights with `swiglu_linear` as the fused product)."""
     config = tiny_config()
-    rows_fused = []
-
-    def swiglu_linear(x, weight):  # quack's product in plain PyTorch: the same arithmetic
-        rows_fused.append(x.shape[0])
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
-        return F.silu(gate) * up
-
+    torch.manual_seed(0)
     separate = LlamaMLP(config, TensorParallel(), Ops.build(compiled=False))
     torch.nn.init.normal_(separate.gate_up_proj.weight)
     torch.nn.init.normal_(separate.down_proj.weight)
     fused = LlamaMLP(config, TensorParallel(),
                      dataclasses.replace(separate.ops, swiglu_linear=swiglu_linear))
     fused.load_state_dict(separate.state_dict())
+    return separate, fused
+
+
+def test_a_fused_step_sends_the_gated_product_of_gate_up_to_down_and_others_stay_separate():
+    """In a step that fuses, the MLP calls the fused product once with the step's rows and the
+    gate/up weight ([gate; up], as swiglu_linear's contract says), and down reads exactly what it
+    returned; any other step never calls it and is the separate MLP, bit for bit."""
+    calls, returned = [], []
+
+    def swiglu_linear(x, weight):  # the contract, in float64 from the two halves named apart
+        calls.append((x, weight))
+        gate, up = weight.double().chunk(2, dim=0)
+        out = (F.silu(x.double() @ gate.T) * (x.double() @ up.T)).to(x.dtype)
+        returned.append(out)
+        return out
+
+    separate, fused = _mlps(swiglu_linear)
     assert fused.fuses_gate and not separate.fuses_gate
-    # Past 128 rows only whole tiles of 128 (a partly filled one is slower than cuBLAS), and
-    # any row count from MIN_TOKENS (quack's default configuration).
-    for rows in (1, 95, 96, 128, 129, 200, 256, 300, 896, 1000, 1024, 1031):
+    down_inputs = []
+    fused.down_proj.register_forward_pre_hook(lambda module, args: down_inputs.append(args[0]))
+    tile = fused_mlp.TILE_ROWS
+    for rows in (fused_mlp.MIN_ROWS - 1, fused_mlp.MIN_ROWS, tile, tile + 1, 2 * tile,
+                 fused_mlp.MIN_TOKENS + 7):
+        calls.clear(), returned.clear(), down_inputs.clear()
         x = torch.randn(rows, 32)
-        assert torch.equal(fused(x), separate(x))
-    assert (fused_mlp.MIN_ROWS, fused_mlp.TILE_ROWS, fused_mlp.MIN_TOKENS) == (96, 128, 1024)
-    assert rows_fused == [96, 128, 256, 896, 1024, 1031]
+        got, want = fused(x), separate(x)
+        if fused_mlp.fuses(rows):
+            [(x_in, weight)] = calls
+            assert x_in is x and weight is fused.gate_up_proj.weight, rows
+            assert down_inputs[0] is returned[0], rows
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            assert calls == [], rows
+            assert torch.equal(got, want), rows

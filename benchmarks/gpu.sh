@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The GPU suite (H100 or H200): the GPU tests and every figure of docs/benchmarks.md.
+#
+#   bash benchmarks/gpu.sh STEP...     e.g. tests targets serving reference
+#
+# Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
+# reference (transformers generate() on the same shapes), and the probes the results page
+# cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
+# kernels), serving_1b (one router process's ceiling). Output for the record goes to $OUT.
+#
+# Dependencies: either the environment has them (pip install ".[shard,flash,test]"), or the
+# wheels that benchmarks/gpu_wheels.py downloads travel with the tree (.whl/, .gpu-cu13/) and
+# setup installs them; benchmarks/README.md says how.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+# A folder named site-packages: quack (a FlashAttention-4 dependency) fingerprints the code its
+# GEMM epilogues call, and takes only code under site-packages for installed library code.
+SITE=/tmp/py/site-packages
+# The CUTLASS DSL's CUDA 13 libraries, unpacked by a call that carried .gpu-cu13 alone (with the
+# wheels they would pass one call's size limit), for the calls after it on the same machine.
+CU13=/tmp/cu13x
+# The targets' models (random weights of the shipped configs) and workloads.
+M1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
+M8="--model benchmarks/configs/llama-3.1-8b --load-format dummy"
+B1="--num-requests 1 --input-len 512 --output-len 128"
+B128="--num-requests 128 --input-len 512 --output-len 128"
+B256="--num-requests 256 --input-len 512 --output-len 128"
+MIXED="--num-requests 512 --mixed"
+
+setup() {
+  if [ -f .gpu-cu13/cu13.tar.xz ] && [ ! -d $CU13 ]; then
+    mkdir -p $CU13.part && tar -xJf .gpu-cu13/cu13.tar.xz -C $CU13.part && mv $CU13.part $CU13 \
+      || exit 1
+  fi
+  if compgen -G ".whl/*.whl" > /dev/null && [ ! -f $SITE/.installed ]; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
+      .whl/*.whl || exit 1
+    # Our other requirements, from wheels in .whl/deps: pip installs only those this image lacks
+    # or has too old.
+    $PYTHON -m pip install -q --no-index --find-links .whl/deps --break-system-packages \
+      $($PYTHON benchmarks/gpu_wheels.py requirements) || exit 1
+    if [ -d $CU13 ]; then cp -r $CU13/. $SITE/; fi
+    touch $SITE/.installed
+  fi
+  export PYTHONPATH=$PWD:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
+  export PYTHONUNBUFFERED=1
+}
+
+step_env() {  # the machine, and what the shard will run on it
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PYTHON - <<'PY'
+import torch, google.protobuf, grpc, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
+      "sm", torch.cuda.get_device_capability(), "protobuf", google.protobuf.__version__,
+      "grpc", grpc.__version__, "transformers", transformers.__version__)
+try:
+    import flash_attn.cute as fa
+    print("flash_attn.cute OK", getattr(fa, "__version__", "?"))
+except Exception as exc:
+    print("flash_attn.cute FAILED:", repr(exc)[:400])
+from shard.attention import flash_unavailable
+print("flash backend:", flash_unavailable(torch.device("cuda")) or "available")
+PY
+}
+
+step_tests() {  # every test that needs a GPU (CI's CPU leaves them uncollected)
+  $PYTHON -m pytest shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py -q \
+    -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+}
+
+offline() {  # offline NAME ARGS...: one benchmarks/offline.py run, its JSON in $OUT/NAME.json
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout 420 $PYTHON benchmarks/offline.py --json-out "$OUT/$name.json" "$@" 2>&1 \
+    | grep -v " INFO " | tail -8
+}
+
+step_targets() {  # the five offline workloads of the results page, against their floor
+  offline 8b-b128 $M8 $B128 --repeat 3
+  offline 1b-b256 $M1 $B256 --repeat 3
+  offline 1b-mixed $M1 $MIXED --repeat 3
+  offline 8b-b1 $M8 $B1
+  offline 1b-b1 $M1 $B1 --repeat 3
+}
+
+step_reference() {  # transformers generate() on the same shapes, the same GPU
+  for m in llama-3.1-8b llama-3.2-1b; do
+    offline ref-$m-b1 --model benchmarks/configs/$m --reference transformers \
+      --num-requests 1 --batch 1 --input-len 512 --output-len 128
+  done
+  offline ref-llama-3.1-8b-b128 --model benchmarks/configs/llama-3.1-8b --reference transformers \
+    --num-requests 128 --batch 128 --input-len 512 --output-len 128
+  offline ref-llama-3.2-1b-b256 --model benchmarks/configs/llama-3.2-1b --reference transformers \
+    --num-requests 256 --batch 128 --input-len 512 --output-len 128
+}
+
+serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
+  local model=$1 name=$2; shift 2
+  local streams=() flags=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do streams+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && flags=("$@")
+  $PYTHON -m sluice serve --port 8080 --model benchmarks/configs/$model \
+    --load-format dummy "${flags[@]}" > "$OUT/serve-$model-$name.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do
+    grep -q '"service": "serve"' "$OUT/serve-$model-$name.log" && break; sleep 1
+  done
+  local router; router=$(pgrep -P $pid -f -- "-m router" | head -1)
+  for c in "${streams[@]}"; do
+    echo "== serving $model ($name), $c concurrent streams"
+    local before; before=$(awk '{print $14 + $15}' /proc/$router/stat)
+    $PYTHON benchmarks/serving.py --num-prompts $((c * 8)) --max-concurrency $c \
+      --input-len 512 --output-len 128 --json-out "$OUT/serving-$model-$name-c$c.json"
+    echo "  router CPU        $(( $(awk '{print $14 + $15}' /proc/$router/stat) - before )) ticks of 1/$(getconf CLK_TCK) s"
+  done
+  kill -TERM $pid; wait $pid
+  grep -h "steps beside decodes" "$OUT/serve-$model-$name.log" | cut -c80-400
+  grep -E '"level": "ERROR"|Traceback' "$OUT/serve-$model-$name.log" | head -5
+}
+
+step_serving() {  # 8B through `sluice serve` at 64 streams (the serving target)
+  serve llama-3.1-8b default 64
+}
+
+step_serving_1b() {  # a model whose engine outruns one router process
+  serve llama-3.2-1b default 64 128
+}
+
+clocks() {  # clocks NAME CMD...: CMD with the GPU's clocks and power sampled every 50 ms
+  local name=$1; shift
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,utilization.gpu,clocks_event_reasons.active \
+    --format=csv,noheader,nounits -lms 50 > "$OUT/clocks-$name.csv" &
+  local smi=$!
+  "$@"
+  kill $smi; wait $smi 2>/dev/null
+  $PYTHON - "$OUT/clocks-$name.csv" <<'PY'
+import collections, statistics, sys
+rows = [[f.strip() for f in line.split(",")] for line in open(sys.argv[1]) if line.count(",") == 4]
+busy = [r for r in rows if r[3].isdigit() and int(r[3]) >= 50]
+if busy:
+    sm = sorted(int(r[0]) for r in busy)
+    watts = sorted(float(r[2]) for r in busy)
+    print(f"   {len(busy)} busy samples of {len(rows)}: SM clock MHz min {sm[0]} median "
+          f"{statistics.median(sm)} max {sm[-1]}; power W median {statistics.median(watts):.0f} "
+          f"max {watts[-1]:.0f}; reasons {dict(collections.Counter(r[4] for r in busy))}")
+PY
+}
+
+step_clocks() {  # the 8B batch run: SM clock, power and throttle reasons while it runs
+  clocks 8b-b128 offline 8b-b128-clocks $M8 $B128 --repeat 3
+}
+
+step_timeline() {  # a steady batch-128 8B decode step: kernels and idle gaps, the graph alone
+  local name=profile-8b-decode-b128-timeline
+  timeout 300 $PYTHON benchmarks/profile_step.py $M8 --phase decode --batch 128 --input-len 576 \
+    --steps 20 --timeline > "$OUT/$name.txt" 2>&1
+  grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+  grep -A45 -- "-- timeline" "$OUT/$name.txt"
+}
+
+setup
+for step in "$@"; do
+  if ! declare -F "step_$step" > /dev/null; then
+    echo "gpu.sh: no step '$step' (steps: $(declare -F | sed -n 's/^declare -f step_//p' \
+      | paste -sd ' '))" >&2
+    exit 2
+  fi
+done
+for step in "$@"; do
+  echo "######## $step"
+  "step_$step"
+done
