@@ -10,6 +10,7 @@ so that the chart's own selectors are what is tested.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shard.tests.tiny_model import write_tiny_model
-from tests.chart import NAMESPACE, RELEASE, dashboards, render
+from tests.chart import CHART, NAMESPACE, RELEASE, dashboards, render, render_values
 from tests.processes import start_router, start_shard
 from tests.prometheus_server import Prometheus
 
@@ -293,3 +294,19 @@ def test_kv_budget_usage_ratio_is_reserved_over_total_while_a_request_runs(stack
     assert 0 < ratio <= 1 and ratio == pytest.approx(used / total, rel=1e-12)
     idle = scrape(stack.shard_metrics_url)
     assert sample_sum(idle, "sluice_shard_kv_budget_usage_ratio") == 0
+
+
+def test_every_allowed_ttft_slo_bound_is_a_bucket_the_router_exports(stack):
+    """The SLO alerts read one histogram bucket by its `le` label, which must be written exactly
+    as prometheus_client writes it (2.5, but 1.0 and 10.0)."""
+    buckets = {s.labels["le"] for f in scrape(stack.router_url) for s in f.samples
+               if s.name == "sluice_router_time_to_first_token_seconds_bucket"}
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = schema["properties"]["monitoring"]["properties"]["prometheusRule"]["properties"][
+        "ttftSlo"]["properties"]["thresholdSeconds"]["enum"]
+    for bound in allowed:
+        values = {"monitoring": {"prometheusRule": {"enabled": True,
+                                                    "ttftSlo": {"thresholdSeconds": bound}}}}
+        rules = render_values(values).one("PrometheusRule", "sluice")["spec"]["groups"][0]["rules"]
+        burn = next(r["expr"] for r in rules if r["alert"] == "SluiceTTFTSLOFastBurn")
+        assert re.search(r'le="([^"]+)"', burn).group(1) in buckets, (bound, buckets)
