@@ -71,3 +71,12 @@ def containers(rendered: Rendered) -> list[tuple[dict, dict]]:
     """(workload, container) for every container of every Deployment."""
     return [(d, c) for d in rendered.of_kind("Deployment")
             for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+def pod_spec(rendered: Rendered, component: str) -> dict:
+    """The pod template spec of the router or the shard Deployment."""
+    return rendered.one("Deployment", f"-{component}")["spec"]["template"]["spec"]
+
+
+def env_of(container: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container["env"]}

@@ -66,7 +66,9 @@ class Prometheus:
         if answer["status"] != "success":
             raise ValueError(f"{expr}: {answer['errorType']}: {answer['error']}")
         result = answer["data"]["result"]
-        return [{"metric": {}, "value": result}] if answer["data"]["resultType"] == "scalar" else result
+        if answer["data"]["resultType"] == "scalar":
+            return [{"metric": {}, "value": result}]
+        return result
 
     def rules(self) -> list[dict]:
         groups = httpx.get(f"{self.url}/api/v1/rules", timeout=10).json()["data"]["groups"]

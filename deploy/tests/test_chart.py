@@ -12,11 +12,11 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
-import referencing
 import referencing.jsonschema
 import yaml
 
-from tests.chart import CHART, MATRIX, NAMESPACE, RELEASE, containers, render, render_values, values_of
+from tests.chart import (CHART, MATRIX, NAMESPACE, RELEASE, containers, env_of, pod_spec, render,
+                         render_values, values_of)
 
 KUBERNETES_VERSION = "1.33"
 CRD_SCHEMAS = Path(__file__).parent / "crd-schemas"
@@ -28,6 +28,12 @@ CUSTOM_KINDS = {  # apiVersion, kind: the vendored schema (crd-schemas/README.md
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway.networking.k8s.io_v1_httproute.json",
 }
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+
+
+def rendered_values(values_name: str) -> dict:
+    """The values a release would use: the chart's defaults under the values file."""
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(values_of(values_name))
 
 
 @pytest.mark.parametrize("values_name", MATRIX)
@@ -105,15 +111,10 @@ def test_routers_request_no_gpu_and_shard_gpus_equal_tensor_parallel(values_name
             assert gpus == {None}, workload["metadata"]["name"]
         else:
             assert gpus == {tensor_parallel}
-            env = {e["name"]: e.get("value") for e in container["env"]}
+            env = env_of(container)
             assert env["NUM_SHARD"] == str(tensor_parallel)
     if values_name == "tp4-values.yaml":
         assert tensor_parallel == 4
-
-
-def rendered_values(values_name: str) -> dict:
-    with helm.Chart.load(CHART) as chart:
-        return chart.merge_values(values_of(values_name))
 
 
 @pytest.mark.parametrize("values_name", MATRIX)
@@ -121,8 +122,8 @@ def test_every_container_has_resources_probes_and_a_locked_down_security_context
     rendered = render(values_name)
     for workload, container in containers(rendered):
         pod = workload["spec"]["template"]["spec"]
-        assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
-        assert container["resources"]["limits"]["memory"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert requests["cpu"] and requests["memory"] and limits["memory"]
         assert "readinessProbe" in container and "livenessProbe" in container
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False
@@ -148,13 +149,14 @@ def test_selectors_match_the_pods_they_mean(values_name):
         return name.rsplit("-", 1)[1]
 
     for service in rendered.of_kind("Service"):
-        assert service["spec"]["selector"] == pods[component(service["metadata"]["name"])] | {}
+        assert service["spec"]["selector"] == pods[component(service["metadata"]["name"])]
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
         for item in rendered.of_kind(kind):
             selector = item["spec"]["selector" if kind == "PodDisruptionBudget" else "podSelector"]
             assert selector["matchLabels"] == pods[component(item["metadata"]["name"])]
     for monitor in rendered.of_kind("ServiceMonitor") + rendered.of_kind("PodMonitor"):
-        assert monitor["spec"]["selector"]["matchLabels"] == pods[component(monitor["metadata"]["name"])]
+        selected = monitor["spec"]["selector"]["matchLabels"]
+        assert selected == pods[component(monitor["metadata"]["name"])]
     for policy in rendered.of_kind("NetworkPolicy"):
         if component(policy["metadata"]["name"]) == "shard":
             grpc, metrics = policy["spec"]["ingress"]
@@ -173,8 +175,8 @@ def test_shard_service_is_headless_and_names_the_grpc_port():
 @pytest.mark.parametrize("values_name", MATRIX)
 def test_router_role_grants_list_and_watch_on_endpointslices_and_nothing_more(values_name):
     rendered = render(values_name)
-    router = rendered.one("Deployment", "-router")["spec"]["template"]["spec"]
-    env = {e["name"]: e.get("value") for e in router["containers"][0]["env"]}
+    router = pod_spec(rendered, "router")
+    env = env_of(router["containers"][0])
     roles = rendered.of_kind("Role")
     assert rendered.of_kind("ClusterRole") == [] and rendered.of_kind("ClusterRoleBinding") == []
     if "SHARD_SERVICE" in env:
@@ -184,23 +186,22 @@ def test_router_role_grants_list_and_watch_on_endpointslices_and_nothing_more(va
                                                   "verbs": ["list", "watch"]}]]
         binding = rendered.one("RoleBinding", "-router")
         assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": router["serviceAccountName"],
-                                        "namespace": NAMESPACE}]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": NAMESPACE,
+                                        "name": router["serviceAccountName"]}]
         assert router["automountServiceAccountToken"] is True
     else:
         # DNS discovery: no API access at all, so no token in the pod.
         assert env["SHARD_DNS"] == f"{RELEASE}-sluice-shard.{NAMESPACE}.svc:50051"
         assert roles == [] and router["automountServiceAccountToken"] is False
-    shard = rendered.one("Deployment", "-shard")["spec"]["template"]["spec"]
-    assert shard["automountServiceAccountToken"] is False
+    assert pod_spec(rendered, "shard")["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("values_name", MATRIX)
 def test_shard_pods_outlive_their_drain_and_probe_grpc_health(values_name):
     values = rendered_values(values_name)["shard"]
-    pod = render(values_name).one("Deployment", "-shard")["spec"]["template"]["spec"]
+    pod = pod_spec(render(values_name), "shard")
     container = pod["containers"][0]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = env_of(container)
     assert env["SHUTDOWN_GRACE"] == str(values["shutdownGraceSeconds"])
     assert pod["terminationGracePeriodSeconds"] > values["shutdownGraceSeconds"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -220,14 +221,14 @@ def test_hugging_face_token_is_a_mounted_secret_file_never_an_environment_value(
     env = {e["name"]: e for e in container["env"]}
     assert "HF_TOKEN" not in env and env["HF_TOKEN_PATH"]["value"] == "/etc/sluice/hf/token"
     token = next(v for v in pod["volumes"] if v["name"] == "hf-token")
-    assert token["secret"] == {"secretName": "hf-token", "items": [{"key": "token", "path": "token"}]}
+    assert token["secret"] == {"secretName": "hf-token",
+                               "items": [{"key": "token", "path": "token"}]}
     assert all("valueFrom" not in e for e in container["env"])
 
 
 def test_router_config_reaches_the_router():
     rendered = render("auth-values.yaml")
-    container = rendered.one("Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = env_of(pod_spec(rendered, "router")["containers"][0])
     keys = yaml.safe_load(rendered.one("Secret", "-api-keys")["stringData"]["keys.yaml"])
     assert keys["keys"]["sk-team-b"] == {"tenant": "team-b", "requests_per_minute": 30}
     assert env["API_KEYS_FILE"] == "/etc/sluice/keys/keys.yaml"
@@ -235,8 +236,7 @@ def test_router_config_reaches_the_router():
     assert rules["prompt"]["words"] == ["forbidden"]
     assert env["CONTENT_FILTER"] == "/etc/sluice/filter/filter.yaml"
     assert env["OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
-    redis = render("redis-values.yaml").one("Deployment", "-router")
-    redis_env = {e["name"]: e.get("value") for e in redis["spec"]["template"]["spec"]["containers"][0]["env"]}
+    redis_env = env_of(pod_spec(render("redis-values.yaml"), "router")["containers"][0])
     assert redis_env["RATE_LIMIT_REDIS_URL"] == "redis://redis-master.redis.svc:6379/0"
     assert redis_env["REQUESTS_PER_MINUTE"] == "600"
 
@@ -247,8 +247,8 @@ def _behavior(scaler: dict) -> dict:
     return scaler["spec"]["behavior"]
 
 
-@pytest.mark.parametrize("values_name,kind", [("keda-values.yaml", "ScaledObject"),
-                                              ("hpa-adapter-values.yaml", "HorizontalPodAutoscaler")])
+@pytest.mark.parametrize("values_name,kind", [
+    ("keda-values.yaml", "ScaledObject"), ("hpa-adapter-values.yaml", "HorizontalPodAutoscaler")])
 def test_shard_scale_down_is_stabilized_and_scale_up_is_immediate(values_name, kind):
     behavior = _behavior(render(values_name).one(kind, "-shard"))
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
@@ -269,24 +269,23 @@ def test_scale_to_zero_starts_at_zero_and_wakes_on_requests_waiting_in_routers()
     waiting = next(t for t in scaled["triggers"] if t["name"] == "waiting-requests")
     assert waiting["metadata"]["activationThreshold"] == "0"
     assert "sluice_router_queue_size" in waiting["metadata"]["query"]
-    env = {e["name"]: e.get("value") for e in
-           rendered.one("Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert float(env["REQUEST_TIMEOUT"]) > 0
-    alerts = [r["alert"] for r in rendered.one("PrometheusRule", "sluice")["spec"]["groups"][0]["rules"]]
+    assert float(env_of(pod_spec(rendered, "router")["containers"][0])["REQUEST_TIMEOUT"]) > 0
+    rules = rendered.one("PrometheusRule", "sluice")["spec"]["groups"][0]["rules"]
+    alerts = [r["alert"] for r in rules]
     assert "SluiceNoShardGroupReady" not in alerts  # zero groups is the idle state here
     assert render("keda-values.yaml").one("ScaledObject", "-shard")["spec"]["minReplicaCount"] == 1
 
 
 def test_router_hpa_scales_on_cpu_and_on_requests_in_flight_through_the_adapter():
-    metrics = render("hpa-adapter-values.yaml").one("HorizontalPodAutoscaler", "-router")["spec"]["metrics"]
+    rendered = render("hpa-adapter-values.yaml")
+    metrics = rendered.one("HorizontalPodAutoscaler", "-router")["spec"]["metrics"]
     assert metrics[0]["resource"]["name"] == "cpu"
     assert metrics[1]["pods"] == {"metric": {"name": "sluice_router_requests_in_flight"},
                                   "target": {"type": "AverageValue", "averageValue": "64"}}
-    adapter = yaml.safe_load(render("hpa-adapter-values.yaml").one("ConfigMap", "-adapter-rules")
-                             ["data"]["config.yaml"])
+    adapter = yaml.safe_load(rendered.one("ConfigMap", "-adapter-rules")["data"]["config.yaml"])
     served = {r["name"]["as"] for r in adapter["rules"] + adapter["externalRules"]}
-    shard_metrics = {m["external"]["metric"]["name"] for m in
-                     render("hpa-adapter-values.yaml").one("HorizontalPodAutoscaler", "-shard")["spec"]["metrics"]}
+    shard_hpa = rendered.one("HorizontalPodAutoscaler", "-shard")["spec"]["metrics"]
+    shard_metrics = {m["external"]["metric"]["name"] for m in shard_hpa}
     assert {"sluice_router_requests_in_flight"} | shard_metrics == served
 
 

@@ -218,7 +218,8 @@ def stack(tmp_path_factory):
         for rounds in (1, 2):
             load(router.url)
             evaluated_at = _wait_until_scraped(router.url, prometheus, rounds)
-        yield Stack(router.url, f"http://{shard.ready['metrics_address']}", prometheus, evaluated_at)
+        shard_metrics_url = f"http://{shard.ready['metrics_address']}"
+        yield Stack(router.url, shard_metrics_url, prometheus, evaluated_at)
     finally:
         prometheus.stop()
         router.stop()
@@ -227,7 +228,8 @@ def stack(tmp_path_factory):
 
 def test_every_query_names_only_metrics_the_code_exports(stack):
     series = exported_series([stack.router_url, stack.shard_metrics_url])
-    everything = panel_expressions() + variable_queries() + chart_expressions() + [Expression(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    alerts = [Expression(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    everything = panel_expressions() + variable_queries() + chart_expressions() + alerts
     assert len(everything) > 40
     for expression in everything:
         names = set(re.findall(r"\bsluice_[a-z0-9_]+", expression.expr))
@@ -245,7 +247,8 @@ def test_query_parses_and_returns_data(stack, expression):
 @pytest.mark.parametrize("expression", variable_queries(), ids=lambda e: e.where)
 def test_dashboard_variable_finds_this_release(stack, expression):
     selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", expression.expr).groups()
-    values = {r["metric"].get(label) for r in stack.prometheus.query(selector, at=stack.evaluated_at)}
+    found = stack.prometheus.query(selector, at=stack.evaluated_at)
+    values = {r["metric"].get(label) for r in found}
     assert values & {NAMESPACE, RELEASE, f"{RELEASE}-sluice-shard-0"}, (expression.where, values)
 
 
@@ -280,7 +283,8 @@ def test_kv_budget_usage_ratio_is_reserved_over_total_while_a_request_runs(stack
             used = sample_sum(families, "sluice_shard_kv_budget_used_tokens")
             if used:
                 total = sample_sum(families, "sluice_shard_kv_budget_total_tokens")
-                seen.append((sample_sum(families, "sluice_shard_kv_budget_usage_ratio"), used, total))
+                ratio = sample_sum(families, "sluice_shard_kv_budget_usage_ratio")
+                seen.append((ratio, used, total))
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
