@@ -14,22 +14,28 @@ TRITON_SPEC ?= triton==3.9.0
 # its protobuf 5.27 gencode runs on every protobuf runtime from 5.27 on.
 GRPC_TOOLS_SPEC ?= grpcio-tools==1.66.2
 PROTO_VENV := .venv-proto
+# checkov (the chart's security checks) pins packaging<24, which pytest 9 cannot run with: it
+# gets a virtual environment of its own, as grpcio-tools does.
+CHECKOV_SPEC ?= checkov==3.3.30
+CHECKOV_VENV := .venv-checkov
 PROTOS := $(wildcard proto/sluice/v1/*.proto)
 PORT ?= 8080
 MODEL ?=
 
-.PHONY: install run test proto check-proto system-packages clean
+.PHONY: install run test proto check-proto system-packages checkov clean
 
 install: $(VENV)/.installed
 
 # Integration tests start their own redis-server on loopback (shared rate limits); the compiled
-# model test runs torch.compile's C++ backend (g++). CI machines are fresh Debian, where we are
-# root.
+# model test runs torch.compile's C++ backend (g++); the chart's tests start Prometheus on
+# loopback and run promtool on its alerts (Debian's prometheus has both). CI machines are fresh
+# Debian, where we are root.
 system-packages:
-	command -v redis-server >/dev/null && command -v g++ >/dev/null || { \
+	command -v redis-server >/dev/null && command -v g++ >/dev/null \
+		&& command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends redis-server g++; }
+			--no-install-recommends redis-server g++ prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,8 +50,15 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/sluice serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
 
-test: install check-proto system-packages
+test: install check-proto system-packages checkov
 	$(BIN)/python -m pytest
+
+checkov: $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_VENV)/.installed:
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q "$(CHECKOV_SPEC)"
+	touch $@
 
 $(PROTO_VENV)/.installed:
 	test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
@@ -68,4 +81,4 @@ check-proto: $(PROTO_VENV)/.installed
 	rm -rf .proto-check
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) .proto-check .pytest_cache
+	rm -rf $(VENV) $(PROTO_VENV) $(CHECKOV_VENV) .proto-check .pytest_cache

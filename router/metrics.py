@@ -24,6 +24,10 @@ INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1
                          0.5, 1, 2.5)
 SHORT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 TOKEN_BUCKETS = tuple(2 ** i for i in range(0, 18))  # 1 .. 131072
+# group_lost: the stream to the group broke; retryable: the group returned the request (draining,
+# a rank lost).
+FAILOVER_REASONS = ("group_lost", "retryable")
+GROUP_STATES = ("ready", "draining", "down")
 
 
 class RouterMetrics:
@@ -65,6 +69,11 @@ class RouterMetrics:
         self.filtered = Counter("sluice_router_content_filtered",
                                 "Requests stopped by the content filter", ["direction"],
                                 registry=r)
+        self.failovers = Counter("sluice_router_failovers",
+                                 "Requests moved to another shard group, by why",
+                                 ["reason"], registry=r)
+        for reason in FAILOVER_REASONS:  # the series exist before the first failover
+            self.failovers.labels(reason)
         r.register(_DispatcherCollector(dispatcher))
 
     def response(self) -> Response:
@@ -95,8 +104,15 @@ class _DispatcherCollector:
         ready = GaugeMetricFamily("sluice_router_shard_group_ready",
                                   "1 while the router's stream to a shard group is up",
                                   labels=["shard_group"])
+        states = GaugeMetricFamily("sluice_router_shard_groups",
+                                   "Shard groups this router knows, by state", labels=["state"])
+        counts = dict.fromkeys(GROUP_STATES, 0)
         for group in d.groups:
             budget.add_metric([group.uri], group.free_budget_tokens)
             ready.add_metric([group.uri], 1 if group.ready else 0)
+            counts["ready" if group.ready else "down"] += 1
+        for state, count in counts.items():
+            states.add_metric([state], count)
         yield budget
         yield ready
+        yield states

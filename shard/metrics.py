@@ -82,6 +82,13 @@ class _BudgetCollector:
         yield GaugeMetricFamily("sluice_shard_kv_budget_used_tokens",
                                 "KV-cache budget reserved by admitted requests",
                                 a.total_tokens - a.free_tokens)
+        # The Gateway API Inference Extension's model-server protocol reads KV-cache utilization
+        # (0..1) beside queued and running requests; autoscalers and endpoint pickers compare
+        # groups of any budget size by this ratio.
+        yield GaugeMetricFamily("sluice_shard_kv_budget_usage_ratio",
+                                "Share of the KV-cache budget reserved by admitted requests, 0..1",
+                                (a.total_tokens - a.free_tokens) / a.total_tokens
+                                if a.total_tokens else 0.0)
         yield GaugeMetricFamily("sluice_shard_running_requests", "Admitted requests",
                                 len(s.running))
         yield GaugeMetricFamily("sluice_shard_waiting_requests",
