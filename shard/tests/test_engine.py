@@ -285,6 +285,39 @@ def test_cancel_frees_running_and_waiting_requests(model):
     assert not stream.errors()
 
 
+def test_a_draining_engine_refuses_new_requests_as_retryable_and_finishes_the_running(model):
+    engine, driver, stream = make_engine(model, total_tokens=BUDGET)
+    other = Recorder(engine)
+    driver.open(other)
+    driver.submit(stream, budget_requests(stream, range(2)))
+    driver.step()
+    driver.cancel(stream, [])  # a command, so that the drain below is taken in the same way
+    engine.drain()
+    driver.step()
+    assert all(r.draining for r in other.responses[-1:] + stream.responses[-1:])
+    driver.submit(stream, budget_requests(stream, [7]))
+    driver.run_until_done()
+    refused = [e for r in stream.responses for e in r.errors]
+    assert [(e.id, e.retryable) for e in refused] == [(7, True)]
+    assert "draining" in refused[0].message
+    assert [len(stream.tokens(i)) for i in (0, 1)] == [10, 10]
+    assert engine.allocator.free_tokens == BUDGET and engine.idle
+
+
+def test_a_drain_that_hands_over_ends_running_and_waiting_requests_as_retryable(model):
+    engine, driver, stream = make_engine(model, total_tokens=BUDGET)
+    driver.submit(stream, budget_requests(stream, range(4)))  # 3 run, 1 waits
+    driver.step()
+    driver.step()
+    engine.drain(hand_over=True)
+    driver.mail = True
+    driver.step()
+    errors = {e.id: e.retryable for r in stream.responses for e in r.errors}
+    assert errors == {0: True, 1: True, 2: True, 3: True}
+    assert all(len(stream.tokens(i)) < 10 for i in range(4))
+    assert engine.allocator.free_tokens == BUDGET and engine.scheduler.idle
+
+
 def test_closing_a_stream_cancels_its_running_and_waiting_requests(model):
     engine, driver, leaving = make_engine(model, total_tokens=BUDGET)
     staying = Recorder(engine)
