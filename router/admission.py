@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from router.auth import Tenant
 from router.errors import ContentFiltered, Overloaded, RateLimited, RequestTimeout
-from router.ratelimit import Limits
+from router.ratelimit import RateLimits
 from router.shard_client import Generation
 from router.telemetry import RequestTelemetry
 from router.validation import Prepared
@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 _INLINE_DECODE_TOKENS = 512
 
 
-def _limits(state: RouterState, tenant: Tenant | None) -> Limits:
+def _limits(state: RouterState, tenant: Tenant | None) -> RateLimits:
     if tenant is not None:
-        return Limits(tenant.requests_per_minute, tenant.tokens_per_minute)
-    return Limits(state.config.requests_per_minute, state.config.tokens_per_minute)
+        return RateLimits(tenant.requests_per_minute, tenant.tokens_per_minute)
+    return RateLimits(state.config.requests_per_minute, state.config.tokens_per_minute)
 
 
 async def _prompt_text(state: RouterState, input_ids) -> str:
@@ -91,7 +91,7 @@ async def admit(state: RouterState, request: Request, runs: list[Prepared]) -> l
 
 
 def _settle_on_close(state: RouterState, gen: Generation, telemetry: RequestTelemetry | None,
-                     bucket: str, limits: Limits) -> None:
+                     bucket: str, limits: RateLimits) -> None:
     """Arm the run's output filter and deadline; when it closes, refund its unused tokens."""
     gen.telemetry = telemetry
     if state.config.content_filter is not None:
@@ -118,6 +118,6 @@ def _settle_on_close(state: RouterState, gen: Generation, telemetry: RequestTele
     gen.on_close.append(settle)
 
 
-def _refund(state: RouterState, bucket: str, limits: Limits, tokens: int) -> None:
+def _refund(state: RouterState, bucket: str, limits: RateLimits, tokens: int) -> None:
     if tokens > 0 and limits.tokens_per_minute:
         state.spawn(state.limiter.refund(bucket, limits, tokens))

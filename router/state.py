@@ -17,7 +17,7 @@ from router.queue import Dispatcher
 from router.ratelimit import RateLimiter
 from router.shard_client import Generation
 from router.tokenizer import RouterTokenizer
-from router.validation import Limits, Prepared
+from router.validation import Prepared, RequestLimits
 from sluice.v1 import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ class RouterState:
         return self._tokenizer
 
     @property
-    def limits(self) -> Limits:
+    def limits(self) -> RequestLimits:
         """Per-request limits every connected group accepts."""
         infos = [g.info for g in self.dispatcher.ready_groups] or [self.info]
-        return Limits(min(i.max_input_tokens for i in infos),
+        return RequestLimits(min(i.max_input_tokens for i in infos),
                       min(i.max_total_tokens for i in infos),
                       self.config.max_stop_sequences, self.config.max_top_n_tokens)
 
