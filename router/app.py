@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -49,7 +50,7 @@ async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
     if state.draining:
         raise Draining("the router is shutting down")
-    ready = len(state.dispatcher.ready_groups)
+    ready = len(state.dispatcher.ready_groups())
     if not ready:
         raise ShardUnavailable("no shard group is connected")
     return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
@@ -70,10 +71,11 @@ async def info(request: Request) -> Response:
         router="sluice", version=sluice.__version__, sha=None, docker_label=None,
         attention_backend=i.attention_backend, num_shard=i.num_shards,
         shard_groups=[tgi_out.ShardGroupInfo(
-            uri=g.uri, ready=g.ready, free_budget_tokens=g.free_budget_tokens,
+            uri=g.uri, ready=g.ready, state=g.state.value,
+            free_budget_tokens=g.free_budget_tokens,
             max_batch_total_tokens=g.info.max_batch_total_tokens if g.info else None,
             prefill_chunk_tokens=g.info.prefill_chunk_tokens if g.info else None)
-            for g in state.dispatcher.groups]))
+            for g in state.groups.all()]))
 
 
 TGI, OPENAI, SERVICE = "TGI", "OpenAI", "Service"
@@ -112,7 +114,7 @@ async def docs(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return state.metrics.response()
+    return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
 
 def build(config: RouterConfig) -> Starlette:

@@ -6,15 +6,18 @@ for whole requests. Gauges of the queue and the shard groups' budget are read at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from starlette.responses import Response
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from router.shard_client import GroupState
 
 if TYPE_CHECKING:
     from router.queue import Dispatcher
+    from router.shard_client import ShardGroup
 
 prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
 
@@ -26,8 +29,15 @@ SHORT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 TOKEN_BUCKETS = tuple(2 ** i for i in range(0, 18))  # 1 .. 131072
 
 
+# How sluice_router_shard_groups counts each group's state: a group discovery dropped finishes
+# what it runs, as a draining one does; one refused for its model is as good as down.
+GROUP_STATES = {GroupState.READY: "ready", GroupState.DRAINING: "draining",
+                GroupState.RETIRED: "draining", GroupState.CONNECTING: "down",
+                GroupState.REFUSED: "down"}
+
+
 class RouterMetrics:
-    def __init__(self, dispatcher: "Dispatcher"):
+    def __init__(self, dispatcher: Dispatcher, groups: Callable[[], list[ShardGroup]]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("sluice_router_requests", "HTTP requests by route and status",
@@ -65,19 +75,19 @@ class RouterMetrics:
         self.filtered = Counter("sluice_router_content_filtered",
                                 "Requests stopped by the content filter", ["direction"],
                                 registry=r)
-        r.register(_DispatcherCollector(dispatcher))
+        r.register(_DispatcherCollector(dispatcher, groups))
 
-    def response(self) -> Response:
-        """GET /metrics: the Prometheus text format."""
-        return Response(prometheus_client.generate_latest(self.registry),
-                        media_type=prometheus_client.CONTENT_TYPE_LATEST)
+    def text(self) -> bytes:
+        """This process's metrics in the Prometheus text format."""
+        return prometheus_client.generate_latest(self.registry)
 
 
 class _DispatcherCollector:
-    """Queue, running requests and each group's free budget, as the dispatcher sees them now."""
+    """Queue, running requests, failovers and the shard groups, as this process sees them now."""
 
-    def __init__(self, dispatcher: "Dispatcher"):
+    def __init__(self, dispatcher: Dispatcher, groups: Callable[[], list[ShardGroup]]):
         self._dispatcher = dispatcher
+        self._groups = groups
 
     def describe(self):
         return []
@@ -89,14 +99,28 @@ class _DispatcherCollector:
         yield GaugeMetricFamily("sluice_router_running_requests",
                                 "Requests sent to a shard group and not finished",
                                 d.in_flight - d.queue_size)
+        failovers = CounterMetricFamily(
+            "sluice_router_failovers", "Requests handed to another shard group: group_lost "
+            "(its stream broke), retryable (the group gave it back, draining)", labels=["reason"])
+        for reason, count in d.failovers.items():
+            failovers.add_metric([reason], count)
+        yield failovers
         budget = GaugeMetricFamily("sluice_router_shard_group_free_budget_tokens",
                                    "KV-cache budget a shard group last reported free",
                                    labels=["shard_group"])
         ready = GaugeMetricFamily("sluice_router_shard_group_ready",
-                                  "1 while the router's stream to a shard group is up",
-                                  labels=["shard_group"])
-        for group in d.groups:
+                                  "1 while the router's stream to a shard group is up and the "
+                                  "group takes requests", labels=["shard_group"])
+        states = dict.fromkeys(("ready", "draining", "down"), 0)
+        for group in self._groups():
             budget.add_metric([group.uri], group.free_budget_tokens)
             ready.add_metric([group.uri], 1 if group.ready else 0)
+            states[GROUP_STATES[group.state]] += 1
         yield budget
         yield ready
+        by_state = GaugeMetricFamily("sluice_router_shard_groups",
+                                     "Shard groups known to the router, by state",
+                                     labels=["state"])
+        for state, count in states.items():
+            by_state.add_metric([state], count)
+        yield by_state

@@ -11,7 +11,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import Draining, RouterError
+from router.errors import ClientDisconnected, Draining, RouterError
 from router.state import RouterState
 from router.telemetry import RequestTelemetry
 
@@ -60,6 +60,9 @@ class RequestMiddleware:
                 await response(scope, receive, send_with_headers)
                 return
             scope.setdefault("state", {}).update(telemetry=telemetry, tenant=tenant)
-            await self.app(scope, receive, send_with_headers)
+            try:
+                await self.app(scope, receive, send_with_headers)
+            except ClientDisconnected:
+                status = 499  # nginx's "client closed request": no answer, no server error
         finally:
             telemetry.ended(status)

@@ -10,7 +10,7 @@ from router import streaming
 from router.errors import RouterError
 from router.openai_api import FINISH, Head, chat_logprobs, check_choices, sampling_params, usage
 from router.schemas import ChatCompletionRequest, parse
-from router.shard_client import Generation
+from router.request import Run
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare
 
@@ -34,11 +34,13 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     prepared = await _prepare(state, body)
     runs = choices(prepared, body.n)
-    gens = await state.admit(request, runs)
+    generation = await state.admit(request, runs)
+    gens = generation.runs
     head = Head.new("chatcmpl", state)
     if body.stream:
-        return streaming.sse_response(_events(state, body, prepared, runs, gens, head), gens)
-    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+        return streaming.sse_response(_events(state, body, prepared, runs, gens, head),
+                                      generation)
+    results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     return streaming.json_response(out.ChatCompletion(
         **head.fields(), object="chat.completion",
@@ -50,7 +52,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Prepared,
-                  runs: list[Prepared], gens: list[Generation], head: Head):
+                  runs: list[Prepared], gens: list[Run], head: Head):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def model(index: int, delta: out.Delta, finish_reason=None,

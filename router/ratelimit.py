@@ -169,9 +169,12 @@ end
 class RateLimiter:
     """Takes from and gives back to each tenant's buckets, in Redis when configured."""
 
-    def __init__(self, redis_url: str | None, clock: Callable[[], float] = time.time):
+    def __init__(self, redis_url: str | None, clock: Callable[[], float] = time.time,
+                 shared=None):
         self._clock = clock  # wall time: replicas sharing Redis compare their TATs
-        self._local = LocalBuckets()
+        # This process's buckets, or with --workers the table the workers share
+        # (router/shared_buckets.py): used without Redis, and while Redis is away.
+        self._local = shared if shared is not None else LocalBuckets()
         self._redis = None
         self._redis_down_until = 0.0
         if redis_url:

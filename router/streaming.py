@@ -1,8 +1,8 @@
 """Running requests: their events from the shard group, turned into text as they arrive.
 
 Shared by every route, streamed or not. Whatever way a request ends (finished, stop string,
-client gone, error), its Generation is closed: cancelled on the shard if still running. A
-request with several choices (best_of, n, a list of prompts) runs one Generation per choice.
+client gone, error), its runs are closed: cancelled on their shard group if still running. A
+request with several choices (best_of, n, a list of prompts) runs one Run per choice.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from starlette.responses import Response, StreamingResponse
 
 from router.content_filter import OutputGuard
 from router.detokenize import TextStream
-from router.errors import RouterError
-from router.shard_client import Generation, TokenEvent
+from router.errors import ClientDisconnected
+from router.request import GenerationRequest, Run, TokenEvent
 from router.tokenizer import RouterTokenizer
 from sluice.v1 import generate_pb2 as pb
 
@@ -112,44 +112,37 @@ class _Release:
         return out
 
 
-async def run(tokenizer: RouterTokenizer, gen: Generation,
-              stop: list[str]) -> AsyncIterator[Token]:
+async def run(tokenizer: RouterTokenizer, run_: Run, stop: list[str]) -> AsyncIterator[Token]:
     """Tokens as they come; the last carries the Finish. Raises RouterError on failure."""
-    release = _Release(tokenizer, stop, gen.output_guard)
+    release = _Release(tokenizer, stop, run_.output_guard)
     try:
         while True:
-            event = await gen.next_event()
-            gen.generated_tokens += 1
-            if gen.telemetry is not None:
-                gen.telemetry.token()
-            for token in release.push(event):
-                if token.finish is not None:
-                    gen.outcome = token.finish.reason
-                yield token
-                if token.finish is not None:
-                    return
-    except RouterError as exc:
-        gen.outcome = exc.error_type
-        raise
+            for event in await run_.next_events():
+                for token in release.push(event):
+                    if token.finish is not None:
+                        run_.finish(token.finish.reason)
+                        yield token
+                        return
+                    yield token
     finally:
-        gen.close()
+        run_.close()
 
 
-async def collect(tokenizer: RouterTokenizer, gen: Generation,
+async def collect(tokenizer: RouterTokenizer, run_: Run,
                   stop: list[str]) -> tuple[list[Token], Finish]:
-    tokens = [token async for token in run(tokenizer, gen, stop)]
+    tokens = [token async for token in run(tokenizer, run_, stop)]
     return tokens, tokens[-1].finish
 
 
-async def collect_all(tokenizer: RouterTokenizer, gens: list[Generation],
+async def collect_all(tokenizer: RouterTokenizer, runs: list[Run],
                       stops: list[list[str]]) -> list[tuple[list[Token], Finish]]:
     """Every choice to its end; the first failure fails them all."""
-    runs = [asyncio.ensure_future(collect(tokenizer, g, s)) for g, s in zip(gens, stops)]
+    tasks = [asyncio.ensure_future(collect(tokenizer, r, s)) for r, s in zip(runs, stops)]
     try:
-        return list(await asyncio.gather(*runs))
+        return list(await asyncio.gather(*tasks))
     finally:
-        for run_ in runs:
-            run_.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 _END = object()
@@ -192,7 +185,7 @@ async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[i
 
 async def _closing(stream: AsyncGenerator[T, None]) -> AsyncIterator[T]:
     """`stream`'s items; closed as soon as the consumer stops (a cancelled merge cancels its
-    pumps the same way), so that run() closes its Generation at once, not when collected."""
+    pumps the same way), so that run() closes its Run at once, not when collected."""
     try:
         async for item in stream:
             yield item
@@ -205,24 +198,21 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, gens: list[Generation], work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and its requests on their shards) if the client goes away."""
+async def unless_disconnected(request: Request, generation: GenerationRequest,
+                              work: Awaitable[T]) -> T:
+    """Await `work`; if the client goes away first, cancel it (and the runs on their groups)
+    and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientDisconnected("the client disconnected before the answer")
         return task.result()
     finally:
         watcher.cancel()
-        close_all(gens)
-
-
-def close_all(gens: list[Generation]) -> None:
-    for gen in gens:
-        gen.close()
+        generation.close()
 
 
 def logprob(value: float) -> float:
@@ -272,14 +262,14 @@ def _json_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def sse_response(events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[str], generation: GenerationRequest) -> StreamingResponse:
     # The background close also covers a client that leaves before the first event.
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(_close_all_after, gens))
+                             background=BackgroundTask(_close_after, generation))
 
 
-async def _close_all_after(gens: list[Generation]) -> None:
-    """close_all as a coroutine: Starlette runs a plain function's background task in its
-    thread pool, a hand-off that cost ~9% of the router's CPU under 64 streams (py-spy)."""
-    close_all(gens)
+async def _close_after(generation: GenerationRequest) -> None:
+    """generation.close() as a coroutine: Starlette runs a plain function's background task in
+    its thread pool, a hand-off that cost ~9% of the router's CPU under 64 streams (py-spy)."""
+    generation.close()

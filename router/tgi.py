@@ -11,7 +11,7 @@ from router import streaming
 from router import tgi_responses as out
 from router.errors import RouterError, ValidationError
 from router.schemas import TGIRequest, parse
-from router.shard_client import Generation, PromptScores
+from router.request import PromptScores, Run
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare, sampling
 
@@ -86,7 +86,7 @@ def _full_text(body: TGIRequest, text: str) -> str:
     return body.inputs + text if body.parameters.return_full_text else text
 
 
-def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generation,
+def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Run,
               tokens: list[streaming.Token], finish: streaming.Finish) -> out.BestOfSequence:
     p = body.parameters
     sequence = out.BestOfSequence(
@@ -102,8 +102,9 @@ def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generati
 
 async def _generate(request: Request, state: RouterState, body: TGIRequest) -> out.GenerateResponse:
     runs = await _prepare(state, body, stream=False)
-    gens = await state.admit(request, runs)
-    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+    generation = await state.admit(request, runs)
+    gens = generation.runs
+    results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     sequences = [_sequence(state, body, run, gen, tokens, finish)
                  for run, gen, (tokens, finish) in zip(runs, gens, results)]
@@ -121,7 +122,8 @@ async def _generate(request: Request, state: RouterState, body: TGIRequest) -> o
 
 async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
     [run] = await _prepare(state, body, stream=True)
-    gens = await state.admit(request, [run])
+    generation = await state.admit(request, [run])
+    gens = generation.runs
     p = body.parameters
 
     async def events():
@@ -146,7 +148,7 @@ async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Res
         except RouterError as exc:  # headers are sent: the error travels as the last event
             yield streaming.sse(exc.tgi_body())
 
-    return streaming.sse_response(events(), gens)
+    return streaming.sse_response(events(), generation)
 
 
 async def generate(request: Request) -> Response:
