@@ -22,14 +22,16 @@ MODEL ?=
 
 install: $(VENV)/.installed
 
-# Integration tests start their own redis-server on loopback (shared rate limits); the compiled
-# model test runs torch.compile's C++ backend (g++). CI machines are fresh Debian, where we are
-# root.
+# Integration tests start their own redis-server on loopback (shared rate limits) and dnsmasq
+# (DNS discovery; dnsmasq-base is Debian's dnsmasq binary without the system service); the
+# compiled model test runs torch.compile's C++ backend (g++). CI machines are fresh Debian,
+# where we are root.
 system-packages:
-	command -v redis-server >/dev/null && command -v g++ >/dev/null || { \
+	command -v redis-server >/dev/null && command -v g++ >/dev/null && \
+		{ command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends redis-server g++; }
+			--no-install-recommends redis-server g++ dnsmasq-base; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
