@@ -43,6 +43,7 @@ class ShardConfig:
     last_layer_rows: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
+    shutdown_grace_s: float
     log_format: str
     tracing: TracingConfig
 
@@ -156,6 +157,10 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
         prog="sluice shard", description="Serve one model replica (a shard group) over gRPC.")
     parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     parser.add_argument("--port", type=int, default=50051, help="gRPC listen port")
+    parser.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, default=30.0,
+                        help="on SIGTERM: health turns NOT_SERVING and routers send nothing "
+                             "new; running requests get this many seconds to finish, then the "
+                             "rest go back to their routers, which resume them on other groups")
     add_arguments(parser)
     logs.add_arguments(parser)
     tracing.add_arguments(parser)
@@ -171,6 +176,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ShardConfig
         except ValueError:
             parser.error(f"--prefill-chunk-ms must be auto or milliseconds >= 0, got "
                          f"{args.prefill_chunk_ms!r}")
+    if args.shutdown_grace_s < 0:
+        parser.error("--shutdown-grace must not be negative")
     if not 0.0 < args.cuda_memory_fraction <= 1.0:
         parser.error("--cuda-memory-fraction must be in (0, 1]")
     fields = vars(args)

@@ -67,6 +67,19 @@ class _Close:
 
 
 @dataclass(slots=True)
+class _Drain:
+    """SIGTERM: take nothing new, hand back what waits, tell every stream."""
+
+
+@dataclass(slots=True)
+class _GiveBack:
+    """The drain's grace is over: hand back what still runs."""
+
+
+DRAINING = "the shard group is draining (it is shutting down)"
+
+
+@dataclass(slots=True)
 class _Outgoing:
     """What one stream will be told at the end of this iteration, as packed arrays."""
 
@@ -131,6 +144,7 @@ class Engine:
         self._reported_budget: dict[Stream, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.draining = False  # set by the engine thread once it took the drain command
         # Set once captured (on CUDA): DecodeGraphs, PiecewiseGraphs.
         self.graphs = None
         self.piecewise = None
@@ -148,6 +162,20 @@ class Engine:
 
     def close_stream(self, stream: Stream) -> None:
         self._inbox.put(_Close(stream))
+
+    def drain(self) -> None:
+        """Stop taking requests: new and waiting ones go back to their routers as retryable
+        errors, every stream is told (draining=true) at once; admitted ones run on."""
+        self._inbox.put(_Drain())
+
+    def give_back(self) -> None:
+        """End what still runs with retryable errors: the routers resume it elsewhere."""
+        self._inbox.put(_GiveBack())
+
+    @property
+    def busy(self) -> bool:
+        """Requests waiting or running (read from another thread: a dict's size)."""
+        return bool(self._sequences)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
@@ -176,7 +204,7 @@ class Engine:
         outgoing: dict[Stream, _Outgoing] = {}
         self._take_inbox(outgoing, block=self.scheduler.idle and not self._in_flight)  # 1.
         for seq in self.scheduler.admit():                              #    admission
-            self.sampler.admit(seq.slot, seq.sampling, seq.prompt)
+            self.sampler.admit(seq.slot, seq.sampling, seq.prompt, seq.resumed_tokens)
             outgoing.setdefault(seq.stream, _Outgoing()).admitted.append(seq.request_id)
         step = self.last_step = self.scheduler.schedule()               # 2. plan one step
         if step is not None:
@@ -263,8 +291,27 @@ class Engine:
                     self.scheduler.release(self._sequences.pop(key))
                 self._reported_budget.pop(command.stream, None)
                 outgoing.pop(command.stream, None)
+            elif isinstance(command, _Drain):
+                self.draining = True
+                for stream in self._reported_budget:
+                    outgoing.setdefault(stream, _Outgoing())  # each learns it now
+                for seq in list(self.scheduler.waiting):
+                    self._hand_back(seq, outgoing)
+            elif isinstance(command, _GiveBack):
+                for seq in list(self._sequences.values()):
+                    self._hand_back(seq, outgoing)
+
+    def _hand_back(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
+        del self._sequences[(seq.stream, seq.request_id)]
+        self.scheduler.release(seq)
+        outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
+            pb.RequestError(id=seq.request_id, message=DRAINING, retryable=True))
 
     def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
+        if self.draining:
+            outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
+                pb.RequestError(id=seq.request_id, message=DRAINING, retryable=True))
+            return
         reason = self._invalid(seq) or self.scheduler.rejection(seq)
         if reason is None and (seq.stream, seq.request_id) in self._sequences:
             reason = f"request id {seq.request_id} is already in use on this stream"
@@ -283,7 +330,10 @@ class Engine:
         vocab = self.model.config.vocab_size
         if seq.prompt_len == 0:
             return "the prompt is empty"
-        if seq.prompt_len > self.limits.max_input_tokens:
+        if seq.resumed_tokens > seq.prompt_len:
+            return "resumed_tokens exceeds the prompt"
+        # A continuation's prompt holds tokens generated before: the client's prompt is shorter.
+        if seq.prompt_len - seq.resumed_tokens > self.limits.max_input_tokens:
             return (f"the prompt has {seq.prompt_len} tokens; max_input_tokens is "
                     f"{self.limits.max_input_tokens}")
         if int(seq.prompt.max()) >= vocab:
@@ -378,7 +428,8 @@ class Engine:
         for stream, o in outgoing.items():
             response = pb.GenerateResponse(
                 admitted_ids=o.admitted, errors=o.errors, free_budget_tokens=free,
-                waiting_requests=waiting, prefill_logprobs=o.prefill_logprobs)
+                waiting_requests=waiting, prefill_logprobs=o.prefill_logprobs,
+                draining=self.draining)
             if o.ids:
                 response.tokens.CopyFrom(pb.TokenBatch(
                     ids=o.ids, token_ids=o.token_ids, logprobs=o.logprobs,

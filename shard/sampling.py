@@ -71,7 +71,10 @@ class Sampler:
         self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
         self._output_counts: torch.Tensor | None = None  # [slots, vocab] int32
 
-    def admit(self, slot: int, params: SamplingParams, prompt: torch.Tensor) -> None:
+    def admit(self, slot: int, params: SamplingParams, prompt: torch.Tensor,
+              resumed_tokens: int = 0) -> None:
+        """Start a slot's token counts: the prompt as seen, and for a continuation its last
+        `resumed_tokens` as generated (what the group that lost it had counted)."""
         if not params.penalized:
             return
         if self._output_counts is None:
@@ -81,6 +84,10 @@ class Sampler:
         self._prompt_seen[slot].zero_()
         self._prompt_seen[slot, prompt.to(self.device)] = True
         self._output_counts[slot].zero_()
+        if resumed_tokens:
+            resumed = prompt[prompt.shape[0] - resumed_tokens:].to(self.device)
+            self._output_counts[slot].index_put_(
+                (resumed,), torch.ones_like(resumed, dtype=torch.int32), accumulate=True)
 
     def warm_up(self, dtype: torch.dtype) -> None:
         """Compile the greedy stage before serving: for one row, then (automatic dynamic shapes)

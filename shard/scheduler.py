@@ -35,6 +35,9 @@ class Sequence:
     top_n_tokens: int = 0
     # Also report the prompt's logprobs: gathered per prefill chunk on the device, sent at the end.
     prefill_logprobs: bool = False
+    # A continuation after failover: the prompt's last resumed_tokens were generated on another
+    # shard group; they count as generated for the frequency and presence penalties.
+    resumed_tokens: int = 0
     prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     slot: int = -1  # row in the per-sequence tables while admitted
     blocks: list[int] = field(default_factory=list)

@@ -311,6 +311,7 @@ def to_sequence(request: pb.Request, stream: Stream, traced: bool = False) -> Se
         stop_token_ids=frozenset(stop.stop_token_ids),
         top_n_tokens=request.top_n_tokens,
         prefill_logprobs=request.prefill_logprobs,
+        resumed_tokens=request.resumed_tokens,
         trace=SequenceTrace.start(request.trace_context, request.id) if traced else None,
     )
 
@@ -353,7 +354,30 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
+# After the drain: what the last responses get to reach the routers before the server stops.
+_FLUSH_S = 1.0
+
+
+async def drain(runtime: Runtime, health_servicer, grace_s: float) -> None:
+    """SIGTERM: NOT_SERVING, no new work (routers are told at once and send it elsewhere),
+    running requests get `grace_s` to finish, then the rest go back to their routers, which
+    resume them on other groups."""
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    engine = runtime.engine
+    engine.drain()
+    log.info("draining: running requests get up to %g s (--shutdown-grace)", grace_s)
+    deadline = time.monotonic() + grace_s
+    while engine.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.busy:
+        log.warning("drain grace over: handing the requests still running back to their routers")
+        engine.give_back()
+        await asyncio.sleep(_FLUSH_S)  # the engine thread sends the errors; let them out
+    log.info("drained")
+
+
+async def serve(runtime: Runtime) -> None:
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.max_receive_message_length", 64 << 20)])
     pb_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(runtime), server)
@@ -380,9 +404,8 @@ async def serve(runtime: Runtime, grace_s: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shard stopping")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace_s)
+    await drain(runtime, health_servicer, config.shutdown_grace_s)
+    await server.stop(_FLUSH_S)
     runtime.engine.stop()
 
 

@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = 0
     try:
         shard = Child("shard", python + ["shard", "--host", "127.0.0.1", "--port",
-                                         str(args.shard_port)]
+                                         str(args.shard_port), "--shutdown-grace",
+                                         str(args.shutdown_grace)]
                       + _forwarded(args, shard_config.add_arguments)
                       + _forwarded(args, _common_arguments))
         children.append(shard)
