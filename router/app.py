@@ -23,6 +23,7 @@ from router.middleware import RequestMiddleware
 from router.openapi import Operation
 from router.schemas import ChatCompletionRequest, CompletionRequest, TGIRequest
 from router.state import RouterState
+from router.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,13 @@ async def docs(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await state.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build(config: RouterConfig) -> Starlette:
+def build(config: RouterConfig, worker: Worker | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        state = RouterState(config)
+        state = RouterState(config, worker)
         app.state.router = state
         await state.start()
         try:

@@ -34,6 +34,8 @@ class RequestMiddleware:
         route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
         telemetry = RequestTelemetry(state.metrics, scope["method"], route, request_id,
                                      dict(headers))
+        if state.worker is not None:
+            telemetry.fields["worker"] = state.worker.index
         status = 500  # unless a response starts
 
         async def send_with_headers(message: Message) -> None:

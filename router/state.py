@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 
 from starlette.requests import Request
 
-from router import admission, discovery
+from router import admission, discovery, workers
 from router.config import RouterConfig
 from router.errors import ShardUnavailable
 from router.groups import ShardGroups
@@ -17,6 +17,7 @@ from router.metrics import RouterMetrics
 from router.queue import Dispatcher
 from router.ratelimit import RateLimiter
 from router.shared_buckets import SharedBuckets
+from router.workers import Worker
 from router.request import GenerationRequest
 from router.tokenizer import RouterTokenizer
 from router.validation import Prepared, RequestLimits
@@ -29,20 +30,21 @@ _INLINE_TOKENIZE_CHARS = 2048
 
 
 class RouterState:
-    def __init__(self, config: RouterConfig, worker: int = 0,
-                 shared_buckets: SharedBuckets | None = None):
+    def __init__(self, config: RouterConfig, worker: Worker | None = None):
         self.config = config
-        self.worker = worker  # this process's index among --workers
+        self.worker = worker  # None: the only router process
         self.groups = ShardGroups(self._groups_changed)
         self.dispatcher = Dispatcher(self.groups.all, config.max_concurrent_requests,
                                      config.failover_timeout_s)
         self.metrics = RouterMetrics(self.dispatcher, self.groups.all)
-        self.limiter = RateLimiter(config.rate_limit_redis_url, shared=shared_buckets)
+        self.limiter = RateLimiter(config.rate_limit_redis_url, shared=(
+            SharedBuckets(worker.buckets) if worker is not None else None))
         self.draining = False  # SIGTERM came: /health is unready, new requests get 503
         self.started_at = int(time.time())
         self._tokenizer: tuple[tuple[str, str], RouterTokenizer] | None = None
         self._tasks: list[asyncio.Task] = []
         self._spawned: set[asyncio.Task] = set()
+        self._metrics_server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -57,14 +59,23 @@ class RouterState:
                 config.shard_service, config.discovery_interval_s, self.groups.update),
                 name="kubernetes discovery"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
+        if self.worker is not None:
+            self._metrics_server = await workers.serve_metrics(self.worker, self.metrics.text)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.groups.stop()
         await asyncio.gather(*self._spawned, return_exceptions=True)
         await self.limiter.close()
+
+    async def metrics_text(self) -> bytes:
+        """GET /metrics: this process's metrics, or with --workers every worker's as one."""
+        own = self.metrics.text()
+        return own if self.worker is None else await workers.all_metrics(self.worker, own)
 
     def _groups_changed(self) -> None:
         self.dispatcher.wake()
