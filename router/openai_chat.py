@@ -70,16 +70,20 @@ async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Pre
         for index in range(len(runs)):
             yield chunk(index, out.Delta(role="assistant", content=""))
         generated = [0] * len(runs)
-        async for index, token in streaming.merge([
-                streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
-            logprobs = chat_logprobs(state, [token]) if body.logprobs else None
-            if logprobs:
-                yield chunk(index, out.Delta(content=token.text), logprobs=logprobs)
-            elif token.text:
-                yield texts(index, token.text)
-            if token.finish is not None:
-                generated[index] = token.finish.generated_tokens
-                yield chunk(index, out.Delta(), FINISH[token.finish.reason])
+        async for index, batch in streaming.batches(state.tokenizer, gens,
+                                                    [run.stop for run in runs]):
+            events = []  # one write for the batch
+            for token in batch:
+                logprobs = chat_logprobs(state, [token]) if body.logprobs else None
+                if logprobs:
+                    events.append(chunk(index, out.Delta(content=token.text), logprobs=logprobs))
+                elif token.text:
+                    events.append(texts(index, token.text))
+                if token.finish is not None:
+                    generated[index] = token.finish.generated_tokens
+                    events.append(chunk(index, out.Delta(), FINISH[token.finish.reason]))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield streaming.sse(out.ChatCompletionChunk(
                 **head.fields(), object="chat.completion.chunk", choices=[],

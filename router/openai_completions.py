@@ -151,29 +151,34 @@ async def _events(state: RouterState, body: CompletionRequest, prepared: list[Pr
     try:
         states: list[_Choice | None] = [None] * len(runs)
         generated = [0] * len(runs)
-        async for index, token in streaming.merge([
-                streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
+        async for index, batch in streaming.batches(state.tokenizer, gens,
+                                                    [run.stop for run in runs]):
+            events = []  # one write for the batch
             if states[index] is None:  # the first token: the prompt's scores came with it
                 states[index] = _start(state, body, prompts[index], gens[index])
                 if body.echo:
-                    yield chunk(index, states[index].text,
-                                logprobs=states[index].logprobs if wants_logprobs else None)
+                    events.append(chunk(index, states[index].text, logprobs=(
+                        states[index].logprobs if wants_logprobs else None)))
             choice = states[index]
-            logprobs = None
-            if wants_logprobs:  # the text so far only places each token's text_offset
-                before = len(choice.logprobs.tokens)
-                _add_token(state, choice, token)
-                lp = choice.logprobs
-                logprobs = out.CompletionLogprobs(
-                    tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
-                    top_logprobs=lp.top_logprobs[before:], text_offset=lp.text_offset[before:])
-            finish = FINISH[token.finish.reason] if token.finish is not None else None
-            if logprobs is not None or finish is not None:
-                yield chunk(index, token.text, finish, logprobs)
-            elif token.text:
-                yield texts(index, token.text)
-            if token.finish is not None:
-                generated[index] = token.finish.generated_tokens
+            for token in batch:
+                logprobs = None
+                if wants_logprobs:  # the text so far only places each token's text_offset
+                    before = len(choice.logprobs.tokens)
+                    _add_token(state, choice, token)
+                    lp = choice.logprobs
+                    logprobs = out.CompletionLogprobs(
+                        tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
+                        top_logprobs=lp.top_logprobs[before:],
+                        text_offset=lp.text_offset[before:])
+                finish = FINISH[token.finish.reason] if token.finish is not None else None
+                if logprobs is not None or finish is not None:
+                    events.append(chunk(index, token.text, finish, logprobs))
+                elif token.text:
+                    events.append(texts(index, token.text))
+                if token.finish is not None:
+                    generated[index] = token.finish.generated_tokens
+            if events:
+                yield "".join(events)
         if include_usage:
             yield streaming.sse(out.Completion(**head.fields(), object="text_completion",
                                                choices=[], usage=usage(prepared, generated)))

@@ -126,25 +126,27 @@ async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Res
     gens = generation.runs
     p = body.parameters
 
+    def event(index: int, token: streaming.Token) -> str:
+        if token.finish is None and not token.top:
+            return token_event(index, token)
+        answer = out.StreamResponse(
+            index=index, token=_token(state, token.id, token.text, token.logprob),
+            top_tokens=_top_tokens(state, token), generated_text=None, details=None)
+        if token.finish is not None:
+            answer.generated_text = _full_text(body, token.finish.text)
+            if p.details:
+                answer.details = out.StreamDetails(
+                    finish_reason=token.finish.reason,
+                    generated_tokens=token.finish.generated_tokens,
+                    seed=run.seed, input_length=run.input_length)
+        return streaming.sse(answer)
+
     async def events():
         try:
             index = 0
-            async for token in streaming.run(state.tokenizer, gens[0], run.stop):
-                index += 1
-                if token.finish is None and not token.top:
-                    yield token_event(index, token)
-                    continue
-                event = out.StreamResponse(
-                    index=index, token=_token(state, token.id, token.text, token.logprob),
-                    top_tokens=_top_tokens(state, token), generated_text=None, details=None)
-                if token.finish is not None:
-                    event.generated_text = _full_text(body, token.finish.text)
-                    if p.details:
-                        event.details = out.StreamDetails(
-                            finish_reason=token.finish.reason,
-                            generated_tokens=token.finish.generated_tokens,
-                            seed=run.seed, input_length=run.input_length)
-                yield streaming.sse(event)
+            async for _, batch in streaming.batches(state.tokenizer, gens, [run.stop]):
+                first, index = index + 1, index + len(batch)
+                yield "".join(event(i, token) for i, token in enumerate(batch, first))
         except RouterError as exc:  # headers are sent: the error travels as the last event
             yield streaming.sse(exc.tgi_body())
 
