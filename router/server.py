@@ -69,8 +69,9 @@ async def serve(config: router_config.RouterConfig, sock: socket.socket,
     worker tells its parent), else the ready line is printed."""
     app = router_app.build(config, worker)
     # httptools: its chunk writes cost less CPU per streamed token than h11's state machine.
-    server = _Server(uvicorn.Config(streaming.raw_send_in_scope(app), http="httptools", log_level="warning", log_config=None,
-                                    access_log=False, timeout_graceful_shutdown=_CLOSE_GRACE_S))
+    server = _Server(uvicorn.Config(streaming.raw_send_in_scope(app), http="httptools",
+                                    log_level="warning", log_config=None, access_log=False,
+                                    timeout_graceful_shutdown=_CLOSE_GRACE_S))
     signals = asyncio.Event()
     second_signal = asyncio.Event()
     loop = asyncio.get_running_loop()
