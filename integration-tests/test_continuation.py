@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import threading
 import time
 
 import grpc
