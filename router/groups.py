@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from router.shard_client import GroupState, ShardGroup
+from router.shard_client import ShardGroup
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ class ShardGroups:
         self._found[source] = set(uris)
         wanted = set().union(*self._found.values())
         for uri in sorted(wanted):
-            group = self._groups.get(uri)
-            if group is None or group.state is GroupState.RETIRED:
+            if uri in self._groups:
+                continue
+            retiring = next((g for g in self._tasks if g.uri == uri), None)
+            if retiring is not None and retiring.unretire():
+                self._groups[uri] = retiring
+            else:
                 self._start(uri)
         for uri, group in list(self._groups.items()):
             if uri not in wanted:

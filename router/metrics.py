@@ -142,7 +142,13 @@ class _DispatcherCollector:
                                   "1 while the router's stream to a shard group is up and the "
                                   "group takes requests", labels=["shard_group"])
         states = dict.fromkeys(("ready", "draining", "down"), 0)
+        # One series per address: a group retiring while its address came back (and its
+        # successor connects) is left out.
+        by_uri: dict[str, ShardGroup] = {}
         for group in self._groups():
+            if group.uri not in by_uri or by_uri[group.uri].state is GroupState.RETIRED:
+                by_uri[group.uri] = group
+        for group in by_uri.values():
             budget.add_metric([group.uri], group.free_budget_tokens)
             ready.add_metric([group.uri], 1 if group.ready else 0)
             states[GROUP_STATES[group.state]] += 1

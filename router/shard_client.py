@@ -141,6 +141,16 @@ class ShardGroup:
             self._stop_if_retired_and_idle()
             self._on_change()
 
+    def unretire(self) -> bool:
+        """Discovery finds it again before it was dropped: take requests again if its stream
+        is still open; False when it is already closing (a new group takes its place)."""
+        if self.state is not GroupState.RETIRED or self._stop.is_set():
+            return False
+        self.state = GroupState.READY if self.streaming else GroupState.CONNECTING
+        log.info("shard group %s is back in discovery", self.uri)
+        self._on_change()
+        return True
+
     def stop(self) -> None:
         """End the stream gracefully (the router's side closes first) and stop reconnecting."""
         if not self._stop.is_set():

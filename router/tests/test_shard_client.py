@@ -108,3 +108,25 @@ def test_a_group_of_another_model_is_refused_while_the_first_model_serves():
             for shard in (good, other, retokenized):
                 await shard.stop()
     asyncio.run(main())
+
+
+def test_a_group_dropped_by_discovery_finishes_its_runs_and_can_come_back():
+    @scenario
+    async def test(router: Router, a: FakeShard, b: FakeShard):
+        b.send(pb.GenerateResponse(free_budget_tokens=0))
+        await until(lambda: router.group(b).free_budget_tokens == 0)
+        running = router.submit([1, 2], 10)
+        await a.next_batch()
+        router.groups.update("static", {b.address})  # a leaves discovery
+        group_a = router.group(a)
+        assert group_a.state is GroupState.RETIRED
+        a.send(tokens((running.runs[0].id, 5, NONE)))  # it still streams what it runs
+        assert [e.token_id for e in await running.runs[0].next_events()] == [5]
+        router.groups.update("static", {a.address, b.address})  # back before it was dropped
+        assert group_a.state is GroupState.READY
+        assert [g.uri for g in router.groups.all()].count(a.address) == 1
+        router.groups.update("static", {b.address})
+        running.close()  # its last run ends: the retired group closes its stream and goes
+        await until(lambda: a.address not in [g.uri for g in router.groups.all()])
+        assert a.streams == 1
+    test()
