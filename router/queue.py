@@ -99,7 +99,13 @@ class Dispatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            self.dispatch()
+            try:
+                self.dispatch()
+            except Exception:  # a bug: never a dead queue with requests waiting on it
+                log.exception("dispatching failed; the request at the head of the queue ends")
+                if self._pending:
+                    self._pending[0].fail(RouterError("internal error while dispatching"))
+                self.wake()
 
     def dispatch(self) -> None:
         groups = self.ready_groups()
