@@ -69,7 +69,7 @@ def tokens_of(stream: Stream, request_id: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def shard(tiny_model):
-    shard = start_shard(str(tiny_model))
+    shard = start_shard(str(tiny_model), "--shutdown-grace", "30")
     yield shard
     shard.stop()
 
@@ -103,8 +103,8 @@ def test_penalties_count_the_resumed_tokens_as_generated_not_as_prompt(shard):
         stream.close()
 
 
-def test_sigterm_drains_hands_back_new_work_and_exits_0(tiny_model):
-    shard = start_shard(str(tiny_model), "--shutdown-grace", "30")
+def test_sigterm_drains_hands_back_new_work_and_exits_0(shard):
+    """The module's shard, last: it stops here."""
     stream = Stream(shard.address)
     try:
         stream.submit(request(1, PROMPT, GREEDY, 1))
