@@ -26,16 +26,18 @@ MODEL ?=
 
 install: $(VENV)/.installed
 
-# Integration tests start their own redis-server on loopback (shared rate limits); the compiled
-# model test runs torch.compile's C++ backend (g++); the chart's tests start Prometheus on
-# loopback and run promtool on its alerts (Debian's prometheus has both). CI machines are fresh
-# Debian, where we are root.
+# Integration tests start their own redis-server on loopback (shared rate limits) and dnsmasq
+# (DNS discovery; dnsmasq-base is Debian's dnsmasq binary without the system service); the
+# compiled model test runs torch.compile's C++ backend (g++); the chart's tests start Prometheus
+# on loopback and run promtool on its alerts (Debian's prometheus has both). CI machines are
+# fresh Debian, where we are root.
 system-packages:
 	command -v redis-server >/dev/null && command -v g++ >/dev/null \
-		&& command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		&& command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		&& { command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends redis-server g++ prometheus; }
+			--no-install-recommends redis-server g++ prometheus dnsmasq-base; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The router's CPU time per streamed token: starts `sluice serve` on MODEL, streams
 # STREAMS x 8 streamed completions of OUTPUT tokens through benchmarks/serving.py (aiohttp), and
-# divides the router process's CPU ticks over the run by the tokens it streamed.
+# divides the router's CPU ticks over the run (every router process: with --workers, the
+# parent and its workers) by the tokens it streamed.
 #
 #   bash benchmarks/router_cpu.sh MODEL [STREAMS] [OUTPUT] [-- SERVE FLAGS]
-#   bash benchmarks/router_cpu.sh /tmp/tiny 64 128 -- --device cpu
+#   bash benchmarks/router_cpu.sh /tmp/tiny 64 128 -- --device cpu --workers 1
 #   API=tgi bash benchmarks/router_cpu.sh ...   # TGI's /generate_stream instead
 #
 # A tiny model keeps the shard's share of the machine small; the router is what is measured.
@@ -24,16 +25,18 @@ for _ in $(seq 300); do
   kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }
   sleep 1
 done
-router=$(pgrep -f -- "-m router --host .* --port 8097" | head -1)
-ticks() { awk '{print $14 + $15}' /proc/$router/stat; }
+routers=$(pgrep -f -- "-m router --host .* --port 8097")
+ticks() { for pid in $routers; do awk '{print $14 + $15}' /proc/$pid/stat; done |
+          awk '{n += $1} END {print n}'; }
 before=$(ticks)
 if [ "${API:-openai}" = tgi ]; then api="--backend tgi --base-url http://127.0.0.1:8097"
 else api="--base-url http://127.0.0.1:8097/v1"; fi
 $PY benchmarks/serving.py $api --num-prompts $((streams * 8)) \
   --max-concurrency "$streams" --input-len 32 --output-len "$output" --json-out "$log.json" \
-  | head -2
+  > "$log.out"
+head -2 "$log.out"
 used=$(( $(ticks) - before ))
 tokens=$($PY -c "import json; print(json.load(open('$log.json'))['output_tokens'])")
-rm -f "$log.json"
+rm -f "$log.json" "$log.out"
 echo "router CPU: $used ticks of 1/$(getconf CLK_TCK) s for $tokens tokens:" \
   "$(( used * 1000000 / $(getconf CLK_TCK) / tokens )) µs per token"

@@ -95,7 +95,9 @@ def start_shard(model: str | None = None, *flags: str,
 
 def start_router(*shards: Service, flags: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> Service:
-    argv = sluice("router", "--port", "0", *flags)
+    """A router in front of `shards`; one worker process unless `flags` say otherwise (the
+    default, one per core, is tested in test_workers.py)."""
+    argv = sluice("router", "--port", "0", "--workers", "1", *flags)
     for shard in shards:
         argv += ["--shard-uri", shard.address]
     router = Service(argv, env)

@@ -32,7 +32,8 @@ def test_budget_is_what_the_flag_says(small_budget):
     # max_total_tokens is lowered to fit the budget, so no request can be too big to ever run.
     assert info.max_total_tokens == BUDGET
     groups = httpx.get(f"{router.url}/info").json()["shard_groups"]
-    assert groups == [{"uri": shard.address, "ready": True, "free_budget_tokens": BUDGET,
+    assert groups == [{"uri": shard.address, "ready": True, "state": "ready",
+                       "free_budget_tokens": BUDGET,
                        "max_batch_total_tokens": BUDGET, "prefill_chunk_tokens": 0}]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -184,3 +185,37 @@ def test_request_log_lines_carry_ids_tokens_timings_and_never_the_prompt(stack):
         assert line[timing] >= 0
     assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"])
     assert not [out for out in router.output if PROMPT in out]
+
+
+def test_a_client_leaving_a_non_streamed_request_is_logged_and_counted_as_499(stack):
+    _, router = stack
+    before = scrape(router.url)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 900}}
+
+    async def leave_early():
+        async with httpx.AsyncClient(timeout=60) as client:
+            task = asyncio.create_task(client.post(f"{router.url}/generate", json=body,
+                                                   headers={"x-request-id": "req-gone"}))
+            deadline = time.monotonic() + 10
+            while value(scrape(router.url), "sluice_router_running_requests") < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            task.cancel()  # the connection closes before the answer
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 10
+    while not (lines := [l for l in router.log_lines() if l.get("request_id") == "req-gone"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [line] = lines
+    assert (line["status"], line["finish_reason"], line["level"]) == (499, "cancelled", "info")
+    after = scrape(router.url)
+    assert value(after, "sluice_router_requests", "sluice_router_requests_total",
+                 route="/generate", status="499") - value(
+        before, "sluice_router_requests", "sluice_router_requests_total",
+        route="/generate", status="499") == 1
+    assert value(after, "sluice_router_requests", "sluice_router_requests_total",
+                 route="/generate", status="500") == 0
+    assert not [out for out in router.output if "Traceback" in out or "CancelledError" in out]

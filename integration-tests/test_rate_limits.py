@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import Redis, start_router, start_shard
-from router.ratelimit import Limits, RateLimiter
+from router.ratelimit import RateLimits, RateLimiter
 
 KEYS = """
 keys:
@@ -160,7 +160,7 @@ def test_redis_backend_decides_exactly_as_the_local_one(redis_server):
             return self.now
 
     async def scenario(limiter: RateLimiter, clock: Clock) -> list:
-        limits = Limits(requests_per_minute=4, tokens_per_minute=1000)
+        limits = RateLimits(requests_per_minute=4, tokens_per_minute=1000)
         seen = []
         for tokens, advance in [(300, 0), (300, 1), (500, 0), (100, 0), (200, 7.5), (10, 0),
                                 (10, 0), (10, 30)]:

@@ -97,9 +97,12 @@ def test_concurrent_greedy_requests_match_each_alone(smollm2_serve):
 
 def test_sigterm_stops_router_and_shard_without_orphans():
     serve = Service(sluice("serve", "--port", "0", "--num-threads", "1"))
-    children = psutil.Process(serve.process.pid).children(recursive=True)
-    assert len(children) == 2
-    assert httpx.get(f"{serve.url}/health").status_code == 200
-    assert serve.stop() == 0
+    try:
+        assert len(psutil.Process(serve.process.pid).children()) == 2  # the shard, the router
+        children = psutil.Process(serve.process.pid).children(recursive=True)  # and workers
+        assert httpx.get(f"{serve.url}/health").status_code == 200
+    finally:  # a failed check above must not leave the processes running
+        code = serve.stop()
+    assert code == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []

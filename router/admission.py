@@ -1,7 +1,8 @@
 """From a validated request to one in the queue: prompt filter, rate limits, deadline.
 
 Route handlers call `admit` where they would submit to the dispatcher; everything a request
-reserved (its rate-limit tokens, its timer) is settled when its Generation closes.
+reserved (its rate-limit tokens, its timer) is settled when its last run closes
+(router/request.py), or at once when it cannot be queued.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from router.auth import Tenant
-from router.errors import ContentFiltered, Overloaded, RateLimited, RequestTimeout
-from router.ratelimit import Limits
-from router.shard_client import Generation
+from router.errors import ContentFiltered, RateLimited, RequestTimeout, RouterError
+from router.ratelimit import RateLimits
+from router.request import GenerationRequest
 from router.telemetry import RequestTelemetry
 from router.validation import Prepared
 
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 _INLINE_DECODE_TOKENS = 512
 
 
-def _limits(state: RouterState, tenant: Tenant | None) -> Limits:
+def _limits(state: RouterState, tenant: Tenant | None) -> RateLimits:
     if tenant is not None:
-        return Limits(tenant.requests_per_minute, tenant.tokens_per_minute)
-    return Limits(state.config.requests_per_minute, state.config.tokens_per_minute)
+        return RateLimits(tenant.requests_per_minute, tenant.tokens_per_minute)
+    return RateLimits(state.config.requests_per_minute, state.config.tokens_per_minute)
 
 
 async def _prompt_text(state: RouterState, input_ids) -> str:
@@ -41,11 +42,11 @@ async def _prompt_text(state: RouterState, input_ids) -> str:
     return await asyncio.to_thread(state.tokenizer.decode, ids)
 
 
-async def admit(state: RouterState, request: Request, runs: list[Prepared]) -> list[Generation]:
+async def admit(state: RouterState, request: Request,
+                runs: list[Prepared]) -> GenerationRequest:
     """Check and queue the runs of one request (its choices, best_of candidates, prompts);
     raises the RouterError that refuses it. One rate-limit decision takes the request and all
-    its tokens; each run refunds what it did not generate. The request's telemetry (spans,
-    metrics, log line) follows its first run."""
+    its tokens; what its runs did not generate is refunded when the last one ends."""
     telemetry: RequestTelemetry = request.state.telemetry
     prompts = list(dict.fromkeys(tuple(run.request.input_ids) for run in runs))
     input_tokens = sum(len(p) for p in prompts)
@@ -79,45 +80,35 @@ async def admit(state: RouterState, request: Request, runs: list[Prepared]) -> l
                               f"this request needs {reserved} tokens", headers=decision.headers())
         telemetry.ratelimit_headers = decision.headers()
 
+    guard = content_filter.output_guard if content_filter is not None else None
+    generation = GenerationRequest(
+        [run.request for run in runs], telemetry, guard,
+        lambda done: _settled(state, done, bucket, limits))
     try:
-        gens = state.submit([run.request for run in runs])
-    except Overloaded:
-        _refund(state, bucket, limits, reserved)
+        state.dispatcher.submit(generation.runs)
+    except RouterError:
+        _refund(state, bucket, limits, reserved)  # it never ran: all of it goes back
         raise
     telemetry.queued()
-    for index, gen in enumerate(gens):
-        _settle_on_close(state, gen, telemetry if index == 0 else None, bucket, limits)
-    return gens
+    timeout_s = state.config.request_timeout_s
+    if timeout_s > 0:
+        generation.fail_after(timeout_s, RequestTimeout(
+            f"the request took longer than {timeout_s:g} s (--request-timeout), queue wait "
+            f"included"))
+    return generation
 
 
-def _settle_on_close(state: RouterState, gen: Generation, telemetry: RequestTelemetry | None,
-                     bucket: str, limits: Limits) -> None:
-    """Arm the run's output filter and deadline; when it closes, refund its unused tokens."""
-    gen.telemetry = telemetry
-    if state.config.content_filter is not None:
-        gen.output_guard = state.config.content_filter.output_guard()
-    timer = None
-    if state.config.request_timeout_s > 0:
-        timer = asyncio.get_running_loop().call_later(
-            state.config.request_timeout_s, gen.fail, RequestTimeout(
-                f"the request took longer than {state.config.request_timeout_s:g} s "
-                f"(--request-timeout), queue wait included"))
-    max_new_tokens = gen.request.stopping.max_new_tokens
-
-    def settle(gen: Generation) -> None:
-        if timer is not None:
-            timer.cancel()
-        outcome = gen.outcome or "cancelled"
-        if outcome == "content_filter":
-            state.metrics.filtered.labels("output").inc()
-        if telemetry is not None:
-            telemetry.generation_ended(outcome)
-        # The reservation was prompt + max_new_tokens; what was used is prompt + generated.
-        _refund(state, bucket, limits, max_new_tokens - gen.generated_tokens)
-
-    gen.on_close.append(settle)
+def _settled(state: RouterState, generation: GenerationRequest, bucket: str,
+             limits: RateLimits) -> None:
+    """Its last run closed: count how it ended, and refund what it reserved and did not use."""
+    outcomes = {run.outcome for run in generation.runs}
+    if "content_filter" in outcomes:
+        state.metrics.filtered.labels("output").inc()
+    generation.telemetry.generation_ended(generation.outcome)
+    # The reservation was the prompts + max_new_tokens; what was used is prompts + generated.
+    _refund(state, bucket, limits, generation.max_new_tokens - generation.generated_tokens)
 
 
-def _refund(state: RouterState, bucket: str, limits: Limits, tokens: int) -> None:
+def _refund(state: RouterState, bucket: str, limits: RateLimits, tokens: int) -> None:
     if tokens > 0 and limits.tokens_per_minute:
         state.spawn(state.limiter.refund(bucket, limits, tokens))

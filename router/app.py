@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -22,6 +23,7 @@ from router.middleware import RequestMiddleware
 from router.openapi import Operation
 from router.schemas import ChatCompletionRequest, CompletionRequest, TGIRequest
 from router.state import RouterState
+from router.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ async def health(request: Request) -> Response:
     state: RouterState = request.app.state.router
     if state.draining:
         raise Draining("the router is shutting down")
-    ready = len(state.dispatcher.ready_groups)
+    ready = len(state.dispatcher.ready_groups())
     if not ready:
         raise ShardUnavailable("no shard group is connected")
     return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
@@ -70,10 +72,11 @@ async def info(request: Request) -> Response:
         router="sluice", version=sluice.__version__, sha=None, docker_label=None,
         attention_backend=i.attention_backend, num_shard=i.num_shards,
         shard_groups=[tgi_out.ShardGroupInfo(
-            uri=g.uri, ready=g.ready, free_budget_tokens=g.free_budget_tokens,
+            uri=g.uri, ready=g.ready, state=g.state.value,
+            free_budget_tokens=g.free_budget_tokens,
             max_batch_total_tokens=g.info.max_batch_total_tokens if g.info else None,
             prefill_chunk_tokens=g.info.prefill_chunk_tokens if g.info else None)
-            for g in state.dispatcher.groups]))
+            for g in state.groups.all()]))
 
 
 TGI, OPENAI, SERVICE = "TGI", "OpenAI", "Service"
@@ -113,13 +116,13 @@ async def docs(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    return state.metrics.response()
+    return Response(await state.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build(config: RouterConfig) -> Starlette:
+def build(config: RouterConfig, worker: Worker | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        state = RouterState(config)
+        state = RouterState(config, worker)
         app.state.router = state
         await state.start()
         try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from router.auth import Keys, load_keys
 from router.content_filter import ContentFilter, load_filter
+from router.discovery import DnsName, ServiceName, parse_dns_name, parse_service_name
 from sluice import logs, tracing
 from sluice.flags import apply_environment
 
@@ -16,7 +18,13 @@ from sluice.flags import apply_environment
 class RouterConfig:
     host: str
     port: int
-    shard_uri: list[str]
+    shard_uri: list[str]  # static groups
+    shard_dns: DnsName | None
+    shard_dns_server: tuple[str, int] | None  # None: the system's resolv.conf
+    shard_service: ServiceName | None
+    discovery_interval_s: float
+    failover_timeout_s: float
+    workers: int
     max_concurrent_requests: int
     max_stop_sequences: int
     max_top_n_tokens: int
@@ -49,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most choices one /v1 request may ask for: prompts times n")
     parser.add_argument("--served-model-name", default=None,
                         help="model name in /v1 answers; default: the shard group's model id")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="router processes sharing the port (SO_REUSEPORT), each with its "
+                             "own streams to every group; rate limits stay exact across them; "
+                             "default: the CPU cores this process may use (cgroup quota and "
+                             "affinity), at least 1")
+    parser.add_argument("--failover-timeout", type=float, default=30.0,
+                        help="seconds a request whose shard group failed or drained may wait "
+                             "for another group to take it (it goes on where it was: the "
+                             "client sees no error), and queued requests while no group is "
+                             "ready; then 503")
     parser.add_argument("--request-timeout", type=float, default=0.0,
                         help="seconds a request may take, queue wait included, before it ends "
                              "with 504 (timeout); 0: no limit")
@@ -85,18 +103,42 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
         description="Serve the TGI and OpenAI HTTP APIs in front of shard groups.")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
     parser.add_argument("--port", type=int, default=8080, help="HTTP listen port (0: any free)")
-    parser.add_argument("--shard-uri", action="append", required=True,
-                        help="HOST:PORT of a shard group's gRPC server; repeat for several "
-                             "(the environment variable takes a comma-separated list)")
+    parser.add_argument("--shard-uri", action="append", default=[],
+                        help="HOST:PORT of a shard group's gRPC server; repeat, or give "
+                             "a comma list")
+    parser.add_argument("--shard-dns", default=None, metavar="NAME:PORT",
+                        help="find shard groups at every A/AAAA address of NAME (a headless "
+                             "Service, say), re-resolved every --discovery-interval")
+    parser.add_argument("--shard-dns-server", default=None, metavar="IP[:PORT]",
+                        help="the DNS server --shard-dns asks; default: resolv.conf's")
+    parser.add_argument("--shard-service", default=None, metavar="[NAMESPACE/]NAME",
+                        help="find shard groups as the ready endpoints of this Kubernetes "
+                             "Service (its EndpointSlices, watched through the API server: "
+                             "in-cluster config, else kubeconfig; the port named grpc); "
+                             "NAMESPACE defaults to the router's own")
+    parser.add_argument("--discovery-interval", type=float, default=5.0,
+                        help="seconds between DNS resolutions, and between tries while the "
+                             "Kubernetes API does not answer")
     add_arguments(parser)
     logs.add_arguments(parser)
     tracing.add_arguments(parser)
     apply_environment(parser, environ)
     args = parser.parse_args(argv)
+    args.shard_uri = [u.strip() for item in args.shard_uri for u in item.split(",") if u.strip()]
+    if not (args.shard_uri or args.shard_dns or args.shard_service):
+        parser.error("say where the shard groups are: --shard-uri, --shard-dns or "
+                     "--shard-service")
+    if args.workers is None:
+        args.workers = usable_cores()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.discovery_interval <= 0:
+        parser.error("--discovery-interval must be above 0")
     for flag in ("max_concurrent_requests", "max_best_of", "max_client_batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for name in ("request_timeout", "shutdown_grace", "requests_per_minute", "tokens_per_minute"):
+    for name in ("request_timeout", "shutdown_grace", "requests_per_minute", "tokens_per_minute",
+                 "failover_timeout"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if args.api_keys_file and args.api_keys:
@@ -105,10 +147,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
         keys = load_keys(args.api_keys_file, args.api_keys, args.requests_per_minute,
                          args.tokens_per_minute)
         content_filter = load_filter(args.content_filter, args.content_filter_hook)
+        shard_dns = parse_dns_name(args.shard_dns) if args.shard_dns else None
+        dns_server = parse_dns_server(args.shard_dns_server) if args.shard_dns_server else None
+        service = parse_service_name(args.shard_service) if args.shard_service else None
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     return RouterConfig(
-        host=args.host, port=args.port, shard_uri=args.shard_uri,
+        host=args.host, port=args.port, shard_uri=args.shard_uri, shard_dns=shard_dns,
+        shard_dns_server=dns_server, shard_service=service,
+        discovery_interval_s=args.discovery_interval, failover_timeout_s=args.failover_timeout,
+        workers=args.workers,
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
         max_best_of=args.max_best_of, max_client_batch_size=args.max_client_batch_size,
@@ -118,3 +166,29 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
         rate_limit_redis_url=args.rate_limit_redis_url, content_filter=content_filter,
         log_prompts=args.log_prompts, log_format=args.log_format,
         tracing=tracing.config_from(args, environ, "sluice-router"))
+
+
+def parse_dns_server(value: str) -> tuple[str, int]:
+    """IP, IP:PORT or [IPv6]:PORT; the port defaults to 53."""
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--shard-dns-server must be IP[:PORT], not {value!r}")
+    return host, int(port)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity, bounded by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, int(-(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

@@ -99,3 +99,7 @@ class RequestTimeout(RouterError):
 
     status = 504
     error_type = "timeout"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer: nothing is sent; logged and counted as 499."""

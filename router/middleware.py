@@ -11,7 +11,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import Draining, RouterError
+from router.errors import ClientDisconnected, Draining, RouterError
 from router.state import RouterState
 from router.telemetry import RequestTelemetry
 
@@ -34,6 +34,8 @@ class RequestMiddleware:
         route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
         telemetry = RequestTelemetry(state.metrics, scope["method"], route, request_id,
                                      dict(headers))
+        if state.worker is not None:
+            telemetry.fields["worker"] = state.worker.index
         status = 500  # unless a response starts
 
         async def send_with_headers(message: Message) -> None:
@@ -60,6 +62,9 @@ class RequestMiddleware:
                 await response(scope, receive, send_with_headers)
                 return
             scope.setdefault("state", {}).update(telemetry=telemetry, tenant=tenant)
-            await self.app(scope, receive, send_with_headers)
+            try:
+                await self.app(scope, receive, send_with_headers)
+            except ClientDisconnected:
+                status = 499  # nginx's "client closed request": no answer, no server error
         finally:
             telemetry.ended(status)

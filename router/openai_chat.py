@@ -10,7 +10,7 @@ from router import streaming
 from router.errors import RouterError
 from router.openai_api import FINISH, Head, chat_logprobs, check_choices, sampling_params, usage
 from router.schemas import ChatCompletionRequest, parse
-from router.shard_client import Generation
+from router.request import Run
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare
 
@@ -34,11 +34,13 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     prepared = await _prepare(state, body)
     runs = choices(prepared, body.n)
-    gens = await state.admit(request, runs)
+    generation = await state.admit(request, runs)
+    gens = generation.runs
     head = Head.new("chatcmpl", state)
     if body.stream:
-        return streaming.sse_response(_events(state, body, prepared, runs, gens, head), gens)
-    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+        return streaming.sse_response(_events(state, body, prepared, runs, gens, head),
+                                      generation)
+    results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     return streaming.json_response(out.ChatCompletion(
         **head.fields(), object="chat.completion",
@@ -50,7 +52,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Prepared,
-                  runs: list[Prepared], gens: list[Generation], head: Head):
+                  runs: list[Prepared], gens: list[Run], head: Head):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def model(index: int, delta: out.Delta, finish_reason=None,
@@ -68,16 +70,20 @@ async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Pre
         for index in range(len(runs)):
             yield chunk(index, out.Delta(role="assistant", content=""))
         generated = [0] * len(runs)
-        async for index, token in streaming.merge([
-                streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
-            logprobs = chat_logprobs(state, [token]) if body.logprobs else None
-            if logprobs:
-                yield chunk(index, out.Delta(content=token.text), logprobs=logprobs)
-            elif token.text:
-                yield texts(index, token.text)
-            if token.finish is not None:
-                generated[index] = token.finish.generated_tokens
-                yield chunk(index, out.Delta(), FINISH[token.finish.reason])
+        async for index, batch in streaming.batches(state.tokenizer, gens,
+                                                    [run.stop for run in runs]):
+            events = []  # one write for the batch
+            for token in batch:
+                logprobs = chat_logprobs(state, [token]) if body.logprobs else None
+                if logprobs:
+                    events.append(chunk(index, out.Delta(content=token.text), logprobs=logprobs))
+                elif token.text:
+                    events.append(texts(index, token.text))
+                if token.finish is not None:
+                    generated[index] = token.finish.generated_tokens
+                    events.append(chunk(index, out.Delta(), FINISH[token.finish.reason]))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield streaming.sse(out.ChatCompletionChunk(
                 **head.fields(), object="chat.completion.chunk", choices=[],

@@ -13,7 +13,7 @@ from router import streaming
 from router.errors import RouterError, ValidationError
 from router.openai_api import FINISH, Head, check_choices, sampling_params, usage
 from router.schemas import CompletionRequest, parse
-from router.shard_client import Generation
+from router.request import Run
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare
 
@@ -65,7 +65,7 @@ def _decoded(state: RouterState, ids: list[int]) -> _Prompt:
     return _Prompt(text, list(ids), starts)
 
 
-def _echo_logprobs(state: RouterState, prompt: _Prompt, gen: Generation) -> _Choice:
+def _echo_logprobs(state: RouterState, prompt: _Prompt, gen: Run) -> _Choice:
     """The prompt's part of an echoed choice: its tokens, scored but for the first."""
     text = state.tokenizer.token_text
     scores = gen.prompt_scores
@@ -101,12 +101,13 @@ async def completions(request: Request) -> Response:
                         prefill_logprobs=body.echo and wants_logprobs) for p in prompts]
     runs = [run for p in prepared for run in choices(p, body.n)]
     run_prompts = [p for p in prompts for _ in range(body.n)]
-    gens = await state.admit(request, runs)
+    generation = await state.admit(request, runs)
+    gens = generation.runs
     head = Head.new("cmpl", state)
     if body.stream:
         return streaming.sse_response(
-            _events(state, body, prepared, runs, run_prompts, gens, head), gens)
-    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+            _events(state, body, prepared, runs, run_prompts, gens, head), generation)
+    results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     answer = []
     for index, (prompt, gen, (tokens, finish)) in enumerate(zip(run_prompts, gens, results)):
@@ -122,7 +123,7 @@ async def completions(request: Request) -> Response:
 
 
 def _start(state: RouterState, body: CompletionRequest, prompt: _Prompt,
-           gen: Generation) -> _Choice:
+           gen: Run) -> _Choice:
     """A choice before its first generated token: the echoed prompt, or nothing."""
     if not body.echo:
         return _Choice()
@@ -132,7 +133,7 @@ def _start(state: RouterState, body: CompletionRequest, prompt: _Prompt,
 
 
 async def _events(state: RouterState, body: CompletionRequest, prepared: list[Prepared],
-                  runs: list[Prepared], prompts: list[_Prompt], gens: list[Generation],
+                  runs: list[Prepared], prompts: list[_Prompt], gens: list[Run],
                   head: Head):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     wants_logprobs = body.logprobs is not None
@@ -150,29 +151,34 @@ async def _events(state: RouterState, body: CompletionRequest, prepared: list[Pr
     try:
         states: list[_Choice | None] = [None] * len(runs)
         generated = [0] * len(runs)
-        async for index, token in streaming.merge([
-                streaming.run(state.tokenizer, gen, run.stop) for gen, run in zip(gens, runs)]):
+        async for index, batch in streaming.batches(state.tokenizer, gens,
+                                                    [run.stop for run in runs]):
+            events = []  # one write for the batch
             if states[index] is None:  # the first token: the prompt's scores came with it
                 states[index] = _start(state, body, prompts[index], gens[index])
                 if body.echo:
-                    yield chunk(index, states[index].text,
-                                logprobs=states[index].logprobs if wants_logprobs else None)
+                    events.append(chunk(index, states[index].text, logprobs=(
+                        states[index].logprobs if wants_logprobs else None)))
             choice = states[index]
-            logprobs = None
-            if wants_logprobs:  # the text so far only places each token's text_offset
-                before = len(choice.logprobs.tokens)
-                _add_token(state, choice, token)
-                lp = choice.logprobs
-                logprobs = out.CompletionLogprobs(
-                    tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
-                    top_logprobs=lp.top_logprobs[before:], text_offset=lp.text_offset[before:])
-            finish = FINISH[token.finish.reason] if token.finish is not None else None
-            if logprobs is not None or finish is not None:
-                yield chunk(index, token.text, finish, logprobs)
-            elif token.text:
-                yield texts(index, token.text)
-            if token.finish is not None:
-                generated[index] = token.finish.generated_tokens
+            for token in batch:
+                logprobs = None
+                if wants_logprobs:  # the text so far only places each token's text_offset
+                    before = len(choice.logprobs.tokens)
+                    _add_token(state, choice, token)
+                    lp = choice.logprobs
+                    logprobs = out.CompletionLogprobs(
+                        tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
+                        top_logprobs=lp.top_logprobs[before:],
+                        text_offset=lp.text_offset[before:])
+                finish = FINISH[token.finish.reason] if token.finish is not None else None
+                if logprobs is not None or finish is not None:
+                    events.append(chunk(index, token.text, finish, logprobs))
+                elif token.text:
+                    events.append(texts(index, token.text))
+                if token.finish is not None:
+                    generated[index] = token.finish.generated_tokens
+            if events:
+                yield "".join(events)
         if include_usage:
             yield streaming.sse(out.Completion(**head.fields(), object="text_completion",
                                                choices=[], usage=usage(prepared, generated)))

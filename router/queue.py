@@ -1,64 +1,96 @@
-"""The bounded queue in front of the shard groups, and the choice of group for each request.
+"""The bounded queue in front of the shard groups, the choice of group, and failover.
 
-Requests leave the queue in arrival order, each to the connected group with the most free
-budget that can hold its whole reservation; when none can, the queue waits for budget to move.
-The shard group remains the arbiter: if several routers race for the same budget, it queues.
+Runs leave the queue in arrival order, each to a ready group that can hold its whole
+reservation, preferring the most free budget, then the fewest waiting requests: O(groups) per
+run. When none can, the queue waits for budget to move. The shard group remains the arbiter when
+several routers race for its budget: a run it cannot admit yet waits there.
+
+A run whose group is lost (its stream broke, or it handed the run back with a retryable error)
+goes back to the head of the queue, as a continuation when it had generated tokens, and waits at
+most --failover-timeout for a group to take it. So does every queued run while no group is
+ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import deque
+from collections.abc import Callable
 
 from router.errors import Overloaded, RouterError, ShardUnavailable
-from router.shard_client import Generation, ShardGroup
-from sluice.v1 import generate_pb2 as pb
+from router.request import Run
+from router.shard_client import ShardGroup
+
+log = logging.getLogger(__name__)
+
+FAILOVER_REASONS = ("group_lost", "retryable")
 
 
 class Dispatcher:
-    def __init__(self, uris: list[str], max_concurrent_requests: int):
-        self.groups = [ShardGroup(uri, self.wake) for uri in uris]
+    def __init__(self, groups: Callable[[], list[ShardGroup]], max_concurrent_requests: int,
+                 failover_timeout_s: float):
+        self._groups = groups  # every known group, ready or not
         self.max_concurrent_requests = max_concurrent_requests
-        self.in_flight = 0  # queued + running
-        self._pending: deque[Generation] = deque()
+        self.failover_timeout_s = failover_timeout_s
+        self.failovers = dict.fromkeys(FAILOVER_REASONS, 0)  # runs handed over, by reason
+        self.in_flight = 0  # queued + running runs
+        self._pending: deque[Run] = deque()
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
-
-    @property
-    def ready_groups(self) -> list[ShardGroup]:
-        return [g for g in self.groups if g.ready]
 
     @property
     def queue_size(self) -> int:
         return len(self._pending)
 
-    def submit(self, request: pb.Request) -> Generation:
-        """Queue a request, or refuse it at once when the router is full or has no shards."""
-        if not self.ready_groups:
+    def ready_groups(self) -> list[ShardGroup]:
+        return [g for g in self._groups() if g.ready]
+
+    def submit(self, runs: list[Run]) -> None:
+        """Queue the runs of one request, or refuse them all at once when the router is full or
+        no shard group is ready."""
+        if not self.ready_groups():
             raise ShardUnavailable("no shard group is connected")
-        if self.in_flight >= self.max_concurrent_requests:
+        if self.in_flight + len(runs) > self.max_concurrent_requests:
             raise Overloaded(f"the model is overloaded: {self.in_flight} requests in flight "
                              f"(max_concurrent_requests={self.max_concurrent_requests})")
-        request_id = next(self._ids)
-        request.id = request_id
-        gen = Generation(request_id, request, self._release)
-        self.in_flight += 1
-        self._pending.append(gen)
+        for run in runs:
+            run.queued(next(self._ids), self)
+            self.in_flight += 1
+            self._pending.append(run)
         self.wake()
-        return gen
 
-    def _release(self, gen: Generation) -> None:
-        self.in_flight -= 1
-        if gen.group is None and gen in self._pending:
-            self._pending.remove(gen)
+    def withdraw(self, run: Run) -> None:
+        """The run ended from the router's side (closed, failed): off its group or the queue."""
+        if run.failover_timer is not None:
+            run.failover_timer.cancel()
+            run.failover_timer = None
+        if run.group is not None:
+            run.group.cancel(run)
+            run.group = None
+        elif run in self._pending:
+            self._pending.remove(run)
+        if run.closed:  # Run.close() withdraws once
+            self.in_flight -= 1
+
+    def fail_over(self, run: Run, reason: str, retryable_error: bool) -> None:
+        """Its group lost it: back to the head of the queue, bounded by --failover-timeout."""
+        kind = "retryable" if retryable_error else "group_lost"
+        run.failovers += 1
+        self.failovers[kind] += 1
+        log.info("run %d fails over (%s) after %d tokens: %s", run.id, kind, len(run.tokens),
+                 reason)
+        self._arm_failover_deadline(run, reason)
+        self._pending.appendleft(run)
+        self.wake()
 
     def fail_all(self, error: RouterError) -> int:
-        """End every queued and running request with `error`; how many there were."""
-        gens = list(self._pending) + [g for group in self.groups for g in group.generations]
-        for gen in gens:
-            gen.fail(error)
-        return len(gens)
+        """End every queued and running run with `error`; how many there were."""
+        runs = list(self._pending) + [s for g in self._groups() for s in g.submissions]
+        for run in runs:
+            run.fail(error)
+        return len(runs)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -67,21 +99,51 @@ class Dispatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            self._dispatch()
+            try:
+                self.dispatch()
+            except Exception:  # a bug: never a dead queue with requests waiting on it
+                log.exception("dispatching failed; the request at the head of the queue ends")
+                if self._pending:
+                    self._pending[0].fail(RouterError("internal error while dispatching"))
+                self.wake()
 
-    def _dispatch(self) -> None:
-        groups = self.ready_groups
+    def dispatch(self) -> None:
+        groups = self.ready_groups()
         if not groups:
-            while self._pending:  # nowhere to go: every queued request gets its error now
-                self._pending.popleft().push(ShardUnavailable("no shard group is connected"))
+            for run in self._pending:  # nowhere to go now: wait a bounded time for a group
+                if run.failover_timer is None:
+                    self._arm_failover_deadline(run, "no shard group is ready")
             return
-        while self._pending:
-            gen = self._pending[0]
-            fitting = [g for g in groups
-                       if g.available_tokens >= gen.reserved_tokens(g.info.block_size)]
-            if not fitting:
+        pending = self._pending
+        while pending:
+            run = pending[0]
+            best, best_key = None, None
+            for group in groups:  # O(groups): the running sums make each look O(1)
+                if group.fits(run):
+                    key = (group.available_tokens, -group.waiting_requests)
+                    if best is None or key > best_key:
+                        best, best_key = group, key
+            if best is None:
                 break  # strict arrival order: wait for budget to move
-            group = max(fitting, key=lambda g: g.available_tokens)
-            group.reserve(self._pending.popleft())
+            pending.popleft()
+            if run.failover_timer is not None:
+                run.failover_timer.cancel()
+                run.failover_timer = None
+            wire = run.wire_request()
+            run.dispatched(best, wire)
+            best.send(run, wire)
         for group in groups:
             group.flush()
+
+    def _arm_failover_deadline(self, run: Run, reason: str) -> None:
+        if run.failover_timer is not None:
+            return
+        timeout_s = self.failover_timeout_s
+        run.failover_timer = asyncio.get_running_loop().call_later(
+            timeout_s, self._failover_expired, run, reason)
+
+    def _failover_expired(self, run: Run, reason: str) -> None:
+        run.failover_timer = None
+        run.fail(ShardUnavailable(
+            f"no shard group could take the request within {self.failover_timeout_s:g} s "
+            f"(--failover-timeout); the last failure: {reason}"))

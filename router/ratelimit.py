@@ -31,7 +31,9 @@ _KINDS = ("requests", "tokens")
 
 
 @dataclass(slots=True, frozen=True)
-class Limits:
+class RateLimits:
+    """A tenant's allowance per minute (requests, tokens), as its key or the flags set it."""
+
     requests_per_minute: int  # 0: no limit
     tokens_per_minute: int
 
@@ -75,7 +77,7 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}s" if minutes else f"{rest_text}s"
 
 
-def decide(tats: list[float], limits: Limits, costs: tuple[int, int], now: float) -> Decision:
+def decide(tats: list[float], limits: RateLimits, costs: tuple[int, int], now: float) -> Decision:
     """The decision for these costs given each bucket's theoretical arrival time (TAT)."""
     usage, allowed, retry_after = {}, True, 0.0
     for kind, tat, limit, cost in zip(_KINDS, tats, limits.per_kind, costs):
@@ -107,7 +109,7 @@ class LocalBuckets:
         self._tats: dict[str, float] = {}
         self._updates = 0
 
-    def take(self, keys: tuple[str, str], limits: Limits, costs: tuple[int, int],
+    def take(self, keys: tuple[str, str], limits: RateLimits, costs: tuple[int, int],
              now: float) -> Decision:
         decision = decide([self._tats.get(k, now) for k in keys], limits, costs, now)
         if decision.allowed:
@@ -167,9 +169,12 @@ end
 class RateLimiter:
     """Takes from and gives back to each tenant's buckets, in Redis when configured."""
 
-    def __init__(self, redis_url: str | None, clock: Callable[[], float] = time.time):
+    def __init__(self, redis_url: str | None, clock: Callable[[], float] = time.time,
+                 shared=None):
         self._clock = clock  # wall time: replicas sharing Redis compare their TATs
-        self._local = LocalBuckets()
+        # This process's buckets, or with --workers the table the workers share
+        # (router/shared_buckets.py): used without Redis, and while Redis is away.
+        self._local = shared if shared is not None else LocalBuckets()
         self._redis = None
         self._redis_down_until = 0.0
         if redis_url:
@@ -178,7 +183,7 @@ class RateLimiter:
             self._take = self._redis.register_script(_TAKE)
             self._give_back = self._redis.register_script(_GIVE_BACK)
 
-    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> Decision:
+    async def acquire(self, tenant: str, limits: RateLimits, tokens: int) -> Decision:
         """Take one request and `tokens` tokens from the tenant's buckets, if both fit."""
         keys = (f"sluice:ratelimit:{tenant}:requests", f"sluice:ratelimit:{tenant}:tokens")
         costs, now = (1, tokens), self._clock()
@@ -192,7 +197,7 @@ class RateLimiter:
                 self._redis_failed(exc, now)
         return self._local.take(keys, limits, costs, now)
 
-    async def refund(self, tenant: str, limits: Limits, tokens: int) -> None:
+    async def refund(self, tenant: str, limits: RateLimits, tokens: int) -> None:
         """Give back tokens reserved but not generated."""
         if tokens <= 0 or limits.tokens_per_minute <= 0:
             return

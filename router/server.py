@@ -1,7 +1,9 @@
 """The router process: the HTTP app on uvicorn, and its drain on SIGTERM.
 
 When it listens it prints one JSON line on stdout, {"event": "ready", "service": "router",
-"address": "HOST:PORT"}, so that --port 0 can be used and the chosen port learned.
+"address": "HOST:PORT"}, so that --port 0 can be used and the chosen port learned. With
+--workers N > 1 the process supervises N workers that share the port (router/workers.py), and
+prints the line once all of them listen; each worker drains on its own.
 
 On SIGTERM (or SIGINT) it drains: /health turns 503 so that Kubernetes stops sending traffic,
 new requests get 503, requests in flight run to their end for up to --shutdown-grace seconds
@@ -20,12 +22,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
+import uvloop
 
 from router import app as router_app
 from router import config as router_config
+from router import streaming, workers
 from router.errors import Draining
 from router.state import RouterState
 from sluice import logs, tracing
@@ -43,14 +47,6 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
 async def drain(state: RouterState, grace_s: float, cut_short: asyncio.Event) -> None:
     """Refuse new work, let what is in flight finish within `grace_s`, then fail the rest."""
     state.draining = True
@@ -66,10 +62,15 @@ async def drain(state: RouterState, grace_s: float, cut_short: asyncio.Event) ->
     log.info("drained")
 
 
-async def serve(config: router_config.RouterConfig) -> None:
-    sock = _bind(config.host, config.port)
-    app = router_app.build(config)
-    server = _Server(uvicorn.Config(app, log_level="warning", log_config=None, access_log=False,
+async def serve(config: router_config.RouterConfig, sock: socket.socket,
+                worker: workers.Worker | None = None,
+                listening: Callable[[], None] | None = None) -> None:
+    """Serve on `sock` until a signal; `listening` is called once it accepts connections (a
+    worker tells its parent), else the ready line is printed."""
+    app = router_app.build(config, worker)
+    # httptools: its chunk writes cost less CPU per streamed token than h11's state machine.
+    server = _Server(uvicorn.Config(streaming.raw_send_in_scope(app), http="httptools",
+                                    log_level="warning", log_config=None, access_log=False,
                                     timeout_graceful_shutdown=_CLOSE_GRACE_S))
     signals = asyncio.Event()
     second_signal = asyncio.Event()
@@ -86,10 +87,13 @@ async def serve(config: router_config.RouterConfig) -> None:
             task.result()  # start-up failed: raise its error
             return
         await asyncio.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log.info("router listening on http://%s", address)
-    print(json.dumps({"event": "ready", "service": "router", "address": address}), flush=True)
+    if listening is not None:
+        listening()
+    else:
+        address = workers.address_of(sock)
+        log.info("router listening on http://%s", address)
+        print(json.dumps({"event": "ready", "service": "router", "address": address}),
+              flush=True)
     waiter = asyncio.create_task(signals.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if signals.is_set() and not task.done():
@@ -99,14 +103,26 @@ async def serve(config: router_config.RouterConfig) -> None:
     await task
 
 
+def _run(config: router_config.RouterConfig, worker: workers.Worker | None,
+         sock: socket.socket, listening: Callable[[], None] | None = None) -> None:
+    provider = tracing.start(config.tracing)  # in each worker: its exporter thread
+    try:
+        # uvloop: its loop and transports in C take less CPU per streamed token.
+        uvloop.run(serve(config, sock, worker, listening))
+    finally:
+        tracing.stop(provider)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = router_config.parse(argv, os.environ)
     logs.configure(config.log_format)
-    provider = tracing.start(config.tracing)
     try:
-        asyncio.run(serve(config))
+        if config.workers == 1:
+            _run(config, None, workers.bind(config.host, config.port, reuse_port=False))
+        else:
+            sys.exit(workers.supervise(
+                config.host, config.port, config.workers,
+                lambda worker, sock, listening: _run(config, worker, sock, listening)))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         sys.exit(2)
-    finally:
-        tracing.stop(provider)

@@ -9,15 +9,18 @@ from collections.abc import Coroutine
 
 from starlette.requests import Request
 
-from router import admission
+from router import admission, discovery, workers
 from router.config import RouterConfig
 from router.errors import ShardUnavailable
+from router.groups import ShardGroups
 from router.metrics import RouterMetrics
 from router.queue import Dispatcher
 from router.ratelimit import RateLimiter
-from router.shard_client import Generation
+from router.shared_buckets import SharedBuckets
+from router.workers import Worker
+from router.request import GenerationRequest
 from router.tokenizer import RouterTokenizer
-from router.validation import Limits, Prepared
+from router.validation import Prepared, RequestLimits
 from sluice.v1 import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -27,27 +30,55 @@ _INLINE_TOKENIZE_CHARS = 2048
 
 
 class RouterState:
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, worker: Worker | None = None):
         self.config = config
-        self.dispatcher = Dispatcher(config.shard_uri, config.max_concurrent_requests)
-        self.metrics = RouterMetrics(self.dispatcher)
-        self.limiter = RateLimiter(config.rate_limit_redis_url)
+        self.worker = worker  # None: the only router process
+        self.groups = ShardGroups(self._groups_changed)
+        self.dispatcher = Dispatcher(self.groups.all, config.max_concurrent_requests,
+                                     config.failover_timeout_s)
+        self.metrics = RouterMetrics(self.dispatcher, self.groups.all)
+        self.limiter = RateLimiter(config.rate_limit_redis_url, shared=(
+            SharedBuckets(worker.buckets) if worker is not None else None))
         self.draining = False  # SIGTERM came: /health is unready, new requests get 503
         self.started_at = int(time.time())
-        self._tokenizer: RouterTokenizer | None = None
+        self._tokenizer: tuple[tuple[str, str], RouterTokenizer] | None = None
         self._tasks: list[asyncio.Task] = []
         self._spawned: set[asyncio.Task] = set()
+        self._metrics_server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(g.run(), name=f"shard {g.uri}")
-                       for g in self.dispatcher.groups]
+        config = self.config
+        if config.shard_uri:
+            self.groups.update("static", set(config.shard_uri))
+        if config.shard_dns is not None:
+            self._tasks.append(asyncio.create_task(discovery.watch_dns(
+                config.shard_dns, config.shard_dns_server, config.discovery_interval_s,
+                self.groups.update), name="dns discovery"))
+        if config.shard_service is not None:
+            self._tasks.append(asyncio.create_task(discovery.watch_service(
+                config.shard_service, config.discovery_interval_s, self.groups.update),
+                name="kubernetes discovery"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
+        if self.worker is not None:
+            self._metrics_server = await workers.serve_metrics(self.worker, self.metrics.text)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.groups.stop()
+        await asyncio.gather(*self._spawned, return_exceptions=True)
         await self.limiter.close()
+
+    async def metrics_text(self) -> bytes:
+        """GET /metrics: this process's metrics, or with --workers every worker's as one."""
+        own = self.metrics.text()
+        return own if self.worker is None else await workers.all_metrics(self.worker, own)
+
+    def _groups_changed(self) -> None:
+        self.dispatcher.wake()
 
     def spawn(self, work: Coroutine) -> None:
         """Run `work` in the background (a rate-limit refund), keeping it referenced."""
@@ -55,47 +86,40 @@ class RouterState:
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
 
-    async def admit(self, request: Request, runs: list[Prepared]) -> list[Generation]:
+    async def admit(self, request: Request, runs: list[Prepared]) -> GenerationRequest:
         """Filter, rate-limit and queue the runs of a validated request (router/admission.py)."""
         return await admission.admit(self, request, runs)
 
     @property
     def info(self) -> pb.InfoResponse:
-        """The Info of a connected shard group (all serve the same model)."""
-        groups = self.dispatcher.ready_groups
+        """The Info of a ready shard group (all serve the same model and tokenizer)."""
+        groups = self.dispatcher.ready_groups()
         if not groups:
             raise ShardUnavailable("no shard group is connected")
         return groups[0].info
 
     @property
     def tokenizer(self) -> RouterTokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = RouterTokenizer(self.info.tokenizer)
-        return self._tokenizer
+        """The ready groups' tokenizer; built again when they change to another model."""
+        groups = self.dispatcher.ready_groups()
+        if not groups:
+            raise ShardUnavailable("no shard group is connected")
+        identity = groups[0].identity
+        if self._tokenizer is None or self._tokenizer[0] != identity:
+            self._tokenizer = (identity, RouterTokenizer(groups[0].info.tokenizer))
+        return self._tokenizer[1]
 
     @property
-    def limits(self) -> Limits:
-        """Per-request limits every connected group accepts."""
-        infos = [g.info for g in self.dispatcher.ready_groups] or [self.info]
-        return Limits(min(i.max_input_tokens for i in infos),
-                      min(i.max_total_tokens for i in infos),
-                      self.config.max_stop_sequences, self.config.max_top_n_tokens)
+    def limits(self) -> RequestLimits:
+        """Per-request limits every ready group accepts."""
+        infos = [g.info for g in self.dispatcher.ready_groups()] or [self.info]
+        return RequestLimits(min(i.max_input_tokens for i in infos),
+                             min(i.max_total_tokens for i in infos),
+                             self.config.max_stop_sequences, self.config.max_top_n_tokens)
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_name or self.info.model_id
-
-    def submit(self, requests: list[pb.Request]) -> list[Generation]:
-        """Queue the runs of one HTTP request; if one is refused, the others are withdrawn."""
-        gens: list[Generation] = []
-        try:
-            for request in requests:
-                gens.append(self.dispatcher.submit(request))
-        except Exception:
-            for gen in gens:
-                gen.close()
-            raise
-        return gens
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._tokenize(self.tokenizer.encode, text, add_special_tokens)

@@ -1,8 +1,8 @@
 """Running requests: their events from the shard group, turned into text as they arrive.
 
 Shared by every route, streamed or not. Whatever way a request ends (finished, stop string,
-client gone, error), its Generation is closed: cancelled on the shard if still running. A
-request with several choices (best_of, n, a list of prompts) runs one Generation per choice.
+client gone, error), its runs are closed: cancelled on their shard group if still running. A
+request with several choices (best_of, n, a list of prompts) runs one Run per choice.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.content_filter import OutputGuard
 from router.detokenize import TextStream
-from router.errors import RouterError
-from router.shard_client import Generation, TokenEvent
+from router.errors import ClientDisconnected
+from router.request import GenerationRequest, Run, TokenEvent
 from router.tokenizer import RouterTokenizer
 from sluice.v1 import generate_pb2 as pb
 
@@ -80,9 +81,9 @@ class _Release:
         reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
         if reason is not None and text.stopped_by is None:
             piece += text.flush()
+        top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else []
         token = Token(event.token_id, piece, event.logprob,
-                      self._tokenizer.is_special(event.token_id),
-                      list(zip(event.top_ids, event.top_logprobs)))
+                      self._tokenizer.is_special(event.token_id), top)
         if self._guard is None:
             if reason is not None:
                 token.finish = Finish(reason, text.text, self.count)
@@ -112,44 +113,82 @@ class _Release:
         return out
 
 
-async def run(tokenizer: RouterTokenizer, gen: Generation,
-              stop: list[str]) -> AsyncIterator[Token]:
-    """Tokens as they come; the last carries the Finish. Raises RouterError on failure."""
-    release = _Release(tokenizer, stop, gen.output_guard)
+class _Reader:
+    """One run's tokens as the client may see them, a batch per wake-up (a shard step's tokens:
+    one, or several when the router fell behind). Closes the run once it ends or fails."""
+
+    def __init__(self, tokenizer: RouterTokenizer, run_: Run, stop: list[str]):
+        self._run = run_
+        self._release = _Release(tokenizer, stop, run_.output_guard)
+        self.done = False
+
+    async def next_batch(self) -> list[Token]:
+        """The next tokens (maybe none, while the output filter holds them); the last one
+        carries the Finish. Raises the run's RouterError."""
+        try:
+            events = await self._run.next_events()
+        except BaseException:
+            self.done = True
+            self._run.close()
+            raise
+        batch = []
+        push = self._release.push
+        for event in events:
+            for token in push(event):
+                batch.append(token)
+                if token.finish is not None:
+                    self.done = True
+                    self._run.finish(token.finish.reason)
+                    self._run.close()
+                    return batch
+        return batch
+
+
+async def batches(tokenizer: RouterTokenizer, runs: list[Run],
+                  stops: list[list[str]]) -> AsyncIterator[tuple[int, list[Token]]]:
+    """The runs' tokens as they come, as (run index, tokens) batches; a run's last batch ends
+    with its Finish. The first run to fail ends it with its error. Every run is closed when this
+    ends, however it ends."""
+    if len(runs) == 1:  # the common case: no task, no queue, no generator per run
+        reader = _Reader(tokenizer, runs[0], stops[0])
+        try:
+            while not reader.done:
+                batch = await reader.next_batch()
+                if batch:
+                    yield 0, batch
+        finally:
+            runs[0].close()
+        return
+    async for item in merge([_batches_of(_Reader(tokenizer, r, s), r)
+                             for r, s in zip(runs, stops)]):
+        yield item
+
+
+async def _batches_of(reader: _Reader, run_: Run) -> AsyncIterator[list[Token]]:
     try:
-        while True:
-            event = await gen.next_event()
-            gen.generated_tokens += 1
-            if gen.telemetry is not None:
-                gen.telemetry.token()
-            for token in release.push(event):
-                if token.finish is not None:
-                    gen.outcome = token.finish.reason
-                yield token
-                if token.finish is not None:
-                    return
-    except RouterError as exc:
-        gen.outcome = exc.error_type
-        raise
+        while not reader.done:
+            batch = await reader.next_batch()
+            if batch:
+                yield batch
     finally:
-        gen.close()
+        run_.close()
 
 
-async def collect(tokenizer: RouterTokenizer, gen: Generation,
+async def collect(tokenizer: RouterTokenizer, run_: Run,
                   stop: list[str]) -> tuple[list[Token], Finish]:
-    tokens = [token async for token in run(tokenizer, gen, stop)]
+    tokens = [token async for _, batch in batches(tokenizer, [run_], [stop]) for token in batch]
     return tokens, tokens[-1].finish
 
 
-async def collect_all(tokenizer: RouterTokenizer, gens: list[Generation],
+async def collect_all(tokenizer: RouterTokenizer, runs: list[Run],
                       stops: list[list[str]]) -> list[tuple[list[Token], Finish]]:
     """Every choice to its end; the first failure fails them all."""
-    runs = [asyncio.ensure_future(collect(tokenizer, g, s)) for g, s in zip(gens, stops)]
+    tasks = [asyncio.ensure_future(collect(tokenizer, r, s)) for r, s in zip(runs, stops)]
     try:
-        return list(await asyncio.gather(*runs))
+        return list(await asyncio.gather(*tasks))
     finally:
-        for run_ in runs:
-            run_.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 _END = object()
@@ -159,10 +198,6 @@ async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[i
     """Items of several streams as they come, each with the index of its stream.
 
     The first stream to fail ends the merge with its error; the others are cancelled."""
-    if len(streams) == 1:  # the common case, without a task and a queue hop per item
-        async for item in _closing(streams[0]):
-            yield 0, item
-        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
@@ -190,39 +225,26 @@ async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[i
             task.cancel()
 
 
-async def _closing(stream: AsyncGenerator[T, None]) -> AsyncIterator[T]:
-    """`stream`'s items; closed as soon as the consumer stops (a cancelled merge cancels its
-    pumps the same way), so that run() closes its Generation at once, not when collected."""
-    try:
-        async for item in stream:
-            yield item
-    finally:
-        await stream.aclose()
-
-
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def unless_disconnected(request: Request, gens: list[Generation], work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and its requests on their shards) if the client goes away."""
+async def unless_disconnected(request: Request, generation: GenerationRequest,
+                              work: Awaitable[T]) -> T:
+    """Await `work`; if the client goes away first, cancel it (and the runs on their groups)
+    and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientDisconnected("the client disconnected before the answer")
         return task.result()
     finally:
         watcher.cancel()
-        close_all(gens)
-
-
-def close_all(gens: list[Generation]) -> None:
-    for gen in gens:
-        gen.close()
+        generation.close()
 
 
 def logprob(value: float) -> float:
@@ -272,14 +294,47 @@ def _json_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def sse_response(events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
+RAW_SEND = "sluice.raw_send"  # scope key: the server's own send, set by raw_send_in_scope
+
+
+def raw_send_in_scope(app: ASGIApp) -> ASGIApp:
+    """The outermost layer: puts the server's `send` into the scope, where SSEResponse finds it."""
+    async def with_raw_send(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await app(scope, receive, send)
+    return with_raw_send
+
+
+class SSEResponse(StreamingResponse):
+    """A stream of SSE events whose body chunks skip the middleware's `send` wrappers.
+
+    The start of the response and its end go through the whole chain (the request middleware
+    records the status and adds headers there; Starlette's layers note that it started); the
+    events in between, which no layer looks at, go straight to the server: four coroutine calls
+    fewer per streamed token."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._raw_send = scope.get(RAW_SEND, send)
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        body = self._raw_send
+        async for chunk in self.body_iterator:
+            await body({"type": "http.response.body", "body": chunk.encode(),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def sse_response(events: AsyncIterator[str], generation: GenerationRequest) -> SSEResponse:
     # The background close also covers a client that leaves before the first event.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(_close_all_after, gens))
+    return SSEResponse(events, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                       background=BackgroundTask(_close_after, generation))
 
 
-async def _close_all_after(gens: list[Generation]) -> None:
-    """close_all as a coroutine: Starlette runs a plain function's background task in its
-    thread pool, a hand-off that cost ~9% of the router's CPU under 64 streams (py-spy)."""
-    close_all(gens)
+async def _close_after(generation: GenerationRequest) -> None:
+    """generation.close() as a coroutine: Starlette runs a plain function's background task in
+    its thread pool, a hand-off that cost ~9% of the router's CPU under 64 streams (py-spy)."""
+    generation.close()

@@ -61,12 +61,19 @@ class RequestTelemetry:
         self._queued_s = time.perf_counter()
 
     def dispatched(self, shard_group: str, trace_context) -> None:
-        """Taken by a shard group: write the dispatch span's context into the wire request."""
-        waited_s = time.perf_counter() - self._queued_s
-        self._metrics.queue_duration.observe(waited_s)
-        self.fields.update(queue_s=round(waited_s, 6), shard_group=shard_group)
-        if self._queue is not None:
-            self._queue.end()
+        """Taken by a shard group (again, after a failover): write the dispatch span's context
+        into the wire request."""
+        if self._dispatch is None:
+            waited_s = time.perf_counter() - self._queued_s
+            self._metrics.queue_duration.observe(waited_s)
+            self.fields["queue_s"] = round(waited_s, 6)
+            if self._queue is not None:
+                self._queue.end()
+        else:  # a failover: the lost group's span ends here
+            self._dispatch.set_attribute("sluice.failed_over", True)
+            self._dispatch.end()
+            self.fields["failovers"] = self.fields.get("failovers", 0) + 1
+        self.fields["shard_group"] = shard_group
         self._dispatch = self._child("dispatch", attributes={"sluice.shard_group": shard_group})
         _propagator.inject(trace_context, context=trace.set_span_in_context(self._dispatch))
 

@@ -11,7 +11,7 @@ from router import streaming
 from router import tgi_responses as out
 from router.errors import RouterError, ValidationError
 from router.schemas import TGIRequest, parse
-from router.shard_client import Generation, PromptScores
+from router.request import PromptScores, Run
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare, sampling
 
@@ -86,7 +86,7 @@ def _full_text(body: TGIRequest, text: str) -> str:
     return body.inputs + text if body.parameters.return_full_text else text
 
 
-def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generation,
+def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Run,
               tokens: list[streaming.Token], finish: streaming.Finish) -> out.BestOfSequence:
     p = body.parameters
     sequence = out.BestOfSequence(
@@ -102,8 +102,9 @@ def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Generati
 
 async def _generate(request: Request, state: RouterState, body: TGIRequest) -> out.GenerateResponse:
     runs = await _prepare(state, body, stream=False)
-    gens = await state.admit(request, runs)
-    results = await streaming.unless_disconnected(request, gens, streaming.collect_all(
+    generation = await state.admit(request, runs)
+    gens = generation.runs
+    results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
         state.tokenizer, gens, [run.stop for run in runs]))
     sequences = [_sequence(state, body, run, gen, tokens, finish)
                  for run, gen, (tokens, finish) in zip(runs, gens, results)]
@@ -121,32 +122,35 @@ async def _generate(request: Request, state: RouterState, body: TGIRequest) -> o
 
 async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
     [run] = await _prepare(state, body, stream=True)
-    gens = await state.admit(request, [run])
+    generation = await state.admit(request, [run])
+    gens = generation.runs
     p = body.parameters
+
+    def event(index: int, token: streaming.Token) -> str:
+        if token.finish is None and not token.top:
+            return token_event(index, token)
+        answer = out.StreamResponse(
+            index=index, token=_token(state, token.id, token.text, token.logprob),
+            top_tokens=_top_tokens(state, token), generated_text=None, details=None)
+        if token.finish is not None:
+            answer.generated_text = _full_text(body, token.finish.text)
+            if p.details:
+                answer.details = out.StreamDetails(
+                    finish_reason=token.finish.reason,
+                    generated_tokens=token.finish.generated_tokens,
+                    seed=run.seed, input_length=run.input_length)
+        return streaming.sse(answer)
 
     async def events():
         try:
             index = 0
-            async for token in streaming.run(state.tokenizer, gens[0], run.stop):
-                index += 1
-                if token.finish is None and not token.top:
-                    yield token_event(index, token)
-                    continue
-                event = out.StreamResponse(
-                    index=index, token=_token(state, token.id, token.text, token.logprob),
-                    top_tokens=_top_tokens(state, token), generated_text=None, details=None)
-                if token.finish is not None:
-                    event.generated_text = _full_text(body, token.finish.text)
-                    if p.details:
-                        event.details = out.StreamDetails(
-                            finish_reason=token.finish.reason,
-                            generated_tokens=token.finish.generated_tokens,
-                            seed=run.seed, input_length=run.input_length)
-                yield streaming.sse(event)
+            async for _, batch in streaming.batches(state.tokenizer, gens, [run.stop]):
+                first, index = index + 1, index + len(batch)
+                yield "".join(event(i, token) for i, token in enumerate(batch, first))
         except RouterError as exc:  # headers are sent: the error travels as the last event
             yield streaming.sse(exc.tgi_body())
 
-    return streaming.sse_response(events(), gens)
+    return streaming.sse_response(events(), generation)
 
 
 async def generate(request: Request) -> Response:

@@ -80,6 +80,8 @@ class SimpleToken(BaseModel):
 class ShardGroupInfo(BaseModel):
     uri: str
     ready: bool
+    state: Literal["connecting", "ready", "draining", "refused", "retired"] = Field(
+        description="retired: discovery no longer finds it; it finishes what it runs")
     free_budget_tokens: int
     max_batch_total_tokens: int | None
     prefill_chunk_tokens: int | None = Field(

@@ -12,7 +12,9 @@ _U64 = 2**64
 
 
 @dataclass(slots=True, frozen=True)
-class Limits:
+class RequestLimits:
+    """What one request may ask for: prompt and total length, stop sequences, alternatives."""
+
     max_input_tokens: int
     max_total_tokens: int
     max_stop_sequences: int
@@ -61,7 +63,7 @@ def sampling(*, temperature: float | None, top_k: int | None = None, top_p: floa
     return params, (seed if samples else None)
 
 
-def prepare(limits: Limits, input_ids: list[int], *, max_new_tokens: int | None,
+def prepare(limits: RequestLimits, input_ids: list[int], *, max_new_tokens: int | None,
             sampling_params: pb.SamplingParameters, seed: int | None, stop: list[str],
             top_n_tokens: int = 0, ignore_eos: bool = False,
             truncate: int | None = None, prefill_logprobs: bool = False) -> Prepared:

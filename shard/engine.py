@@ -159,8 +159,8 @@ class Engine:
         self._inbox.put(_Close(stream))
 
     def drain(self, hand_over: bool = False) -> None:
-        """Stop taking requests (they are refused as retryable, and every stream hears that
-        the group drains); with hand_over, also end the running ones that way."""
+        """Stop taking requests (new and waiting ones go back as retryable errors, and every
+        stream hears that the group drains); with hand_over, also end the running ones so."""
         self._inbox.put(_Drain(hand_over))
 
     @property
@@ -254,8 +254,10 @@ class Engine:
                 self.draining = True
                 for stream in self._reported_budget:  # every stream hears it now
                     outgoing.setdefault(stream, _Outgoing())
-                if command.hand_over:
-                    self._fail_requests(outgoing, DRAINING, retryable=True)
+                # What waits for budget goes back at once: another group may take it now.
+                waiting = [s for s in self._sequences.values()
+                           if command.hand_over or s.state is State.WAITING]
+                self._fail_requests(outgoing, waiting, DRAINING, retryable=True)
 
     def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
         retryable = self.draining
@@ -277,17 +279,19 @@ class Engine:
         vocab = self.vocab_size
         if seq.prompt_len == 0:
             return "the prompt is empty"
-        if seq.prompt_len > self.limits.max_input_tokens:
-            return (f"the prompt has {seq.prompt_len} tokens; max_input_tokens is "
-                    f"{self.limits.max_input_tokens}")
+        if not 0 <= seq.resumed_tokens < seq.prompt_len:
+            return "resumed_tokens must be below the number of input tokens"
+        # A continuation's input holds the tokens generated before: the client's prompt is
+        # what the limit bounds (its whole reservation still fits max_total_tokens).
+        if seq.prompt_len - seq.resumed_tokens > self.limits.max_input_tokens:
+            return (f"the prompt has {seq.prompt_len - seq.resumed_tokens} tokens; "
+                    f"max_input_tokens is {self.limits.max_input_tokens}")
         if int(seq.prompt.max()) >= vocab:
             return f"the prompt holds a token id outside the vocabulary (size {vocab})"
         if seq.max_new_tokens < 1:
             return "max_new_tokens must be at least 1"
         if seq.top_n_tokens > vocab:
             return f"top_n_tokens must be at most the vocabulary size ({vocab})"
-        if not 0 <= seq.resumed_tokens < seq.prompt_len:
-            return "resumed_tokens must be below the number of input tokens"
         return None
 
     def _collect(self, launched: _Launched, outgoing: dict[Stream, _Outgoing]) -> None:
@@ -370,17 +374,17 @@ class Engine:
         self._in_flight.clear()
         self._admitted = []
         outgoing: dict[Stream, _Outgoing] = {}
-        self._fail_requests(outgoing, message, retryable=False)
+        self._fail_requests(outgoing, list(self._sequences.values()), message, retryable=False)
         self._publish(outgoing)
 
-    def _fail_requests(self, outgoing: dict[Stream, _Outgoing], message: str,
-                       retryable: bool) -> None:
-        """End every admitted and waiting request with an error."""
-        for (stream, request_id), seq in list(self._sequences.items()):
+    def _fail_requests(self, outgoing: dict[Stream, _Outgoing], sequences: list[Sequence],
+                       message: str, retryable: bool) -> None:
+        """End these requests (running or waiting) with an error."""
+        for seq in sequences:
+            del self._sequences[(seq.stream, seq.request_id)]
             self.scheduler.release(seq)
-            outgoing.setdefault(stream, _Outgoing()).errors.append(
-                pb.RequestError(id=request_id, message=message, retryable=retryable))
-        self._sequences.clear()
+            outgoing.setdefault(seq.stream, _Outgoing()).errors.append(
+                pb.RequestError(id=seq.request_id, message=message, retryable=retryable))
 
 
 def _prompt_logprobs(seq: Sequence) -> pb.PrefillLogprobs:

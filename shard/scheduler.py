@@ -42,10 +42,10 @@ class Sequence:
     top_n_tokens: int = 0
     # Also report the prompt's logprobs: gathered per prefill chunk on the device, sent at the end.
     prefill_logprobs: bool = False
-    prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-    # A continuation after failover: the prompt's last tokens that this request generated on
-    # another shard group (they count as generated for the penalties).
+    # A continuation after failover: the prompt's last resumed_tokens were generated on another
+    # shard group; they count as generated for the frequency and presence penalties.
     resumed_tokens: int = 0
+    prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     state: State = State.WAITING
     slot: int = -1  # row in the per-sequence tables while running
     blocks: list[int] = field(default_factory=list)

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from router.streaming import merge
-from router.validation import Limits, choices, prepare, sampling
+from router.validation import RequestLimits, choices, prepare, sampling
 
-LIMITS = Limits(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2,
+LIMITS = RequestLimits(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2,
                 max_top_n_tokens=3)
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from router.ratelimit import Limits, RateLimiter, duration
+from router.ratelimit import RateLimits, RateLimiter, duration
 
 
 class Clock:
@@ -17,14 +17,14 @@ class Clock:
         return self.now
 
 
-def acquire(limiter: RateLimiter, limits: Limits, tokens: int, tenant: str = "t"):
+def acquire(limiter: RateLimiter, limits: RateLimits, tokens: int, tenant: str = "t"):
     return asyncio.run(limiter.acquire(tenant, limits, tokens))
 
 
 def test_a_minutes_requests_can_be_spent_at_once_then_one_comes_back_per_interval():
     clock = Clock()
     limiter = RateLimiter(None, clock)
-    limits = Limits(requests_per_minute=3, tokens_per_minute=0)
+    limits = RateLimits(requests_per_minute=3, tokens_per_minute=0)
     remaining = [acquire(limiter, limits, 10).usage["requests"].remaining for _ in range(3)]
     assert remaining == [2, 1, 0]
     refused = acquire(limiter, limits, 10)
@@ -40,7 +40,7 @@ def test_a_minutes_requests_can_be_spent_at_once_then_one_comes_back_per_interva
 def test_tokens_are_reserved_and_refunds_give_back_what_was_not_generated():
     clock = Clock()
     limiter = RateLimiter(None, clock)
-    limits = Limits(requests_per_minute=0, tokens_per_minute=600)
+    limits = RateLimits(requests_per_minute=0, tokens_per_minute=600)
     first = acquire(limiter, limits, 500)
     assert first.allowed and first.usage["tokens"].remaining == 100
     assert "requests" not in first.usage  # no request limit: no request headers
@@ -53,7 +53,7 @@ def test_tokens_are_reserved_and_refunds_give_back_what_was_not_generated():
 def test_a_refused_request_takes_nothing_from_either_limit():
     clock = Clock()
     limiter = RateLimiter(None, clock)
-    limits = Limits(requests_per_minute=5, tokens_per_minute=100)
+    limits = RateLimits(requests_per_minute=5, tokens_per_minute=100)
     assert acquire(limiter, limits, 90).allowed
     refused = acquire(limiter, limits, 20)
     assert not refused.allowed
@@ -63,14 +63,14 @@ def test_a_refused_request_takes_nothing_from_either_limit():
 
 def test_a_request_larger_than_the_whole_limit_can_never_pass():
     limiter = RateLimiter(None, Clock())
-    refused = acquire(limiter, Limits(0, 100), 101)
+    refused = acquire(limiter, RateLimits(0, 100), 101)
     assert not refused.allowed and refused.retry_after_s is None
     assert "retry-after" not in refused.headers()
 
 
 def test_tenants_have_separate_buckets():
     limiter = RateLimiter(None, Clock())
-    limits = Limits(1, 0)
+    limits = RateLimits(1, 0)
     assert acquire(limiter, limits, 1, "a").allowed
     assert acquire(limiter, limits, 1, "b").allowed
     assert not acquire(limiter, limits, 1, "a").allowed
@@ -78,7 +78,7 @@ def test_tenants_have_separate_buckets():
 
 def test_headers_follow_openai():
     limiter = RateLimiter(None, Clock())
-    headers = acquire(limiter, Limits(60, 6000), 100).headers()
+    headers = acquire(limiter, RateLimits(60, 6000), 100).headers()
     assert headers == {
         "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",

@@ -1,5 +1,5 @@
 """The streamed events' fast paths: template chunks and TGI's token events equal to the models'
-own JSON, and a merge of one stream that still closes it when the consumer stops."""
+own JSON, and a run's tokens in batches that still close it when the consumer stops."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import pytest
 from router import openai_responses as out
 from router import streaming, tgi
 from router import tgi_responses as tgi_out
+from router.errors import ShardUnavailable
+from router.request import GenerationRequest
+from router.tokenizer import RouterTokenizer
+from shard.tokenizer import byte_tokenizer
+from sluice.v1 import generate_pb2 as pb
+
+@pytest.fixture(scope="module")
+def tokenizer() -> RouterTokenizer:
+    return RouterTokenizer(pb.Tokenizer(tokenizer_json=byte_tokenizer().to_str()))
+
 
 HEAD = {"id": "cmpl-0123456789abcdef", "created": 1700000000, "model": "org/tiny \"model\""}
 TEXTS = ["", " hello", "quote \" and back\\slash", "line\nbreak\ttab\rreturn", "\x00\x01\x1f\x7f",
@@ -48,34 +58,45 @@ def test_tgi_token_events_are_the_models_own_json_character_for_character(logpro
             assert tgi.token_event(index, token) == streaming.sse(model), (repr(text), logprob)
 
 
-def test_merge_of_one_stream_closes_it_when_the_consumer_stops():
-    closed = []
+class Telemetry:
+    def token(self) -> None:
+        pass
 
-    async def source():
-        try:
-            for i in range(10):
-                yield i
-        finally:
-            closed.append(True)
 
+def one_run(tokenizer) -> tuple[GenerationRequest, list[GenerationRequest]]:
+    settled = []
+    request = pb.Request(input_ids=[1], stopping=pb.StoppingParameters(max_new_tokens=8))
+    return GenerationRequest([request], Telemetry(), None, settled.append), settled
+
+
+def test_batches_bring_a_step_s_tokens_at_once_and_close_the_run_when_the_consumer_stops(
+        tokenizer):
     async def main():
-        merged = streaming.merge([source()])
-        got = [await merged.__anext__() for _ in range(3)]
-        assert closed == []
-        await merged.aclose()
-        return got
+        generation, settled = one_run(tokenizer)
+        [run] = generation.runs
+        stream = streaming.batches(tokenizer, [run], [[]])
+        for token_id in tokenizer.encode("abc", add_special_tokens=False):
+            run.on_token(token_id, -0.1, pb.FINISH_REASON_NONE, [], [])
+        index, batch = await stream.__anext__()
+        assert (index, "".join(t.text for t in batch)) == (0, "abc")
+        assert not run.closed
+        await stream.aclose()  # the client left
+        assert run.closed and settled == [generation] and run.outcome == "cancelled"
 
-    assert asyncio.run(main()) == [(0, 0), (0, 1), (0, 2)]
-    assert closed == [True]
+    asyncio.run(main())
 
 
-def test_merge_of_one_stream_raises_its_error_after_its_items():
-    async def source():
-        yield "a"
-        raise ValueError("shard gone")
-
+def test_batches_raise_a_run_s_error_after_the_tokens_before_it(tokenizer):
     async def main():
-        return [item async for item in streaming.merge([source()])]
+        generation, _ = one_run(tokenizer)
+        [run] = generation.runs
+        [a] = tokenizer.encode("a", add_special_tokens=False)
+        run.on_token(a, -0.1, pb.FINISH_REASON_NONE, [], [])
+        run.on_error(ShardUnavailable("group gone"))
+        got = []
+        with pytest.raises(ShardUnavailable, match="group gone"):
+            async for _, batch in streaming.batches(tokenizer, [run], [[]]):
+                got += [t.text for t in batch]
+        assert got == ["a"] and run.closed and run.outcome == "unavailable"
 
-    with pytest.raises(ValueError, match="shard gone"):
-        asyncio.run(main())
+    asyncio.run(main())

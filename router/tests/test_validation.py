@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from router.errors import ValidationError
-from router.validation import Limits, prepare, sampling
+from router.validation import RequestLimits, prepare, sampling
 
-LIMITS = Limits(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2,
+LIMITS = RequestLimits(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2,
                 max_top_n_tokens=3)
 
 

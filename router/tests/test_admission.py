@@ -1,0 +1,87 @@
+"""Admission (router/admission.py) and a request's settlement (router/request.py): the rate-limit
+tokens a request reserved come back whatever way it ends: refused before it ran, or ended
+having generated less than it reserved."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.requests import Request
+
+from router import config as router_config
+from router.errors import ShardUnavailable
+from router.ratelimit import RateLimits
+from router.state import RouterState
+from router.telemetry import RequestTelemetry
+from router.tests.fake_shard import FakeShard, tokens
+from router.tests.test_queue import until
+from router.validation import Prepared
+from sluice.v1 import generate_pb2 as pb
+
+TPM = 100  # tokens per minute for the test's one client address
+LIMITS = RateLimits(0, TPM)
+
+
+def http_request(state: RouterState) -> Request:
+    telemetry = RequestTelemetry(state.metrics, "POST", "/generate", "req-1", {})
+    return Request({"type": "http", "method": "POST", "path": "/generate", "headers": [],
+                    "client": ("127.0.0.9", 1234),
+                    "state": {"telemetry": telemetry, "tenant": None}})
+
+
+def prepared(prompt: list[int], max_new_tokens: int) -> Prepared:
+    return Prepared(pb.Request(input_ids=prompt, stopping=pb.StoppingParameters(
+        max_new_tokens=max_new_tokens)), [], None, len(prompt))
+
+
+async def tokens_left(state: RouterState) -> int:
+    """What the client's token bucket still holds: the largest request it admits now."""
+    await asyncio.sleep(0.05)  # refunds run as background tasks
+    decision = await state.limiter.acquire("client:127.0.0.9", LIMITS, 0)
+    return decision.usage["tokens"].remaining
+
+
+def state_for(*shard_uris: str) -> RouterState:
+    config = router_config.parse(["--workers", "1", "--tokens-per-minute", str(TPM)] + [
+        arg for uri in shard_uris for arg in ("--shard-uri", uri)], {})
+    return RouterState(config)
+
+
+def test_a_request_refused_for_want_of_a_group_refunds_its_rate_limit_tokens():
+    async def main():
+        state = state_for("127.0.0.1:1")  # nothing listens: no group ever connects
+        await state.start()
+        try:
+            with pytest.raises(ShardUnavailable):
+                await state.admit(http_request(state), [prepared([1, 2, 3], 37)])
+            assert await tokens_left(state) == TPM
+        finally:
+            await state.stop()
+    asyncio.run(main())
+
+
+def test_a_request_refunds_what_its_runs_did_not_generate_once_the_last_ends():
+    async def main():
+        shard = await FakeShard().start()
+        state = state_for(shard.address)
+        await state.start()
+        try:
+            await until(lambda: state.dispatcher.ready_groups())
+            generation = await state.admit(http_request(state),
+                                           [prepared([1, 2], 20), prepared([1, 2], 20)])
+            assert await tokens_left(state) == TPM - 2 - 40  # one prompt, two runs' tokens
+            first, second = generation.runs
+            batch = await shard.next_batch()
+            while len(batch) < 2:
+                batch += await shard.next_batch()
+            shard.send(tokens(*[(first.id, 5, pb.FINISH_REASON_NONE)] * 3))
+            await until(lambda: len(first.tokens) == 3)
+            first.close()
+            assert await tokens_left(state) == TPM - 42  # not settled: a run still open
+            second.close()
+            assert await tokens_left(state) == TPM - 2 - 3  # the prompt, three tokens
+        finally:
+            await state.stop()
+            await shard.stop()
+    asyncio.run(main())
