@@ -87,9 +87,15 @@ def sluice(*args: str) -> list[str]:
     return [sys.executable, "-m", "sluice", *args]
 
 
+# A KV budget the tests' requests fit many times over: a CPU shard's default (2 GiB of cache,
+# zeroed at start) takes seconds to allocate on the 2-core CI machine, in every process.
+TEST_BUDGET = ("--max-batch-total-tokens", "16384")
+
+
 def start_shard(model: str | None = None, *flags: str,
                 env: dict[str, str] | None = None) -> Service:
-    argv = sluice("shard", "--port", "0", "--num-threads", "1", *flags)
+    budget = () if "--max-batch-total-tokens" in flags else TEST_BUDGET
+    argv = sluice("shard", "--port", "0", "--num-threads", "1", *budget, *flags)
     return Service(argv + (["--model", model] if model else []), env)
 
 
@@ -192,6 +198,6 @@ def tiny_stack(tiny_model) -> Iterator[tuple[Service, Service]]:
 @pytest.fixture(scope="module")
 def smollm2_serve() -> Iterator[Service]:
     """`sluice serve` with the embedded default model, as `make run` starts it."""
-    serve = Service(sluice("serve", "--port", "0", "--num-threads", "2"))
+    serve = Service(sluice("serve", "--port", "0", "--num-threads", "2", *TEST_BUDGET))
     yield serve
     serve.stop()

@@ -8,7 +8,7 @@ import json
 import httpx
 import psutil
 
-from conftest import Service, sluice
+from conftest import TEST_BUDGET, Service, sluice
 
 PARIS = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
          "max_tokens": 20, "temperature": 0}
@@ -96,7 +96,7 @@ def test_concurrent_greedy_requests_match_each_alone(smollm2_serve):
 
 
 def test_sigterm_stops_router_and_shard_without_orphans():
-    serve = Service(sluice("serve", "--port", "0", "--num-threads", "1"))
+    serve = Service(sluice("serve", "--port", "0", "--num-threads", "1", *TEST_BUDGET))
     try:
         assert len(psutil.Process(serve.process.pid).children()) == 2  # the shard, the router
         children = psutil.Process(serve.process.pid).children(recursive=True)  # and workers

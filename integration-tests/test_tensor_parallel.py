@@ -12,6 +12,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,7 +22,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import Service, shard_info, sluice, start_shard
+from conftest import TEST_BUDGET, Service, free_port, shard_info, sluice, start_shard
 from shard.tests.tiny_model import write_tiny_model
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
@@ -84,31 +86,44 @@ def assert_same_generation(several: list[Generated], one: list[Generated]) -> No
             assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < TOLERANCE
 
 
-@pytest.fixture(scope="module")
-def smollm2_one_rank():
-    shard = start_shard(None)
-    yield shard
-    shard.stop()
+def started_together(*starts: Callable[[], Service]) -> list[Service]:
+    """Processes that load models, started at once (their loading overlaps)."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        return list(pool.map(lambda start: start(), starts))
+
+
+@dataclass
+class Endpoint:
+    """A shard group's gRPC address (a `sluice serve` keeps its shard's ready line)."""
+
+    address: str
 
 
 @pytest.fixture(scope="module")
-def smollm2_three_ranks():
-    shard = start_shard(None, "--num-shard", "3", "--metrics-port", "0")
-    yield shard
-    shard.stop()
+def smollm2():
+    """The embedded SmolLM2 as one rank (`sluice shard`), and as three behind a router
+    (`sluice serve --num-shard 3`, its shard's gRPC and metrics ports fixed here)."""
+    shard_port, metrics_port = free_port(), free_port()
+    one, serve = started_together(
+        lambda: start_shard(None),
+        lambda: Service(sluice("serve", "--port", "0", "--num-shard", "3", "--shard-port",
+                               str(shard_port), "--metrics-port", str(metrics_port),
+                               *TEST_BUDGET)))
+    yield one, serve, Endpoint(f"127.0.0.1:{shard_port}"), f"127.0.0.1:{metrics_port}"
+    assert serve.stop() == 0
+    one.stop()
 
 
-def test_three_ranks_give_smollm2_the_tokens_and_logprobs_of_one(smollm2_one_rank,
-                                                                 smollm2_three_ranks):
+def test_three_ranks_give_smollm2_the_tokens_and_logprobs_of_one(smollm2):
     """SmolLM2-135M: 9 heads, 3 key/value heads and a 49,152-token vocabulary, split 3 ways."""
-    assert shard_info(smollm2_three_ranks).num_shards == 3
-    assert shard_info(smollm2_one_rank).num_shards == 1
-    assert_same_generation(generate(smollm2_three_ranks, PROMPTS),
-                           generate(smollm2_one_rank, PROMPTS))
+    one, _, three, _ = smollm2
+    assert shard_info(three).num_shards == 3
+    assert shard_info(one).num_shards == 1
+    assert_same_generation(generate(three, PROMPTS), generate(one, PROMPTS))
 
 
-def test_each_rank_reports_its_own_memory(smollm2_three_ranks):
-    text = httpx.get(f"http://{smollm2_three_ranks.ready['metrics_address']}/metrics").text
+def test_each_rank_reports_its_own_memory(smollm2):
+    text = httpx.get(f"http://{smollm2[3]}/metrics").text
     resident = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("sluice_shard_rank_resident_memory_bytes{")}
     assert sorted(resident) == ["0", "1", "2"] and all(v > 50e6 for v in resident.values())
@@ -120,7 +135,8 @@ def test_each_rank_reports_its_own_memory(smollm2_three_ranks):
 ], ids=["padded-vocabulary", "shared-kv-heads"])
 def test_tiny_models_split_where_their_shapes_do_not_divide_evenly(tmp_path, ranks, shape):
     folder = str(write_tiny_model(tmp_path / "llama", **shape))
-    one, several = start_shard(folder), start_shard(folder, "--num-shard", str(ranks))
+    one, several = started_together(lambda: start_shard(folder),
+                                    lambda: start_shard(folder, "--num-shard", str(ranks)))
     try:
         assert shard_info(several).num_shards == ranks
         assert_same_generation(generate(several, PROMPTS[1:], max_new=12, top_n=5),
@@ -213,29 +229,26 @@ def test_a_lost_rank_fails_the_group_with_an_error_and_a_nonzero_exit(tmp_path, 
         shard.stop(signal.SIGKILL)
 
 
-def test_serve_with_three_ranks_answers_with_the_tgi_and_openai_clients():
+def test_serve_with_three_ranks_answers_with_the_tgi_and_openai_clients(smollm2):
     """`sluice serve --num-shard 3`: the router in front of a three-rank group of the embedded
     SmolLM2, streaming and not, through both clients."""
     from openai import OpenAI
     from text_generation import Client
 
-    serve = Service(sluice("serve", "--port", "0", "--num-shard", "3"))
-    try:
-        assert httpx.get(f"{serve.url}/info").json()["num_shard"] == 3
-        client = OpenAI(base_url=f"{serve.url}/v1", api_key="unused")
-        question = [{"role": "user", "content": "What is the capital of France?"}]
-        answer = client.chat.completions.create(model="any", messages=question, max_tokens=20,
-                                                temperature=0)
-        assert "Paris" in answer.choices[0].message.content
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
-                           client.chat.completions.create(model="any", messages=question,
-                                                          max_tokens=20, temperature=0,
-                                                          stream=True) if chunk.choices)
-        assert streamed == answer.choices[0].message.content
-        tgi = Client(serve.url, timeout=120)
-        text = tgi.generate("The capital of France is", max_new_tokens=8).generated_text
-        assert "Paris" in text
-        assert "".join(r.token.text for r in tgi.generate_stream(
-            "The capital of France is", max_new_tokens=8)) == text
-    finally:
-        assert serve.stop() == 0
+    serve = smollm2[1]
+    assert httpx.get(f"{serve.url}/info").json()["num_shard"] == 3
+    client = OpenAI(base_url=f"{serve.url}/v1", api_key="unused")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model="any", messages=question, max_tokens=20,
+                                            temperature=0)
+    assert "Paris" in answer.choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       client.chat.completions.create(model="any", messages=question,
+                                                      max_tokens=20, temperature=0,
+                                                      stream=True) if chunk.choices)
+    assert streamed == answer.choices[0].message.content
+    tgi = Client(serve.url, timeout=120)
+    text = tgi.generate("The capital of France is", max_new_tokens=8).generated_text
+    assert "Paris" in text
+    assert "".join(r.token.text for r in tgi.generate_stream(
+        "The capital of France is", max_new_tokens=8)) == text
