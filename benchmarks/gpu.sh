@@ -6,7 +6,9 @@
 # Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
-# kernels), serving_1b (one router process's ceiling). Output for the record goes to $OUT.
+# kernels), serving_1b (the router's share with a small model); and tp, on a machine of
+# several GPUs: every rank count against one (benchmarks/tp_compare.py) and the 8B targets at
+# that count. Output for the record goes to $OUT.
 #
 # Dependencies: either the environment has them (pip install ".[shard,flash,test]"), or the
 # wheels that benchmarks/gpu_wheels.py downloads travel with the tree (.whl/, .gpu-cu13/) and
@@ -97,6 +99,19 @@ step_reference() {  # transformers generate() on the same shapes, the same GPU
     --num-requests 256 --batch 128 --input-len 512 --output-len 128
 }
 
+step_tp() {  # a machine of several GPUs (issue 23): N ranks against one, then the 8B targets
+  local n; n=$(nvidia-smi -L | wc -l)
+  $PYTHON benchmarks/tp_compare.py --ranks "$n" --json-out "$OUT/tp-compare.json" -- $M8
+  offline "8b-b1-tp$n" $M8 $B1 --num-shard "$n"
+  offline "8b-b128-tp$n" $M8 $B128 --num-shard "$n" --repeat 2
+}
+
+router_ticks() {  # router_ticks PID: user + system CPU ticks of the router and its workers
+  local total=0 p
+  for p in $1 $(pgrep -P $1); do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat))); done
+  echo $total
+}
+
 serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
   local model=$1 name=$2; shift 2
   local streams=() flags=()
@@ -111,10 +126,10 @@ serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run pe
   local router; router=$(pgrep -P $pid -f -- "-m router" | head -1)
   for c in "${streams[@]}"; do
     echo "== serving $model ($name), $c concurrent streams"
-    local before; before=$(awk '{print $14 + $15}' /proc/$router/stat)
+    local before; before=$(router_ticks $router)
     $PYTHON benchmarks/serving.py --num-prompts $((c * 8)) --max-concurrency $c \
       --input-len 512 --output-len 128 --json-out "$OUT/serving-$model-$name-c$c.json"
-    echo "  router CPU        $(( $(awk '{print $14 + $15}' /proc/$router/stat) - before )) ticks of 1/$(getconf CLK_TCK) s"
+    echo "  router CPU        $(( $(router_ticks $router) - before )) ticks of 1/$(getconf CLK_TCK) s"
   done
   kill -TERM $pid; wait $pid
   grep -h "steps beside decodes" "$OUT/serve-$model-$name.log" | cut -c80-400
