@@ -8,6 +8,7 @@ comes up; without a group it answers 503 when --request-timeout runs out, 429 be
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -182,6 +183,22 @@ def test_a_client_that_disconnects_while_held_is_let_go(idle_router):
     assert line["status"] == 499  # let go as it left, not answered 503 at its timeout
     assert line["held_s"] < IDLE_TIMEOUT_S
     assert queue_size(idle_router) == 0
+
+
+def test_a_router_that_drains_ends_its_held_requests_with_503_for_a_retry_elsewhere():
+    router = router_with("--shard-uri", NOWHERE, "--hold-without-groups", "--request-timeout",
+                         "120", "--shutdown-grace", "60")
+    try:
+        held = Call(lambda: generate(router, timeout_s=60))
+        wait_until(lambda: queue_size(router) == 1, "the request held")
+        router.process.send_signal(signal.SIGTERM)
+        answer = held.outcome(60)
+        assert answer.status_code == 503
+        assert answer.json() == {"error": "the router is shutting down; retry on another replica",
+                                 "error_type": "unavailable"}
+        assert router.process.wait(30) == 0
+    finally:
+        router.stop()
 
 
 def test_without_the_flag_no_group_means_503_at_once_and_an_unready_health():

@@ -5,7 +5,8 @@ It waits before validation, since the tokenizer and the limits come from a group
 it waits it counts in sluice_router_queue_size (what the shard autoscaler reads to start the
 first group) and toward --max-concurrent-requests (429 beyond). It waits at most
 --request-timeout from its arrival, the same deadline that then bounds its queue wait and
-generation: past it, 503. A client that disconnects meanwhile is let go (499).
+generation: past it, 503. A client that disconnects meanwhile is let go (499). When the router
+drains (SIGTERM), held requests end at once with 503, so that their clients retry elsewhere.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def until_group_ready(endpoint: Endpoint) -> Endpoint:
 
 async def wait_for_group(state: RouterState, request: Request) -> None:
     """Hold `request` until a group is ready; raise ShardUnavailable when its time is up first,
-    ClientDisconnected when its client leaves first."""
+    ClientDisconnected when its client leaves first, Draining when the router drains."""
     telemetry: RequestTelemetry = request.state.telemetry
     timeout_s = state.config.request_timeout_s
     with state.dispatcher.holding():
@@ -68,7 +69,10 @@ async def _ready_before(dispatcher: Dispatcher, request: Request, deadline_s: fl
         gone.cancel()
     if gone in done:
         raise ClientDisconnected("the client disconnected while waiting for a shard group")
-    return ready in done
+    if ready in done:
+        ready.result()  # raises Draining if the router drains
+        return True
+    return False
 
 
 async def _disconnect(request: Request) -> None:

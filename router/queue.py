@@ -47,6 +47,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._group_ready = asyncio.Event()  # set by dispatch() while a group is ready
+        self._holding_ends: RouterError | None = None  # set when the router drains
 
     @property
     def queue_size(self) -> int:
@@ -79,10 +80,19 @@ class Dispatcher:
             self.held -= 1
 
     async def group_ready(self) -> None:
-        """Return once a shard group is ready (at once if one is)."""
+        """Return once a shard group is ready (at once if one is); raise the error given to
+        end_holding if that comes first."""
         while not self.ready_groups():
+            if self._holding_ends is not None:
+                raise self._holding_ends
             self._group_ready.clear()
             await self._group_ready.wait()
+
+    def end_holding(self, error: RouterError) -> None:
+        """The router drains: requests held for a group end with `error` now, so that their
+        clients retry elsewhere rather than wait out the drain."""
+        self._holding_ends = error
+        self._group_ready.set()
 
     def _check_room(self, runs: int) -> None:
         if self.in_flight + self.held + runs > self.max_concurrent_requests:

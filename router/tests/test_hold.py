@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import config as router_config
-from router.errors import Overloaded, RequestTimeout, ShardUnavailable
+from router.errors import Draining, Overloaded, RequestTimeout, ShardUnavailable
 from router.state import RouterState
 from router.tests.fake_shard import FakeShard
 from router.tests.test_admission import http_request, prepared
@@ -87,6 +87,17 @@ def test_a_held_request_goes_on_once_discovery_finds_a_ready_group():
             assert [g.uri for g in state.dispatcher.ready_groups()] == [shard.address]
         finally:
             await shard.stop()
+    test(*HOLD)
+
+
+def test_a_drain_ends_the_held_requests_with_its_error_at_once():
+    @running
+    async def test(state: RouterState):
+        waiting = asyncio.ensure_future(state.dispatcher.group_ready())
+        await asyncio.sleep(0.1)
+        state.dispatcher.end_holding(Draining("the router is shutting down"))
+        with pytest.raises(Draining):
+            await asyncio.wait_for(waiting, 5)
     test(*HOLD)
 
 
