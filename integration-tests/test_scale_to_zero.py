@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Service, free_port, sluice, start_shard, wait_healthy
+from otlp import Receiver
 
 NOWHERE = "127.0.0.1:1"  # nothing listens there: no group ever comes
 IDLE_TIMEOUT_S = 2  # the idle router's --request-timeout
@@ -27,6 +28,7 @@ IDLE_TIMEOUT_S = 2  # the idle router's --request-timeout
 LATE_S = 8
 CHAT = [{"role": "user", "content": "hello there"}]
 MAX_TOKENS = 12
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def router_with(*flags: str) -> Service:
@@ -77,8 +79,9 @@ class Call(threading.Thread):
         return self.result
 
 
-def generate(router: Service, timeout_s: float = 120, **parameters) -> httpx.Response:
-    return httpx.post(f"{router.url}/generate", timeout=timeout_s, json={
+def generate(router: Service, timeout_s: float = 120, headers: dict[str, str] | None = None,
+             **parameters) -> httpx.Response:
+    return httpx.post(f"{router.url}/generate", timeout=timeout_s, headers=headers, json={
         "inputs": "the quick brown fox", "parameters": {"max_new_tokens": MAX_TOKENS,
                                                         **parameters}})
 
@@ -107,8 +110,11 @@ def idle_router():
 
 def test_requests_held_with_zero_groups_are_answered_in_full_by_the_first_group(tiny_model):
     port = free_port()  # where the first group will listen; nothing does yet
-    router = router_with("--shard-uri", f"127.0.0.1:{port}", "--hold-without-groups",
-                         "--request-timeout", "180")
+    receiver = Receiver()
+    router = Service(sluice("router", "--port", "0", "--workers", "1", "--shard-uri",
+                            f"127.0.0.1:{port}", "--hold-without-groups", "--request-timeout",
+                            "180", "--otlp-endpoint", receiver.http_endpoint, "--otlp-protocol",
+                            "http/protobuf"), env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
     shard = None
     try:
         health = httpx.get(f"{router.url}/health", timeout=10)
@@ -119,7 +125,8 @@ def test_requests_held_with_zero_groups_are_answered_in_full_by_the_first_group(
         client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=180,
                                max_retries=0)
         held_chat = Call(lambda: streamed_chat(client))
-        held_generate = Call(lambda: generate(router, details=True))
+        held_generate = Call(lambda: generate(router, details=True, headers={
+            "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}))
         wait_until(lambda: queue_size(router) == 2, "both requests held")
         assert held_chat.is_alive() and held_generate.is_alive()
 
@@ -141,8 +148,18 @@ def test_requests_held_with_zero_groups_are_answered_in_full_by_the_first_group(
         held = [line for line in request_lines(router) if "held_s" in line]
         assert sorted(line["route"] for line in held) == ["/generate", "/v1/chat/completions"]
         assert {line["status"] for line in held} == {200}
+        # Validation is timed from the end of the hold, not from the request's arrival.
+        assert all(line["validation_s"] < line["held_s"] for line in held)
+        # Its trace: the hold, then validation, under the request's span.
+        wait_until(lambda: {"hold", "validate", "stream"} <= {
+            span.name for span in receiver.trace(TRACE_ID)}, "the held request's spans")
+        spans = {span.name: span for span in receiver.trace(TRACE_ID)}
+        root, hold, validate = spans["POST /generate"], spans["hold"], spans["validate"]
+        assert hold.parent_span_id == validate.parent_span_id == root.span_id
+        assert root.start_ns <= hold.start_ns <= hold.end_ns <= validate.start_ns
     finally:
         router.stop()
+        receiver.stop()
         if shard is not None:
             shard.stop()
 
