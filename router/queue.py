@@ -24,7 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from router.errors import Overloaded, RouterError, ShardUnavailable
+from router.errors import Draining, Overloaded, RouterError, ShardUnavailable
 from router.request import Run
 from router.shard_client import ShardGroup
 
@@ -47,7 +47,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._group_ready = asyncio.Event()  # set by dispatch() while a group is ready
-        self._holding_ends: RouterError | None = None  # set when the router drains
+        self._holding_ends: str | None = None  # why held requests end: the router drains
 
     @property
     def queue_size(self) -> int:
@@ -80,18 +80,18 @@ class Dispatcher:
             self.held -= 1
 
     async def group_ready(self) -> None:
-        """Return once a shard group is ready (at once if one is); raise the error given to
-        end_holding if that comes first."""
+        """Return once a shard group is ready (at once if one is); raise Draining if
+        end_holding comes first."""
         while not self.ready_groups():
             if self._holding_ends is not None:
-                raise self._holding_ends
+                raise Draining(self._holding_ends)
             self._group_ready.clear()
             await self._group_ready.wait()
 
-    def end_holding(self, error: RouterError) -> None:
-        """The router drains: requests held for a group end with `error` now, so that their
+    def end_holding(self, reason: str) -> None:
+        """The router drains: requests held for a group end now (503, `reason`), so that their
         clients retry elsewhere rather than wait out the drain."""
-        self._holding_ends = error
+        self._holding_ends = reason
         self._group_ready.set()
 
     def _check_room(self, runs: int) -> None:

@@ -95,8 +95,8 @@ def test_a_drain_ends_the_held_requests_with_its_error_at_once():
     async def test(state: RouterState):
         waiting = asyncio.ensure_future(state.dispatcher.group_ready())
         await asyncio.sleep(0.1)
-        state.dispatcher.end_holding(Draining("the router is shutting down"))
-        with pytest.raises(Draining):
+        state.dispatcher.end_holding("the router is shutting down")
+        with pytest.raises(Draining, match="the router is shutting down"):
             await asyncio.wait_for(waiting, 5)
     test(*HOLD)
 
