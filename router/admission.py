@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -92,7 +93,9 @@ async def admit(state: RouterState, request: Request,
     telemetry.queued()
     timeout_s = state.config.request_timeout_s
     if timeout_s > 0:
-        generation.fail_after(timeout_s, RequestTimeout(
+        # From its arrival: a request held for a first group (router/hold.py) has less left.
+        left_s = timeout_s - (time.perf_counter() - telemetry.started_s)
+        generation.fail_after(left_s, RequestTimeout(
             f"the request took longer than {timeout_s:g} s (--request-timeout), queue wait "
             f"included"))
     return generation

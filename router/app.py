@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import sluice
-from router import openai_api, openai_chat, openai_completions, openapi, streaming, tgi
+from router import hold, openai_api, openai_chat, openai_completions, openapi, streaming, tgi
 from router import openai_responses as openai_out
 from router import tgi_responses as tgi_out
 from router.config import RouterConfig
@@ -52,9 +52,15 @@ async def health(request: Request) -> Response:
     if state.draining:
         raise Draining("the router is shutting down")
     ready = len(state.dispatcher.ready_groups())
-    if not ready:
+    if ready:
+        return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
+    if not state.config.hold_without_groups:
         raise ShardUnavailable("no shard group is connected")
-    return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
+    # Scale to zero: the router is healthy without groups; it holds requests until one comes.
+    return streaming.json_response(tgi_out.Health(
+        status="ok", shard_groups_ready=0,
+        detail=f"no shard group is ready: requests wait up to "
+               f"{state.config.request_timeout_s:g} s for one (--hold-without-groups)"))
 
 
 async def info(request: Request) -> Response:
@@ -92,7 +98,8 @@ OPERATIONS = [
               tgi_out.SimpleToken, answer_is_list=True),
     Operation("/info", "GET", info, "The model, its limits and the shard groups", SERVICE,
               answer=tgi_out.Info),
-    Operation("/health", "GET", health, "200 once a shard group is connected", SERVICE,
+    Operation("/health", "GET", health, "200 once a shard group is connected (with "
+              "--hold-without-groups: 200 unless draining)", SERVICE,
               answer=tgi_out.Health),
     Operation("/v1/chat/completions", "POST", openai_chat.chat_completions, "Chat completion",
               OPENAI, ChatCompletionRequest, openai_out.ChatCompletion,
@@ -119,6 +126,18 @@ async def metrics(request: Request) -> Response:
     return Response(await state.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
+# The routes that need a shard group's tokenizer or limits: with --hold-without-groups they
+# wait for one. /info and /health answer at once, describing the router as it is.
+NEEDS_GROUP = frozenset({"/", "/generate", "/generate_stream", "/tokenize",
+                         "/v1/chat/completions", "/v1/completions", "/v1/models"})
+
+
+def _endpoint(config: RouterConfig, op: Operation):
+    if config.hold_without_groups and op.path in NEEDS_GROUP:
+        return hold.until_group_ready(op.endpoint)
+    return op.endpoint
+
+
 def build(config: RouterConfig, worker: Worker | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -130,7 +149,7 @@ def build(config: RouterConfig, worker: Worker | None = None) -> Starlette:
         finally:
             await state.stop()
 
-    routes = [Route(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS]
+    routes = [Route(op.path, _endpoint(config, op), methods=[op.method]) for op in OPERATIONS]
     # Prometheus' text format, outside the API description.
     routes += [Route("/openapi.json", openapi_json, methods=["GET"]),
                Route("/docs", docs, methods=["GET"]),

@@ -24,6 +24,7 @@ class RouterConfig:
     shard_service: ServiceName | None
     discovery_interval_s: float
     failover_timeout_s: float
+    hold_without_groups: bool  # scale to zero: wait for a first group rather than 503
     workers: int
     max_concurrent_requests: int
     max_stop_sequences: int
@@ -119,6 +120,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
     parser.add_argument("--discovery-interval", type=float, default=5.0,
                         help="seconds between DNS resolutions, and between tries while the "
                              "Kubernetes API does not answer")
+    parser.add_argument("--hold-without-groups", action="store_true",
+                        help="scale to zero: while no shard group is ready, hold new requests "
+                             "(counted in sluice_router_queue_size, so that the autoscaler "
+                             "starts a group) until one is, up to --request-timeout, which must "
+                             "be set; /health answers 200 without groups. Off: such requests "
+                             "get 503 at once and /health is 503")
     add_arguments(parser)
     logs.add_arguments(parser)
     tracing.add_arguments(parser)
@@ -141,6 +148,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
                  "failover_timeout"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.hold_without_groups and not args.request_timeout:
+        parser.error("--hold-without-groups needs --request-timeout (seconds above 0): a held "
+                     "request must not wait forever for a shard group")
     if args.api_keys_file and args.api_keys:
         parser.error("give --api-keys-file or --api-keys, not both")
     try:
@@ -156,6 +166,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
         host=args.host, port=args.port, shard_uri=args.shard_uri, shard_dns=shard_dns,
         shard_dns_server=dns_server, shard_service=service,
         discovery_interval_s=args.discovery_interval, failover_timeout_s=args.failover_timeout,
+        hold_without_groups=args.hold_without_groups,
         workers=args.workers,
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,

@@ -124,8 +124,10 @@ class _DispatcherCollector:
 
     def collect(self):
         d = self._dispatcher
+        # Held requests count: with no group at all, they are what starts the first one.
         yield GaugeMetricFamily("sluice_router_queue_size",
-                                "Requests waiting in the router for a shard group", d.queue_size)
+                                "Requests waiting in the router for a shard group (queued, or "
+                                "held while none is ready)", d.queue_size + d.held)
         yield GaugeMetricFamily("sluice_router_running_requests",
                                 "Requests sent to a shard group and not finished",
                                 d.in_flight - d.queue_size)

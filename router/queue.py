@@ -9,17 +9,22 @@ A run whose group is lost (its stream broke, or it handed the run back with a re
 goes back to the head of the queue, as a continuation when it had generated tokens, and waits at
 most --failover-timeout for a group to take it. So does every queued run while no group is
 ready.
+
+With --hold-without-groups (scale to zero) a request that arrives while no group is ready is
+held before validation (router/hold.py); the dispatcher counts it, in the queue and toward
+--max-concurrent-requests, and tells it when a group is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from router.errors import Overloaded, RouterError, ShardUnavailable
+from router.errors import Draining, Overloaded, RouterError, ShardUnavailable
 from router.request import Run
 from router.shard_client import ShardGroup
 
@@ -30,15 +35,19 @@ FAILOVER_REASONS = ("group_lost", "retryable")
 
 class Dispatcher:
     def __init__(self, groups: Callable[[], list[ShardGroup]], max_concurrent_requests: int,
-                 failover_timeout_s: float):
+                 failover_timeout_s: float, hold_without_groups: bool = False):
         self._groups = groups  # every known group, ready or not
         self.max_concurrent_requests = max_concurrent_requests
         self.failover_timeout_s = failover_timeout_s
+        self.hold_without_groups = hold_without_groups
         self.failovers = dict.fromkeys(FAILOVER_REASONS, 0)  # runs handed over, by reason
         self.in_flight = 0  # queued + running runs
+        self.held = 0  # requests waiting, before validation, for a first group
         self._pending: deque[Run] = deque()
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
+        self._group_ready = asyncio.Event()  # set by dispatch() while a group is ready
+        self._holding_ends: str | None = None  # why held requests end: the router drains
 
     @property
     def queue_size(self) -> int:
@@ -49,17 +58,46 @@ class Dispatcher:
 
     def submit(self, runs: list[Run]) -> None:
         """Queue the runs of one request, or refuse them all at once when the router is full or
-        no shard group is ready."""
-        if not self.ready_groups():
+        (unless requests are held without groups) no shard group is ready."""
+        if not self.hold_without_groups and not self.ready_groups():
             raise ShardUnavailable("no shard group is connected")
-        if self.in_flight + len(runs) > self.max_concurrent_requests:
-            raise Overloaded(f"the model is overloaded: {self.in_flight} requests in flight "
-                             f"(max_concurrent_requests={self.max_concurrent_requests})")
+        self._check_room(len(runs))
         for run in runs:
             run.queued(next(self._ids), self)
             self.in_flight += 1
             self._pending.append(run)
         self.wake()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """One request held while no group is ready: it counts in the queue and toward
+        max_concurrent_requests until it leaves (for validation, or with an error)."""
+        self._check_room(1)
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+    async def group_ready(self) -> None:
+        """Return once a shard group is ready (at once if one is); raise Draining if
+        end_holding comes first."""
+        while not self.ready_groups():
+            if self._holding_ends is not None:
+                raise Draining(self._holding_ends)
+            self._group_ready.clear()
+            await self._group_ready.wait()
+
+    def end_holding(self, reason: str) -> None:
+        """The router drains: requests held for a group end now (503, `reason`), so that their
+        clients retry elsewhere rather than wait out the drain."""
+        self._holding_ends = reason
+        self._group_ready.set()
+
+    def _check_room(self, runs: int) -> None:
+        if self.in_flight + self.held + runs > self.max_concurrent_requests:
+            raise Overloaded(f"the model is overloaded: {self.in_flight + self.held} requests in "
+                             f"flight (max_concurrent_requests={self.max_concurrent_requests})")
 
     def withdraw(self, run: Run) -> None:
         """The run ended from the router's side (closed, failed): off its group or the queue."""
@@ -114,6 +152,7 @@ class Dispatcher:
                 if run.failover_timer is None:
                     self._arm_failover_deadline(run, "no shard group is ready")
             return
+        self._group_ready.set()  # held requests go on to validation
         pending = self._pending
         while pending:
             run = pending[0]

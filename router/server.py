@@ -51,6 +51,7 @@ async def drain(state: RouterState, grace_s: float, cut_short: asyncio.Event) ->
     """Refuse new work, let what is in flight finish within `grace_s`, then fail the rest."""
     state.draining = True
     dispatcher = state.dispatcher
+    dispatcher.end_holding("the router is shutting down; retry on another replica")
     log.info("draining: %d requests in flight, up to %g s", dispatcher.in_flight, grace_s)
     deadline = time.monotonic() + grace_s
     while dispatcher.in_flight and time.monotonic() < deadline and not cut_short.is_set():

@@ -35,7 +35,7 @@ class RouterState:
         self.worker = worker  # None: the only router process
         self.groups = ShardGroups(self._groups_changed)
         self.dispatcher = Dispatcher(self.groups.all, config.max_concurrent_requests,
-                                     config.failover_timeout_s)
+                                     config.failover_timeout_s, config.hold_without_groups)
         self.metrics = RouterMetrics(self.dispatcher, self.groups.all)
         self.limiter = RateLimiter(config.rate_limit_redis_url, shared=(
             SharedBuckets(worker.buckets) if worker is not None else None))

@@ -1,7 +1,8 @@
 """What one HTTP request records as it goes: metrics, spans and its one log line.
 
 Spans (docs/operations.md): `<METHOD> <route>` (the root, a child of the client's traceparent
-if it sent one) with children `validate`, `queue`, `dispatch` and `stream`. The dispatch span's
+if it sent one) with children `hold` (only with --hold-without-groups, while no group was
+ready), `validate`, `queue`, `dispatch` and `stream`. The dispatch span's
 context travels to the shard group in Request.trace_context, where admit, prefill and decode
 hang under it.
 """
@@ -38,6 +39,7 @@ class RequestTelemetry:
         self._dispatch: Span | None = None
         self._stream: Span | None = None
         self._queued_s = self.started_s
+        self._validating_s, self._validating_ns = self.started_s, self._started_ns
         self._last_token_s: float | None = None
         self.generated_tokens = 0
 
@@ -48,13 +50,21 @@ class RequestTelemetry:
         self.fields["tenant"] = tenant
         self.root.set_attribute("sluice.tenant", tenant)
 
+    def held(self) -> None:
+        """It waited for a shard group to be ready, from its arrival until now; validation
+        starts now."""
+        now_s, now_ns = time.perf_counter(), time.time_ns()
+        self._child("hold", start_time=self._started_ns).end(end_time=now_ns)
+        self.fields["held_s"] = round(now_s - self.started_s, 6)
+        self._validating_s, self._validating_ns = now_s, now_ns
+
     def validated(self, input_tokens: int, max_new_tokens: int) -> None:
         now_s = time.perf_counter()
-        self._child("validate", start_time=self._started_ns).end()
-        self._metrics.validation_duration.observe(now_s - self.started_s)
+        self._child("validate", start_time=self._validating_ns).end()
+        self._metrics.validation_duration.observe(now_s - self._validating_s)
         self._metrics.input_tokens.observe(input_tokens)
         self.fields.update(input_tokens=input_tokens, max_new_tokens=max_new_tokens,
-                           validation_s=round(now_s - self.started_s, 6))
+                           validation_s=round(now_s - self._validating_s, 6))
 
     def queued(self) -> None:
         self._queue = self._child("queue")

@@ -116,6 +116,7 @@ class Info(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     shard_groups_ready: int
+    detail: str | None = None  # set when no group is ready and the router holds requests
 
 
 class TGIError(BaseModel):

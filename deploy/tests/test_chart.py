@@ -15,6 +15,7 @@ import pytest
 import referencing.jsonschema
 import yaml
 
+from router import config as router_config
 from tests.chart import (CHART, MATRIX, NAMESPACE, RELEASE, containers, env_of, pod_spec, render,
                          render_values, values_of)
 
@@ -274,6 +275,25 @@ def test_scale_to_zero_starts_at_zero_and_wakes_on_requests_waiting_in_routers()
     alerts = [r["alert"] for r in rules]
     assert "SluiceNoShardGroupReady" not in alerts  # zero groups is the idle state here
     assert render("keda-values.yaml").one("ScaledObject", "-shard")["spec"]["minReplicaCount"] == 1
+
+
+@pytest.mark.parametrize("values_name", MATRIX)
+def test_routers_hold_requests_without_groups_exactly_when_shards_scale_to_zero(values_name):
+    """Zero shard groups is scale to zero's idle state: routers then hold requests (and stay
+    Ready) rather than refuse them, or nothing would ever wake the first group; they hold them
+    up to a request timeout. The router's own flag parser reads the environment the chart
+    gives it (files mounted in the pod, which do not exist here, left out)."""
+    rendered = render(values_name)
+    env = {name: value for name, value in env_of(pod_spec(rendered, "router")["containers"][0])
+           .items() if name not in ("API_KEYS_FILE", "CONTENT_FILTER")}
+    config = router_config.parse([], env)
+    scalers = rendered.of_kind("ScaledObject")
+    to_zero = bool(scalers) and scalers[0]["spec"]["minReplicaCount"] == 0
+    assert config.hold_without_groups == to_zero
+    if to_zero:
+        assert config.request_timeout_s == rendered_values(values_name)["router"][
+            "requestTimeoutSeconds"] > 0
+    assert to_zero == (values_name == "scale-to-zero-values.yaml")
 
 
 def test_router_hpa_scales_on_cpu_and_on_requests_in_flight_through_the_adapter():

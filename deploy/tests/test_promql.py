@@ -23,7 +23,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shard.tests.tiny_model import write_tiny_model
-from tests.chart import CHART, NAMESPACE, RELEASE, dashboards, render, render_values
+from tests.chart import (CHART, NAMESPACE, RELEASE, dashboards, env_of, pod_spec, render,
+                         render_values)
 from tests.processes import start_router, start_shard
 from tests.prometheus_server import Prometheus
 
@@ -314,3 +315,48 @@ def test_every_allowed_ttft_slo_bound_is_a_bucket_the_router_exports(stack):
         rules = render_values(values).one("PrometheusRule", "sluice")["spec"]["groups"][0]["rules"]
         burn = next(r["expr"] for r in rules if r["alert"] == "SluiceTTFTSLOFastBurn")
         assert re.search(r'le="([^"]+)"', burn).group(1) in buckets, (bound, buckets)
+
+
+def _wait_for(prometheus: Prometheus, expr: str, timeout_s: float = CATCH_UP_TIMEOUT_S) -> list:
+    deadline = time.monotonic() + timeout_s
+    while not (result := prometheus.query(expr)):
+        assert time.monotonic() < deadline, f"no data in {timeout_s} s: {expr}"
+        time.sleep(0.2)
+    return result
+
+
+def test_requests_held_with_zero_groups_wake_the_first_group_through_the_keda_trigger(tmp_path):
+    """Scale to zero's idle state: routers and no shard group, so no shard series at all. The
+    scale-to-zero ScaledObject's waiting-requests trigger is 0 then (KEDA keeps zero groups),
+    and counts the requests a router holds (above the activation threshold: KEDA starts the
+    first group); the KV trigger has no data, which it is told to ignore. The router runs with
+    the environment the chart renders for it."""
+    rendered = render("scale-to-zero-values.yaml")
+    triggers = {t["name"]: t["metadata"]
+                for t in rendered.one("ScaledObject", "-shard")["spec"]["triggers"]}
+    waiting, kv = triggers["waiting-requests"], triggers["kv-budget-usage"]
+    env = env_of(pod_spec(rendered, "router")["containers"][0])
+    router = start_router(flags=("--shard-uri", "127.0.0.1:1"),  # nothing listens there
+                          env={name: env[name] for name in ("HOLD_WITHOUT_GROUPS",
+                                                            "REQUEST_TIMEOUT")})
+    labels = {"namespace": NAMESPACE, "app_kubernetes_io_instance": RELEASE,
+              "app_kubernetes_io_component": "router", "pod": f"{RELEASE}-sluice-router-0"}
+    prometheus = Prometheus(tmp_path, {"router": (router.address, labels)})
+    held_count = 3
+    body = {"inputs": "abc", "parameters": {"max_new_tokens": 4}}
+    held = []
+    with ThreadPoolExecutor(held_count) as pool:
+        try:
+            _wait_for(prometheus, f"sluice_router_queue_size{{{SELECTOR}}}")
+            [idle] = prometheus.query(waiting["query"])
+            assert float(idle["value"][1]) <= float(waiting["activationThreshold"])
+            held += [pool.submit(httpx.post, f"{router.url}/generate", json=body, timeout=120)
+                     for _ in range(held_count)]
+            [active] = _wait_for(prometheus, f"({waiting['query']}) == {held_count}")
+            assert float(active["value"][1]) > float(waiting["activationThreshold"])
+            assert prometheus.query(kv["query"]) == [] and kv["ignoreNullValues"] == "true"
+        finally:
+            router.stop()  # its drain ends the held requests
+            prometheus.stop()
+        assert [f.result().status_code for f in held] == [503] * held_count
+
