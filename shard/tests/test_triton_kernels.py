@@ -29,6 +29,12 @@ DECODE_DTYPE, DECODE_TOLERANCE = (torch.bfloat16, 1e-2) if ON_GPU else (torch.fl
 ROTARY_HEADS = [(32, 8, 128), (9, 3, 64), (14, 2, 80)]
 ROTARY_DTYPES = ([torch.bfloat16, torch.float16, torch.float32] if ON_GPU
                  else [torch.float16, torch.float32])
+# The rotary kernel runs one program per token, the same code for each: 37 tokens check the
+# grid and the scattered slots as well as 300 do, which on the GPU add the size of a real step.
+ROTARY_TOKENS = [1, 37, 300] if ON_GPU else [1, 37]
+# Contexts of the decode kernel's cases: up to 700 tokens on the GPU; on the CPU up to 200,
+# still past 8 splits' share of 16-token pages (some splits empty, others several pages).
+DECODE_LONGEST = 700 if ON_GPU else 200
 
 
 def _ids(heads):
@@ -40,10 +46,10 @@ def _ids(heads):
 @pytest.mark.parametrize("splits", DECODE_SPLITS)
 def test_triton_decode_kernel_matches_float64_reference_at_every_split(heads, block_size,
                                                                        splits):
-    """The kernel alone, over contexts of 1 to 700 tokens (some shorter than a split's share,
-    leaving splits empty), any head dim and GQA group, pages of any size."""
+    """The kernel alone, over contexts of 1 to DECODE_LONGEST tokens (some shorter than a
+    split's share, leaving splits empty), any head dim and GQA group, pages of any size."""
     gen = torch.Generator().manual_seed(11)
-    sequences = [(int(c), 1) for c in torch.randint(0, 700, (13,), generator=gen)]
+    sequences = [(int(c), 1) for c in torch.randint(0, DECODE_LONGEST, (13,), generator=gen)]
     sequences += [(0, 1), (63, 1), (64, 1), (127, 1)]
     step = make_step(sequences, len(sequences), block_size, DECODE_DTYPE, 11,
                      heads=heads).to(DEVICE)
@@ -86,7 +92,7 @@ def _rotary_case(heads, tokens, dtype, seed):
 
 
 @pytest.mark.parametrize("heads", ROTARY_HEADS, ids=_ids(ROTARY_HEADS))
-@pytest.mark.parametrize("tokens", [1, 37, 300])
+@pytest.mark.parametrize("tokens", ROTARY_TOKENS)
 @pytest.mark.parametrize("dtype", ROTARY_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_fused_rotary_writes_what_rotary_then_index_copy_write(heads, tokens, dtype):
     """The Triton kernel of --fused-rotary against the separate stages it replaces (eager
