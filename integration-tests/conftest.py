@@ -29,11 +29,14 @@ STARTUP_TIMEOUT_S = 300
 
 
 class Service:
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None,
+                 new_session: bool = False):
+        """new_session: a process group of its own (and of its children), for signals sent to
+        the whole group, as a terminal's Ctrl-C is."""
         self.argv = argv
         self.process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})}, start_new_session=new_session)
         self.output: list[str] = []
         self.ready: dict = {}  # the ready line: address, and the shard's metrics_address
         self.address = self._wait_ready()

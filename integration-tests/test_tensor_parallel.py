@@ -229,6 +229,20 @@ def test_a_lost_rank_fails_the_group_with_an_error_and_a_nonzero_exit(tmp_path, 
         shard.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_stops_the_group_cleanly(tmp_path, sig):
+    """An init that signals the container's process group (SIGTERM), or a terminal's Ctrl-C
+    (SIGINT), reaches every rank at once: rank 0 drains and stops its workers; they do not
+    die on their own, which rank 0 would take for a lost rank (exit 1)."""
+    folder = str(write_tiny_model(tmp_path / "llama"))
+    shard = Service(sluice("shard", "--model", folder, "--port", "0", "--num-threads", "1",
+                           "--num-shard", "2", *TEST_BUDGET), new_session=True)
+    assert len(worker_pids(shard)) == 1
+    os.killpg(shard.process.pid, sig)
+    assert shard.process.wait(timeout=60) == 0, "".join(shard.output[-30:])
+    assert not any("shard group failed" in line for line in shard.output)
+
+
 def test_serve_with_three_ranks_answers_with_the_tgi_and_openai_clients(smollm2):
     """`sluice serve --num-shard 3`: the router in front of a three-rank group of the embedded
     SmolLM2, streaming and not, through both clients."""

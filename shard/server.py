@@ -188,6 +188,9 @@ async def serve(started: Started) -> int:
     await server.start()
     stop, failed = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before the ready line: a signal right after it must drain, not interrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     failure.serving(loop, failed)
     engine.start()
     if built.group.world_size > 1:
@@ -203,8 +206,6 @@ async def serve(started: Started) -> int:
         log.info("shard metrics on http://%s/metrics", ready["metrics_address"])
     print(json.dumps(ready), flush=True)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:
