@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from router.content_filter import OutputGuard
 from router.errors import RouterError
@@ -47,17 +47,27 @@ class PromptScores:
     top_logprobs: list[list[float]]
 
 
+class RunListener(Protocol):
+    """A streamed response (router/sse.py): takes a run's tokens as they come, in the event
+    loop's turn after they arrived, instead of a task awaiting next_events()."""
+
+    def on_events(self, run: Run, events: list[TokenEvent]) -> None: ...
+    def on_run_error(self, run: Run, error: RouterError) -> None: ...
+
+
 class Run:
     """One sequence on the shard groups, from the queue to its end.
 
     The gRPC client (router/shard_client.py) sees `id`, `total_tokens`, `wire_request()` and
-    the `on_*` calls; the HTTP handler reads `next_events()` and closes it. Tokens wait in a
-    list until the handler takes them all at once: one wake-up per shard step, not per token.
+    the `on_*` calls; the HTTP handler reads `next_events()`, or hands them to a listener, and
+    closes it. Tokens wait in a list until the handler takes them all at once: one wake-up per
+    shard step, not per token.
     """
 
     __slots__ = ("id", "index", "request", "owner", "output_guard", "group", "tokens",
                  "prompt_scores", "finished", "closed", "outcome", "failovers",
-                 "failover_timer", "_dispatcher", "_events", "_error", "_waiter")
+                 "failover_timer", "_dispatcher", "_events", "_error", "_waiter", "_listener",
+                 "_loop", "_handing_over")
 
     def __init__(self, owner: GenerationRequest, index: int, request: pb.Request,
                  output_guard: OutputGuard | None):
@@ -78,6 +88,9 @@ class Run:
         self._events: list[TokenEvent] = []
         self._error: RouterError | None = None
         self._waiter: asyncio.Future | None = None
+        self._listener: RunListener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handing_over = False  # a hand-over to the listener is scheduled
 
     # -- for the queue and the gRPC client ---------------------------------------------------
     @property
@@ -153,6 +166,15 @@ class Run:
         events, self._events = self._events, []
         return events
 
+    def listen(self, listener: RunListener) -> None:
+        """From now on, hand every batch of tokens (what arrived since the last hand-over) and
+        then the run's error to `listener`, once per event-loop turn: no task wakes up per
+        shard step. Tokens that arrived before are handed over in the next turn."""
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        if self._events or self._error is not None:
+            self._schedule_hand_over()
+
     def fail(self, error: RouterError) -> None:
         """End it from the router's side (a timeout, a drain): stop it on its group, report."""
         if self.finished:
@@ -180,9 +202,29 @@ class Run:
         self.owner.run_closed(self)
 
     def _wake(self) -> None:
+        if self._listener is not None:
+            if not self._handing_over:
+                self._schedule_hand_over()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _schedule_hand_over(self) -> None:
+        self._handing_over = True
+        self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """The tokens first, then the error (the listener may close the run on a token)."""
+        self._handing_over = False
+        if self.closed:
+            self._events = []
+            return
+        if self._events:
+            events, self._events = self._events, []
+            self._listener.on_events(self, events)
+        if self._error is not None and not self.closed:
+            self._listener.on_run_error(self, self._error)
 
 
 class GenerationRequest:

@@ -29,7 +29,7 @@ import uvloop
 
 from router import app as router_app
 from router import config as router_config
-from router import streaming, workers
+from router import sse, workers
 from router.errors import Draining
 from router.state import RouterState
 from sluice import logs, tracing
@@ -69,7 +69,7 @@ async def serve(config: router_config.RouterConfig, sock: socket.socket,
     worker tells its parent), else the ready line is printed."""
     app = router_app.build(config, worker)
     # httptools: its chunk writes cost less CPU per streamed token than h11's state machine.
-    server = _Server(uvicorn.Config(streaming.raw_send_in_scope(app), http="httptools",
+    server = _Server(uvicorn.Config(sse.raw_send_in_scope(app), http="httptools",
                                     log_level="warning", log_config=None, access_log=False,
                                     timeout_graceful_shutdown=_CLOSE_GRACE_S))
     signals = asyncio.Event()

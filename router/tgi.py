@@ -12,6 +12,7 @@ from router import tgi_responses as out
 from router.errors import RouterError, ValidationError
 from router.schemas import TGIRequest, parse
 from router.request import PromptScores, Run
+from router.sse import SSEResponse
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare, sampling
 
@@ -102,10 +103,11 @@ def _sequence(state: RouterState, body: TGIRequest, run: Prepared, gen: Run,
 
 async def _generate(request: Request, state: RouterState, body: TGIRequest) -> out.GenerateResponse:
     runs = await _prepare(state, body, stream=False)
+    tokenizer = state.tokenizer  # read before admission: nothing after it may fail
     generation = await state.admit(request, runs)
     gens = generation.runs
     results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
-        state.tokenizer, gens, [run.stop for run in runs]))
+        tokenizer, gens, [run.stop for run in runs]))
     sequences = [_sequence(state, body, run, gen, tokens, finish)
                  for run, gen, (tokens, finish) in zip(runs, gens, results)]
     # best_of: the sequence the model finds most likely overall, as TGI chooses.
@@ -120,37 +122,49 @@ async def _generate(request: Request, state: RouterState, body: TGIRequest) -> o
     return answer
 
 
-async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
-    [run] = await _prepare(state, body, stream=True)
-    generation = await state.admit(request, [run])
-    gens = generation.runs
-    p = body.parameters
+class _Events:
+    """The stream's events (router/sse.py's EventSource): one per token, numbered from 1; the
+    last carries the generated text (and the details when asked for)."""
 
-    def event(index: int, token: streaming.Token) -> str:
+    def __init__(self, state: RouterState, body: TGIRequest, run: Prepared):
+        self._state, self._body, self._run = state, body, run
+        self._sent = 0  # tokens so far
+
+    def opening(self) -> str:
+        return ""
+
+    def tokens(self, index: int, batch: list[streaming.Token]) -> str:
+        first, self._sent = self._sent + 1, self._sent + len(batch)
+        return "".join(self._event(i, token) for i, token in enumerate(batch, first))
+
+    def _event(self, index: int, token: streaming.Token) -> str:
         if token.finish is None and not token.top:
             return token_event(index, token)
+        state = self._state
         answer = out.StreamResponse(
             index=index, token=_token(state, token.id, token.text, token.logprob),
             top_tokens=_top_tokens(state, token), generated_text=None, details=None)
         if token.finish is not None:
-            answer.generated_text = _full_text(body, token.finish.text)
-            if p.details:
+            answer.generated_text = _full_text(self._body, token.finish.text)
+            if self._body.parameters.details:
                 answer.details = out.StreamDetails(
                     finish_reason=token.finish.reason,
                     generated_tokens=token.finish.generated_tokens,
-                    seed=run.seed, input_length=run.input_length)
+                    seed=self._run.seed, input_length=self._run.input_length)
         return streaming.sse(answer)
 
-    async def events():
-        try:
-            index = 0
-            async for _, batch in streaming.batches(state.tokenizer, gens, [run.stop]):
-                first, index = index + 1, index + len(batch)
-                yield "".join(event(i, token) for i, token in enumerate(batch, first))
-        except RouterError as exc:  # headers are sent: the error travels as the last event
-            yield streaming.sse(exc.tgi_body())
+    def closing(self) -> str:
+        return ""
 
-    return streaming.sse_response(events(), generation)
+    def failed(self, error: RouterError) -> str:  # headers are sent: the last event
+        return streaming.sse(error.tgi_body())
+
+
+async def _stream(request: Request, state: RouterState, body: TGIRequest) -> Response:
+    [run] = await _prepare(state, body, stream=True)
+    tokenizer = state.tokenizer  # read before admission: nothing after it may fail
+    generation = await state.admit(request, [run])
+    return SSEResponse(generation, tokenizer, [run.stop], _Events(state, body, run))
 
 
 async def generate(request: Request) -> Response:
