@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -87,6 +88,9 @@ async def serve(config: router_config.RouterConfig, sock: socket.socket,
             task.result()  # start-up failed: raise its error
             return
         await asyncio.sleep(0.02)
+    # What start-up built (modules, the app, the tokenizer) lives as long as the process: out
+    # of the collector's sight, a full collection walks only what requests left behind.
+    gc.freeze()
     if listening is not None:
         listening()
     else:
