@@ -11,7 +11,7 @@ generate and records how it ended.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,8 +34,8 @@ class TokenEvent:
     token_id: int
     logprob: float
     finish_reason: int  # pb.FinishReason; FINISH_REASON_NONE while the run goes on
-    top_ids: list[int]
-    top_logprobs: list[float]
+    top_ids: Sequence[int]  # alternatives, when asked for
+    top_logprobs: Sequence[float]
 
 
 @dataclass(slots=True)
@@ -122,8 +122,8 @@ class Run:
         if self.index == 0:
             self.owner.telemetry.dispatched(group.uri, wire.trace_context)
 
-    def on_token(self, token_id: int, logprob: float, finish_reason: int, top_ids: list[int],
-                 top_logprobs: list[float]) -> None:
+    def on_token(self, token_id: int, logprob: float, finish_reason: int,
+                 top_ids: Sequence[int], top_logprobs: Sequence[float]) -> None:
         if self.finished:
             return
         self.tokens.append(token_id)
@@ -132,7 +132,11 @@ class Run:
         if finish_reason != _FINISH_NONE:
             self.finished = True
         self._events.append(TokenEvent(token_id, logprob, finish_reason, top_ids, top_logprobs))
-        self._wake()
+        if self._listener is None:
+            self._wake()
+        elif not self._handing_over:  # once per run and shard step, not per token
+            self._handing_over = True
+            self._loop.call_soon(self._hand_over)
 
     def on_prompt_scores(self, scores: PromptScores) -> None:
         self.prompt_scores = scores

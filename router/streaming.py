@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import TypeVar
@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.content_filter import OutputGuard
 from router.detokenize import TextStream
 from router.errors import ClientDisconnected
 from router.request import GenerationRequest, Run, TokenEvent
@@ -48,95 +47,86 @@ class Token:
     text: str  # the text this token releases (stop strings held back, UTF-8 kept whole)
     logprob: float
     special: bool
-    top: list[tuple[int, float]]  # (token id, logprob) alternatives, when asked for
+    top: Sequence[tuple[int, float]]  # (token id, logprob) alternatives, when asked for
     finish: Finish | None = None  # set on the last token
 
 
 # The id of the last token of a response stopped by the content filter: the token that
 # completed the match is withheld, like its text.
 WITHHELD_TOKEN_ID = -1
+_NO_TOP = ()  # a token's alternatives when none were asked for (shared: never mutated)
 
 
-class _Release:
-    """Per token, what a client may see of it: after stop strings and the output filter.
+class RunTokens:
+    """One run's tokens as the client may see them (after stop strings and the output filter),
+    a batch per hand-over: a shard step's tokens, one or several when the router fell behind.
+    Once the last token is out, the run is finished and closed.
 
     With an output filter, tokens wait (text, id and logprobs alike) until the filter has
     cleared their text; when it blocks, the tokens of the matched text are never released.
     """
 
-    def __init__(self, tokenizer: RouterTokenizer, stop: list[str], guard: OutputGuard | None):
-        self._tokenizer = tokenizer
-        self._text = TextStream(tokenizer, stop)
-        self._guard = guard
-        self._held: list[tuple[Token, int]] = []  # (token, end of its text in guard.text)
-        self._sent = 0  # characters of guard.text released
-        self.count = 0
-
-    def push(self, event: TokenEvent) -> list[Token]:
-        self.count += 1
-        text = self._text
-        piece = text.push(event.token_id)
-        reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
-        if reason is not None and text.stopped_by is None:
-            piece += text.flush()
-        top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else []
-        token = Token(event.token_id, piece, event.logprob,
-                      self._tokenizer.is_special(event.token_id), top)
-        if self._guard is None:
-            if reason is not None:
-                token.finish = Finish(reason, text.text, self.count)
-            return [token]
-        return self._guarded(token, reason)
-
-    def _guarded(self, token: Token, reason: str | None) -> list[Token]:
-        guard = self._guard
-        guard.feed(token.text, final=reason is not None)
-        self._held.append((token, len(guard.text)))
-        if guard.blocked_at is not None:
-            out = self._take(guard.blocked_at)
-            last = Token(WITHHELD_TOKEN_ID, guard.text[self._sent:guard.blocked_at], 0.0, False,
-                         [], Finish("content_filter", guard.text[:guard.blocked_at], self.count))
-            return out + [last]
-        out = self._take(guard.cleared)
-        if reason is not None:  # the final check cleared everything
-            out[-1].finish = Finish(reason, guard.text, self.count)
-        return out
-
-    def _take(self, upto: int) -> list[Token]:
-        """The held tokens whose text lies wholly within guard.text[:upto], in order."""
-        out = []
-        while self._held and self._held[0][1] <= upto:
-            token, self._sent = self._held.pop(0)
-            out.append(token)
-        return out
-
-
-class RunTokens:
-    """One run's tokens as the client may see them, a batch per hand-over (a shard step's
-    tokens: one, or several when the router fell behind). Once the last token is out, the run
-    is finished and closed."""
-
-    __slots__ = ("_run", "_release", "done")
+    __slots__ = ("_run", "_text", "_special_ids", "_guard", "_held", "_sent", "count", "done")
 
     def __init__(self, tokenizer: RouterTokenizer, run_: Run, stop: list[str]):
         self._run = run_
-        self._release = _Release(tokenizer, stop, run_.output_guard)
+        self._text = TextStream(tokenizer, stop)
+        self._special_ids = tokenizer.special_ids
+        self._guard = run_.output_guard
+        self._held: list[tuple[Token, int]] = []  # (token, end of its text in guard.text)
+        self._sent = 0  # characters of guard.text released
+        self.count = 0  # tokens taken
         self.done = False
 
     def take(self, events: list[TokenEvent]) -> list[Token]:
         """The tokens these events release (maybe none, while the output filter holds them);
         the last one carries the Finish."""
         batch = []
-        push = self._release.push
+        text = self._text
         for event in events:
-            for token in push(event):
+            self.count += 1
+            token_id = event.token_id
+            piece = text.push(token_id)
+            reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
+            if reason is not None and text.stopped_by is None:
+                piece += text.flush()
+            top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else _NO_TOP
+            token = Token(token_id, piece, event.logprob, token_id in self._special_ids, top)
+            if self._guard is not None:
+                batch += self._guarded(token, reason)
+            else:
+                if reason is not None:
+                    token.finish = Finish(reason, text.text, self.count)
                 batch.append(token)
-                if token.finish is not None:
-                    self.done = True
-                    self._run.finish(token.finish.reason)
-                    self._run.close()
-                    return batch
+            if batch and batch[-1].finish is not None:
+                self.done = True
+                self._run.finish(batch[-1].finish.reason)
+                self._run.close()
+                return batch
         return batch
+
+    def _guarded(self, token: Token, reason: str | None) -> list[Token]:
+        guard = self._guard
+        guard.feed(token.text, final=reason is not None)
+        self._held.append((token, len(guard.text)))
+        if guard.blocked_at is not None:
+            out = self._cleared(guard.blocked_at)
+            last = Token(WITHHELD_TOKEN_ID, guard.text[self._sent:guard.blocked_at], 0.0, False,
+                         _NO_TOP, Finish("content_filter", guard.text[:guard.blocked_at],
+                                         self.count))
+            return out + [last]
+        out = self._cleared(guard.cleared)
+        if reason is not None:  # the final check cleared everything
+            out[-1].finish = Finish(reason, guard.text, self.count)
+        return out
+
+    def _cleared(self, upto: int) -> list[Token]:
+        """The held tokens whose text lies wholly within guard.text[:upto], in order."""
+        out = []
+        while self._held and self._held[0][1] <= upto:
+            token, self._sent = self._held.pop(0)
+            out.append(token)
+        return out
 
     async def next_batch(self) -> list[Token]:
         """The next batch, awaited; raises the run's RouterError."""
