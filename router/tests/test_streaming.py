@@ -45,7 +45,8 @@ def test_text_events_are_the_models_own_json_character_for_character(build):
             assert texts(index, text) == streaming.sse(build(index, text)), repr(text)
 
 
-@pytest.mark.parametrize("logprob", [-0.25, 0.0, -1e-05, -123.456789, 1 / 3, float("-inf")])
+@pytest.mark.parametrize("logprob", [-0.25, 0.0, -0.0, -1e-05, -1e-07, -123.456789, 1 / 3,
+                                     -1e+20, float("-inf"), float("nan")])
 def test_tgi_token_events_are_the_models_own_json_character_for_character(logprob):
     for index, special in ((1, False), (7, True), (4096, False)):
         for text in TEXTS:
