@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Generator
 from typing import Any, Protocol
 
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.errors import RouterError
 from router.request import GenerationRequest, Run, TokenEvent
@@ -164,7 +164,7 @@ class BodyWriter:
         if self._draining is not None:
             self._queued.append(data)
             return
-        sending = self._send(_body(data))
+        sending = self._send({"type": "http.response.body", "body": data, "more_body": True})
         try:
             waiting_on = sending.send(None)
         except StopIteration:
@@ -181,13 +181,10 @@ class BodyWriter:
             await started
             while self._queued:
                 data, self._queued = b"".join(self._queued), []
-                await self._send(_body(data))
+                await self._send({"type": "http.response.body", "body": data,
+                                  "more_body": True})
         finally:
             self._draining = None
-
-
-def _body(data: bytes) -> Message:
-    return {"type": "http.response.body", "body": data, "more_body": True}
 
 
 class _Resumed:

@@ -27,6 +27,7 @@ from sluice.v1 import generate_pb2 as pb
 
 T = TypeVar("T")
 
+_FINISH_NONE = pb.FINISH_REASON_NONE
 FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_EOS_TOKEN: "eos_token",
@@ -87,8 +88,12 @@ class RunTokens:
             self.count += 1
             token_id = event.token_id
             piece = text.push(token_id)
-            reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
-            if reason is not None and text.stopped_by is None:
+            if text.stopped_by is not None:
+                reason = "stop_sequence"
+            elif event.finish_reason == _FINISH_NONE:
+                reason = None
+            else:
+                reason = FINISH_REASONS.get(event.finish_reason)
                 piece += text.flush()
             top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else _NO_TOP
             token = Token(token_id, piece, event.logprob, token_id in self._special_ids, top)
