@@ -77,15 +77,14 @@ class SSEResponse(Response):
                         "headers": self.raw_headers})
             stream = _Stream(self._tokenizer, generation.runs, self._stops, self._source,
                              BodyWriter(scope.get(RAW_SEND, send)))
-            client_left = asyncio.ensure_future(_disconnected(receive))
+            watcher = asyncio.ensure_future(_disconnected(receive))
+            watcher.add_done_callback(stream.client_left)
             try:
-                await asyncio.wait((stream.ended, client_left),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                tail = await stream.ended  # raises what went wrong in making the events
             finally:
-                client_left.cancel()
-            if not stream.ended.done():
+                watcher.cancel()
+            if tail is None:
                 return  # the client left: nothing more to write
-            tail = stream.ended.result()  # raises what went wrong in making the events
             await stream.writer.drained()
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
@@ -95,13 +94,14 @@ class SSEResponse(Response):
 class _Stream:
     """The push side of one SSEResponse: every run's tokens, as they come, become the route's
     events, written at once. `ended` is set to the stream's last bytes (the last events and the
-    closing ones, or the error event), or to the exception that broke it."""
+    closing ones, or the error event), to None when the client left first, or to the exception
+    that broke it."""
 
     def __init__(self, tokenizer: RouterTokenizer, runs: list[Run], stops: list[list[str]],
                  source: EventSource, writer: BodyWriter):
         self._source = source
         self.writer = writer
-        self.ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.ended: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._runs = [RunTokens(tokenizer, run, stop) for run, stop in zip(runs, stops)]
         self._running = len(runs)
         try:
@@ -132,6 +132,10 @@ class _Stream:
             self.on_run_error(run, exc)
         except BaseException as exc:  # raised where the response awaits its end
             self.ended.set_exception(exc)
+
+    def client_left(self, _watcher: asyncio.Future) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def on_run_error(self, run: Run, error: RouterError) -> None:
         """The first run to fail ends the stream (the response closes the others)."""
