@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from datetime import datetime
-from functools import partial
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -49,9 +47,6 @@ class RouterTokenizer:
         # Byte-level BPE (GPT-2, Llama 3, SmolLM2), whether its decoder is alone or in a Sequence.
         decoder = json.loads(spec.tokenizer_json).get("decoder") or {}
         self._byte_level = "ByteLevel" in json.dumps(decoder)
-        # Its decoder alone: a text is its tokens' bytes as UTF-8 (ByteLevelStream).
-        self._byte_level_alone = decoder.get("type") == "ByteLevel"
-        self._stream_bytes: dict[bool, dict[int, bytes]] = {True: {}, False: {}}
         self.chat_template = None
         if spec.chat_template:
             # The conventions of transformers' apply_chat_template, which templates assume.
@@ -73,19 +68,8 @@ class RouterTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream | ByteLevelStream:
-        """Text as token ids arrive: `step(tokenizer, id)` gives the text released, or None."""
-        if self._byte_level_alone:
-            return ByteLevelStream(self._stream_bytes[skip_special_tokens], partial(
-                self._bytes_in_stream, skip_special_tokens=skip_special_tokens))
+    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
         return DecodeStream(skip_special_tokens=skip_special_tokens)
-
-    def _bytes_in_stream(self, token_id: int, skip_special_tokens: bool) -> bytes:
-        """What a token adds to a decoded stream's bytes: nothing for a skipped special token
-        or an id outside the vocabulary."""
-        if skip_special_tokens and token_id in self.special_ids:
-            return b""
-        return bytes(self.token_bytes(token_id))
 
     def token_text(self, token_id: int) -> str:
         if token_id < 0:  # streaming.WITHHELD_TOKEN_ID: a token the content filter withheld
@@ -115,33 +99,3 @@ class RouterTokenizer:
                 bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateError as exc:
             raise ValidationError(f"chat template: {exc}", param="messages") from exc
-
-
-class ByteLevelStream:
-    """tokenizers' DecodeStream for a tokenizer whose decoder is ByteLevel alone, without a call
-    into tokenizers per token (0.6 against 1.8 µs per token of English text through SmolLM2's
-    tokenizer on the development machine).
-
-    There, the text of tokens is their bytes decoded as UTF-8, each invalid sequence as U+FFFD,
-    and DecodeStream releases a token's text once the text since its last release does not end
-    in U+FFFD. So the same here: bytes wait until they decode to such text
-    (router/tests/test_tokenizer.py holds the two equal on random ids)."""
-
-    __slots__ = ("_known", "_bytes_of", "_pending")
-
-    def __init__(self, known: dict[int, bytes], bytes_of: Callable[[int], bytes]):
-        self._known = known  # token id -> its bytes, shared by the tokenizer's streams
-        self._bytes_of = bytes_of
-        self._pending = b""
-
-    def step(self, tokenizer: Tokenizer, token_id: int) -> str | None:
-        token_bytes = self._known.get(token_id)
-        if token_bytes is None:
-            token_bytes = self._known[token_id] = self._bytes_of(token_id)
-        pending = self._pending + token_bytes
-        text = pending.decode("utf-8", "replace")
-        if text and text[-1] != "\ufffd":
-            self._pending = b""
-            return text
-        self._pending = pending
-        return None
