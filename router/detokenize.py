@@ -17,8 +17,13 @@ class TextStream:
         self._decoder = tokenizer.decode_stream(skip_special_tokens)
         self._stop = [s for s in stop if s]
         self._held = ""
-        self.text = ""  # everything released so far
+        self._released: list[str] = []  # joined when asked for: no copy of the text per token
         self.stopped_by: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        return "".join(self._released)
 
     def push(self, token_id: int) -> str:
         """Feed one token; returns the text it releases (often "", never part of a stop)."""
@@ -26,7 +31,7 @@ class TextStream:
             return ""  # nothing after a stop string is ever output
         piece = self._decoder.step(self._tokenizer, token_id) or ""
         if not self._stop:
-            self.text += piece
+            self._released.append(piece)
             return piece
         pending = self._held + piece
         match = min(((pending.find(s), s) for s in self._stop if s in pending), default=None)
@@ -42,7 +47,7 @@ class TextStream:
 
     def _release(self, text: str, held: str) -> str:
         self._held = held
-        self.text += text
+        self._released.append(text)
         return text
 
 

@@ -10,7 +10,7 @@ from router import streaming
 from router.errors import RouterError
 from router.openai_api import FINISH, Head, chat_logprobs, check_choices, sampling_params, usage
 from router.schemas import ChatCompletionRequest, parse
-from router.request import Run
+from router.sse import SSEResponse
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare
 
@@ -34,14 +34,15 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     prepared = await _prepare(state, body)
     runs = choices(prepared, body.n)
+    tokenizer = state.tokenizer  # read before admission: nothing after it may fail
     generation = await state.admit(request, runs)
     gens = generation.runs
     head = Head.new("chatcmpl", state)
     if body.stream:
-        return streaming.sse_response(_events(state, body, prepared, runs, gens, head),
-                                      generation)
+        return SSEResponse(generation, tokenizer, [run.stop for run in runs],
+                           _Events(state, body, prepared, len(runs), head))
     results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
-        state.tokenizer, gens, [run.stop for run in runs]))
+        tokenizer, gens, [run.stop for run in runs]))
     return streaming.json_response(out.ChatCompletion(
         **head.fields(), object="chat.completion",
         choices=[out.ChatChoice(
@@ -51,43 +52,52 @@ async def chat_completions(request: Request) -> Response:
         usage=usage([prepared], [finish.generated_tokens for _, finish in results])))
 
 
-async def _events(state: RouterState, body: ChatCompletionRequest, prepared: Prepared,
-                  runs: list[Prepared], gens: list[Run], head: Head):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+class _Events:
+    """The stream's events (router/sse.py's EventSource): each choice's role, its tokens and
+    its finish reason; the usage when asked for; [DONE]."""
 
-    def model(index: int, delta: out.Delta, finish_reason=None,
-              logprobs=None) -> out.ChatCompletionChunk:
+    def __init__(self, state: RouterState, body: ChatCompletionRequest, prepared: Prepared,
+                 choices_: int, head: Head):
+        self._state, self._body, self._prepared = state, body, prepared
+        self._choices, self._head = choices_, head
+        self._generated = [0] * choices_
+        self._texts = streaming.TextEvents(
+            lambda index, text: self._model(index, out.Delta(content=text)))
+
+    def _model(self, index: int, delta: out.Delta, finish_reason=None,
+               logprobs=None) -> out.ChatCompletionChunk:
         return out.ChatCompletionChunk(
-            **head.fields(), object="chat.completion.chunk", choices=[out.ChunkChoice(
+            **self._head.fields(), object="chat.completion.chunk", choices=[out.ChunkChoice(
                 index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
-    def chunk(index: int, delta: out.Delta, finish_reason=None, logprobs=None) -> str:
-        return streaming.sse(model(index, delta, finish_reason, logprobs))
+    def _chunk(self, index: int, delta: out.Delta, finish_reason=None, logprobs=None) -> str:
+        return streaming.sse(self._model(index, delta, finish_reason, logprobs))
 
-    texts = streaming.TextEvents(lambda index, text: model(index, out.Delta(content=text)))
+    def opening(self) -> str:
+        return "".join(self._chunk(index, out.Delta(role="assistant", content=""))
+                       for index in range(self._choices))
 
-    try:
-        for index in range(len(runs)):
-            yield chunk(index, out.Delta(role="assistant", content=""))
-        generated = [0] * len(runs)
-        async for index, batch in streaming.batches(state.tokenizer, gens,
-                                                    [run.stop for run in runs]):
-            events = []  # one write for the batch
-            for token in batch:
-                logprobs = chat_logprobs(state, [token]) if body.logprobs else None
-                if logprobs:
-                    events.append(chunk(index, out.Delta(content=token.text), logprobs=logprobs))
-                elif token.text:
-                    events.append(texts(index, token.text))
-                if token.finish is not None:
-                    generated[index] = token.finish.generated_tokens
-                    events.append(chunk(index, out.Delta(), FINISH[token.finish.reason]))
-            if events:
-                yield "".join(events)
-        if include_usage:
-            yield streaming.sse(out.ChatCompletionChunk(
-                **head.fields(), object="chat.completion.chunk", choices=[],
-                usage=usage([prepared], generated)))
-    except RouterError as exc:  # headers are sent: the error travels as an event
-        yield streaming.sse(exc.openai_body())
-    yield "data: [DONE]\n\n"
+    def tokens(self, index: int, batch: list[streaming.Token]) -> str:
+        events = []  # one write for the batch
+        for token in batch:
+            logprobs = chat_logprobs(self._state, [token]) if self._body.logprobs else None
+            if logprobs:
+                events.append(self._chunk(index, out.Delta(content=token.text),
+                                          logprobs=logprobs))
+            elif token.text:
+                events.append(self._texts(index, token.text))
+            if token.finish is not None:
+                self._generated[index] = token.finish.generated_tokens
+                events.append(self._chunk(index, out.Delta(), FINISH[token.finish.reason]))
+        return "".join(events)
+
+    def closing(self) -> str:
+        usage_event = ""
+        if self._body.stream_options and self._body.stream_options.include_usage:
+            usage_event = streaming.sse(out.ChatCompletionChunk(
+                **self._head.fields(), object="chat.completion.chunk", choices=[],
+                usage=usage([self._prepared], self._generated)))
+        return usage_event + "data: [DONE]\n\n"
+
+    def failed(self, error: RouterError) -> str:  # headers are sent: the error is an event
+        return streaming.sse(error.openai_body()) + "data: [DONE]\n\n"

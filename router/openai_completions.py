@@ -14,6 +14,7 @@ from router.errors import RouterError, ValidationError
 from router.openai_api import FINISH, Head, check_choices, sampling_params, usage
 from router.schemas import CompletionRequest, parse
 from router.request import Run
+from router.sse import SSEResponse
 from router.state import RouterState
 from router.validation import Prepared, choices, prepare
 
@@ -101,14 +102,15 @@ async def completions(request: Request) -> Response:
                         prefill_logprobs=body.echo and wants_logprobs) for p in prompts]
     runs = [run for p in prepared for run in choices(p, body.n)]
     run_prompts = [p for p in prompts for _ in range(body.n)]
+    tokenizer = state.tokenizer  # read before admission: nothing after it may fail
     generation = await state.admit(request, runs)
     gens = generation.runs
     head = Head.new("cmpl", state)
     if body.stream:
-        return streaming.sse_response(
-            _events(state, body, prepared, runs, run_prompts, gens, head), generation)
+        return SSEResponse(generation, tokenizer, [run.stop for run in runs],
+                           _Events(state, body, prepared, run_prompts, gens, head))
     results = await streaming.unless_disconnected(request, generation, streaming.collect_all(
-        state.tokenizer, gens, [run.stop for run in runs]))
+        tokenizer, gens, [run.stop for run in runs]))
     answer = []
     for index, (prompt, gen, (tokens, finish)) in enumerate(zip(run_prompts, gens, results)):
         choice = _start(state, body, prompt, gen)
@@ -132,56 +134,64 @@ def _start(state: RouterState, body: CompletionRequest, prompt: _Prompt,
     return _Choice(text=prompt.text)
 
 
-async def _events(state: RouterState, body: CompletionRequest, prepared: list[Prepared],
-                  runs: list[Prepared], prompts: list[_Prompt], gens: list[Run],
-                  head: Head):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    wants_logprobs = body.logprobs is not None
+class _Events:
+    """The stream's events (router/sse.py's EventSource): per choice, the echoed prompt with
+    its first token, then its tokens; the usage when asked for; [DONE]."""
 
-    def model(index: int, text: str, finish_reason=None, logprobs=None) -> out.Completion:
+    def __init__(self, state: RouterState, body: CompletionRequest, prepared: list[Prepared],
+                 prompts: list[_Prompt], gens: list[Run], head: Head):
+        self._state, self._body, self._prepared = state, body, prepared
+        self._prompts, self._gens, self._head = prompts, gens, head
+        self._wants_logprobs = body.logprobs is not None
+        self._choices: list[_Choice | None] = [None] * len(gens)
+        self._generated = [0] * len(gens)
+        self._texts = streaming.TextEvents(self._model)
+
+    def _model(self, index: int, text: str, finish_reason=None, logprobs=None) -> out.Completion:
         return out.Completion(
-            **head.fields(), object="text_completion", choices=[out.CompletionChoice(
+            **self._head.fields(), object="text_completion", choices=[out.CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
 
-    def chunk(index: int, text: str, finish_reason=None, logprobs=None) -> str:
-        return streaming.sse(model(index, text, finish_reason, logprobs))
+    def _chunk(self, index: int, text: str, finish_reason=None, logprobs=None) -> str:
+        return streaming.sse(self._model(index, text, finish_reason, logprobs))
 
-    texts = streaming.TextEvents(model)
+    def opening(self) -> str:
+        return ""
 
-    try:
-        states: list[_Choice | None] = [None] * len(runs)
-        generated = [0] * len(runs)
-        async for index, batch in streaming.batches(state.tokenizer, gens,
-                                                    [run.stop for run in runs]):
-            events = []  # one write for the batch
-            if states[index] is None:  # the first token: the prompt's scores came with it
-                states[index] = _start(state, body, prompts[index], gens[index])
-                if body.echo:
-                    events.append(chunk(index, states[index].text, logprobs=(
-                        states[index].logprobs if wants_logprobs else None)))
-            choice = states[index]
-            for token in batch:
-                logprobs = None
-                if wants_logprobs:  # the text so far only places each token's text_offset
-                    before = len(choice.logprobs.tokens)
-                    _add_token(state, choice, token)
-                    lp = choice.logprobs
-                    logprobs = out.CompletionLogprobs(
-                        tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
-                        top_logprobs=lp.top_logprobs[before:],
-                        text_offset=lp.text_offset[before:])
-                finish = FINISH[token.finish.reason] if token.finish is not None else None
-                if logprobs is not None or finish is not None:
-                    events.append(chunk(index, token.text, finish, logprobs))
-                elif token.text:
-                    events.append(texts(index, token.text))
-                if token.finish is not None:
-                    generated[index] = token.finish.generated_tokens
-            if events:
-                yield "".join(events)
-        if include_usage:
-            yield streaming.sse(out.Completion(**head.fields(), object="text_completion",
-                                               choices=[], usage=usage(prepared, generated)))
-    except RouterError as exc:
-        yield streaming.sse(exc.openai_body())
-    yield "data: [DONE]\n\n"
+    def tokens(self, index: int, batch: list[streaming.Token]) -> str:
+        events = []  # one write for the batch
+        choice = self._choices[index]
+        if choice is None:  # the first token: the prompt's scores came with it
+            choice = self._choices[index] = _start(self._state, self._body, self._prompts[index],
+                                                   self._gens[index])
+            if self._body.echo:
+                events.append(self._chunk(index, choice.text, logprobs=(
+                    choice.logprobs if self._wants_logprobs else None)))
+        for token in batch:
+            logprobs = None
+            if self._wants_logprobs:  # the text so far only places each token's text_offset
+                before = len(choice.logprobs.tokens)
+                _add_token(self._state, choice, token)
+                lp = choice.logprobs
+                logprobs = out.CompletionLogprobs(
+                    tokens=lp.tokens[before:], token_logprobs=lp.token_logprobs[before:],
+                    top_logprobs=lp.top_logprobs[before:], text_offset=lp.text_offset[before:])
+            finish = FINISH[token.finish.reason] if token.finish is not None else None
+            if logprobs is not None or finish is not None:
+                events.append(self._chunk(index, token.text, finish, logprobs))
+            elif token.text:
+                events.append(self._texts(index, token.text))
+            if token.finish is not None:
+                self._generated[index] = token.finish.generated_tokens
+        return "".join(events)
+
+    def closing(self) -> str:
+        usage_event = ""
+        if self._body.stream_options and self._body.stream_options.include_usage:
+            usage_event = streaming.sse(out.Completion(
+                **self._head.fields(), object="text_completion", choices=[],
+                usage=usage(self._prepared, self._generated)))
+        return usage_event + "data: [DONE]\n\n"
+
+    def failed(self, error: RouterError) -> str:
+        return streaming.sse(error.openai_body()) + "data: [DONE]\n\n"

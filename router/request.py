@@ -11,9 +11,9 @@ generate and records how it ended.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from router.content_filter import OutputGuard
 from router.errors import RouterError
@@ -34,8 +34,8 @@ class TokenEvent:
     token_id: int
     logprob: float
     finish_reason: int  # pb.FinishReason; FINISH_REASON_NONE while the run goes on
-    top_ids: list[int]
-    top_logprobs: list[float]
+    top_ids: Sequence[int]  # alternatives, when asked for
+    top_logprobs: Sequence[float]
 
 
 @dataclass(slots=True)
@@ -47,17 +47,27 @@ class PromptScores:
     top_logprobs: list[list[float]]
 
 
+class RunListener(Protocol):
+    """A streamed response (router/sse.py): takes a run's tokens as they come, in the event
+    loop's turn after they arrived, instead of a task awaiting next_events()."""
+
+    def on_events(self, run: Run, events: list[TokenEvent]) -> None: ...
+    def on_run_error(self, run: Run, error: RouterError) -> None: ...
+
+
 class Run:
     """One sequence on the shard groups, from the queue to its end.
 
     The gRPC client (router/shard_client.py) sees `id`, `total_tokens`, `wire_request()` and
-    the `on_*` calls; the HTTP handler reads `next_events()` and closes it. Tokens wait in a
-    list until the handler takes them all at once: one wake-up per shard step, not per token.
+    the `on_*` calls; the HTTP handler reads `next_events()`, or hands them to a listener, and
+    closes it. Tokens wait in a list until the handler takes them all at once: one wake-up per
+    shard step, not per token.
     """
 
     __slots__ = ("id", "index", "request", "owner", "output_guard", "group", "tokens",
                  "prompt_scores", "finished", "closed", "outcome", "failovers",
-                 "failover_timer", "_dispatcher", "_events", "_error", "_waiter")
+                 "failover_timer", "_dispatcher", "_events", "_error", "_waiter", "_listener",
+                 "_loop", "_handing_over")
 
     def __init__(self, owner: GenerationRequest, index: int, request: pb.Request,
                  output_guard: OutputGuard | None):
@@ -78,6 +88,9 @@ class Run:
         self._events: list[TokenEvent] = []
         self._error: RouterError | None = None
         self._waiter: asyncio.Future | None = None
+        self._listener: RunListener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handing_over = False  # a hand-over to the listener is scheduled
 
     # -- for the queue and the gRPC client ---------------------------------------------------
     @property
@@ -109,8 +122,8 @@ class Run:
         if self.index == 0:
             self.owner.telemetry.dispatched(group.uri, wire.trace_context)
 
-    def on_token(self, token_id: int, logprob: float, finish_reason: int, top_ids: list[int],
-                 top_logprobs: list[float]) -> None:
+    def on_token(self, token_id: int, logprob: float, finish_reason: int,
+                 top_ids: Sequence[int], top_logprobs: Sequence[float]) -> None:
         if self.finished:
             return
         self.tokens.append(token_id)
@@ -119,7 +132,11 @@ class Run:
         if finish_reason != _FINISH_NONE:
             self.finished = True
         self._events.append(TokenEvent(token_id, logprob, finish_reason, top_ids, top_logprobs))
-        self._wake()
+        if self._listener is None:
+            self._wake()
+        elif not self._handing_over:  # once per run and shard step, not per token
+            self._handing_over = True
+            self._loop.call_soon(self._hand_over)
 
     def on_prompt_scores(self, scores: PromptScores) -> None:
         self.prompt_scores = scores
@@ -153,6 +170,15 @@ class Run:
         events, self._events = self._events, []
         return events
 
+    def listen(self, listener: RunListener) -> None:
+        """From now on, hand every batch of tokens (what arrived since the last hand-over) and
+        then the run's error to `listener`, once per event-loop turn: no task wakes up per
+        shard step. Tokens that arrived before are handed over in the next turn."""
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        if self._events or self._error is not None:
+            self._schedule_hand_over()
+
     def fail(self, error: RouterError) -> None:
         """End it from the router's side (a timeout, a drain): stop it on its group, report."""
         if self.finished:
@@ -180,9 +206,29 @@ class Run:
         self.owner.run_closed(self)
 
     def _wake(self) -> None:
+        if self._listener is not None:
+            if not self._handing_over:
+                self._schedule_hand_over()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _schedule_hand_over(self) -> None:
+        self._handing_over = True
+        self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """The tokens first, then the error (the listener may close the run on a token)."""
+        self._handing_over = False
+        if self.closed:
+            self._events = []
+            return
+        if self._events:
+            events, self._events = self._events, []
+            self._listener.on_events(self, events)
+        if self._error is not None and not self.closed:
+            self._listener.on_run_error(self, self._error)
 
 
 class GenerationRequest:

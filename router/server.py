@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import uvloop
 
 from router import app as router_app
 from router import config as router_config
-from router import streaming, workers
+from router import sse, workers
 from router.errors import Draining
 from router.state import RouterState
 from sluice import logs, tracing
@@ -70,7 +71,7 @@ async def serve(config: router_config.RouterConfig, sock: socket.socket,
     worker tells its parent), else the ready line is printed."""
     app = router_app.build(config, worker)
     # httptools: its chunk writes cost less CPU per streamed token than h11's state machine.
-    server = _Server(uvicorn.Config(streaming.raw_send_in_scope(app), http="httptools",
+    server = _Server(uvicorn.Config(sse.raw_send_in_scope(app), http="httptools",
                                     log_level="warning", log_config=None, access_log=False,
                                     timeout_graceful_shutdown=_CLOSE_GRACE_S))
     signals = asyncio.Event()
@@ -88,6 +89,9 @@ async def serve(config: router_config.RouterConfig, sock: socket.socket,
             task.result()  # start-up failed: raise its error
             return
         await asyncio.sleep(0.02)
+    # What start-up built (modules, the app, the tokenizer) lives as long as the process: out
+    # of the collector's sight, a full collection walks only what requests left behind.
+    gc.freeze()
     if listening is not None:
         listening()
     else:

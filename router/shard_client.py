@@ -13,7 +13,7 @@ import asyncio
 import enum
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -30,6 +30,7 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 _INFO_TIMEOUT_S = 10
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait between connection attempts
 _FINISH_NONE = pb.FINISH_REASON_NONE
+_NO_TOP = ()  # a token's alternatives when none were asked for (shared: never mutated)
 
 
 class Submission(Protocol):
@@ -40,8 +41,8 @@ class Submission(Protocol):
     @property
     def total_tokens(self) -> int: ...
     def wire_request(self) -> pb.Request: ...
-    def on_token(self, token_id: int, logprob: float, finish_reason: int, top_ids: list[int],
-                 top_logprobs: list[float]) -> None: ...
+    def on_token(self, token_id: int, logprob: float, finish_reason: int,
+                 top_ids: Sequence[int], top_logprobs: Sequence[float]) -> None: ...
     def on_prompt_scores(self, scores: PromptScores) -> None: ...
     def on_error(self, error: GenerationError) -> None: ...
     def on_group_lost(self, reason: str, retryable_error: bool) -> None: ...
@@ -247,16 +248,24 @@ class ShardGroup:
         if len(token_ids) != len(ids) or len(logprobs) != len(ids) or len(reasons) != len(ids):
             raise ValueError(f"a token batch of {len(ids)} ids holds {len(token_ids)} tokens, "
                              f"{len(logprobs)} logprobs and {len(reasons)} finish reasons")
+        if not counts:  # no run of this step asked for alternatives: the common case
+            for request_id, token_id, logprob, reason in zip(ids, token_ids, logprobs, reasons):
+                sub = in_flight.get(request_id)
+                if sub is not None:  # None: cancelled while this step ran
+                    sub.on_token(token_id, logprob, reason, _NO_TOP, _NO_TOP)
+                    if reason != _FINISH_NONE:
+                        del in_flight[request_id]
+            return
         top_ids, top_logprobs = batch.top_n_token_ids, batch.top_n_logprobs
         offset = 0
         for i, request_id in enumerate(ids):
-            n = counts[i] if counts else 0
+            n = counts[i]
             sub = in_flight.get(request_id)
-            if sub is not None:  # None: cancelled while this step ran
+            if sub is not None:
                 reason = reasons[i]
                 sub.on_token(token_ids[i], logprobs[i], reason,
-                             list(top_ids[offset:offset + n]) if n else [],
-                             list(top_logprobs[offset:offset + n]) if n else [])
+                             list(top_ids[offset:offset + n]) if n else _NO_TOP,
+                             list(top_logprobs[offset:offset + n]) if n else _NO_TOP)
                 if reason != _FINISH_NONE:
                     del in_flight[request_id]
             offset += n

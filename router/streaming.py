@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import TypeVar
 
 from pydantic import BaseModel
-
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
 
-from router.content_filter import OutputGuard
 from router.detokenize import TextStream
 from router.errors import ClientDisconnected
 from router.request import GenerationRequest, Run, TokenEvent
@@ -30,6 +27,7 @@ from sluice.v1 import generate_pb2 as pb
 
 T = TypeVar("T")
 
+_FINISH_NONE = pb.FINISH_REASON_NONE
 FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_EOS_TOKEN: "eos_token",
@@ -50,61 +48,84 @@ class Token:
     text: str  # the text this token releases (stop strings held back, UTF-8 kept whole)
     logprob: float
     special: bool
-    top: list[tuple[int, float]]  # (token id, logprob) alternatives, when asked for
+    top: Sequence[tuple[int, float]]  # (token id, logprob) alternatives, when asked for
     finish: Finish | None = None  # set on the last token
 
 
 # The id of the last token of a response stopped by the content filter: the token that
 # completed the match is withheld, like its text.
 WITHHELD_TOKEN_ID = -1
+_NO_TOP = ()  # a token's alternatives when none were asked for (shared: never mutated)
 
 
-class _Release:
-    """Per token, what a client may see of it: after stop strings and the output filter.
+class RunTokens:
+    """One run's tokens as the client may see them (after stop strings and the output filter),
+    a batch per hand-over: a shard step's tokens, one or several when the router fell behind.
+    Once the last token is out, the run is finished and closed.
 
     With an output filter, tokens wait (text, id and logprobs alike) until the filter has
     cleared their text; when it blocks, the tokens of the matched text are never released.
     """
 
-    def __init__(self, tokenizer: RouterTokenizer, stop: list[str], guard: OutputGuard | None):
-        self._tokenizer = tokenizer
+    __slots__ = ("_run", "_text", "_special_ids", "_guard", "_held", "_sent", "count", "done")
+
+    def __init__(self, tokenizer: RouterTokenizer, run_: Run, stop: list[str]):
+        self._run = run_
         self._text = TextStream(tokenizer, stop)
-        self._guard = guard
+        self._special_ids = tokenizer.special_ids
+        self._guard = run_.output_guard
         self._held: list[tuple[Token, int]] = []  # (token, end of its text in guard.text)
         self._sent = 0  # characters of guard.text released
-        self.count = 0
+        self.count = 0  # tokens taken
+        self.done = False
 
-    def push(self, event: TokenEvent) -> list[Token]:
-        self.count += 1
+    def take(self, events: list[TokenEvent]) -> list[Token]:
+        """The tokens these events release (maybe none, while the output filter holds them);
+        the last one carries the Finish."""
+        batch = []
         text = self._text
-        piece = text.push(event.token_id)
-        reason = "stop_sequence" if text.stopped_by else FINISH_REASONS.get(event.finish_reason)
-        if reason is not None and text.stopped_by is None:
-            piece += text.flush()
-        top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else []
-        token = Token(event.token_id, piece, event.logprob,
-                      self._tokenizer.is_special(event.token_id), top)
-        if self._guard is None:
-            if reason is not None:
-                token.finish = Finish(reason, text.text, self.count)
-            return [token]
-        return self._guarded(token, reason)
+        for event in events:
+            self.count += 1
+            token_id = event.token_id
+            piece = text.push(token_id)
+            if text.stopped_by is not None:
+                reason = "stop_sequence"
+            elif event.finish_reason == _FINISH_NONE:
+                reason = None
+            else:
+                reason = FINISH_REASONS.get(event.finish_reason)
+                piece += text.flush()
+            top = list(zip(event.top_ids, event.top_logprobs)) if event.top_ids else _NO_TOP
+            token = Token(token_id, piece, event.logprob, token_id in self._special_ids, top)
+            if self._guard is not None:
+                batch += self._guarded(token, reason)
+            else:
+                if reason is not None:
+                    token.finish = Finish(reason, text.text, self.count)
+                batch.append(token)
+            if batch and batch[-1].finish is not None:
+                self.done = True
+                self._run.finish(batch[-1].finish.reason)
+                self._run.close()
+                return batch
+        return batch
 
     def _guarded(self, token: Token, reason: str | None) -> list[Token]:
         guard = self._guard
         guard.feed(token.text, final=reason is not None)
         self._held.append((token, len(guard.text)))
         if guard.blocked_at is not None:
-            out = self._take(guard.blocked_at)
+            out = self._cleared(guard.blocked_at)
             last = Token(WITHHELD_TOKEN_ID, guard.text[self._sent:guard.blocked_at], 0.0, False,
-                         [], Finish("content_filter", guard.text[:guard.blocked_at], self.count))
+                         _NO_TOP, Finish("content_filter", guard.text[:guard.blocked_at],
+                                         self.count))
             return out + [last]
-        out = self._take(guard.cleared)
+        out = self._cleared(guard.cleared)
         if reason is not None:  # the final check cleared everything
             out[-1].finish = Finish(reason, guard.text, self.count)
         return out
 
-    def _take(self, upto: int) -> list[Token]:
+    def _cleared(self, upto: int) -> list[Token]:
         """The held tokens whose text lies wholly within guard.text[:upto], in order."""
         out = []
         while self._held and self._held[0][1] <= upto:
@@ -112,71 +133,27 @@ class _Release:
             out.append(token)
         return out
 
-
-class _Reader:
-    """One run's tokens as the client may see them, a batch per wake-up (a shard step's tokens:
-    one, or several when the router fell behind). Closes the run once it ends or fails."""
-
-    def __init__(self, tokenizer: RouterTokenizer, run_: Run, stop: list[str]):
-        self._run = run_
-        self._release = _Release(tokenizer, stop, run_.output_guard)
-        self.done = False
-
     async def next_batch(self) -> list[Token]:
-        """The next tokens (maybe none, while the output filter holds them); the last one
-        carries the Finish. Raises the run's RouterError."""
+        """The next batch, awaited; raises the run's RouterError."""
         try:
             events = await self._run.next_events()
         except BaseException:
             self.done = True
             self._run.close()
             raise
-        batch = []
-        push = self._release.push
-        for event in events:
-            for token in push(event):
-                batch.append(token)
-                if token.finish is not None:
-                    self.done = True
-                    self._run.finish(token.finish.reason)
-                    self._run.close()
-                    return batch
-        return batch
-
-
-async def batches(tokenizer: RouterTokenizer, runs: list[Run],
-                  stops: list[list[str]]) -> AsyncIterator[tuple[int, list[Token]]]:
-    """The runs' tokens as they come, as (run index, tokens) batches; a run's last batch ends
-    with its Finish. The first run to fail ends it with its error. Every run is closed when this
-    ends, however it ends."""
-    if len(runs) == 1:  # the common case: no task, no queue, no generator per run
-        reader = _Reader(tokenizer, runs[0], stops[0])
-        try:
-            while not reader.done:
-                batch = await reader.next_batch()
-                if batch:
-                    yield 0, batch
-        finally:
-            runs[0].close()
-        return
-    async for item in merge([_batches_of(_Reader(tokenizer, r, s), r)
-                             for r, s in zip(runs, stops)]):
-        yield item
-
-
-async def _batches_of(reader: _Reader, run_: Run) -> AsyncIterator[list[Token]]:
-    try:
-        while not reader.done:
-            batch = await reader.next_batch()
-            if batch:
-                yield batch
-    finally:
-        run_.close()
+        return self.take(events)
 
 
 async def collect(tokenizer: RouterTokenizer, run_: Run,
                   stop: list[str]) -> tuple[list[Token], Finish]:
-    tokens = [token async for _, batch in batches(tokenizer, [run_], [stop]) for token in batch]
+    """A run's tokens to its end; closes it however this ends."""
+    reader = RunTokens(tokenizer, run_, stop)
+    tokens = []
+    try:
+        while not reader.done:
+            tokens += await reader.next_batch()
+    finally:
+        run_.close()
     return tokens, tokens[-1].finish
 
 
@@ -186,40 +163,6 @@ async def collect_all(tokenizer: RouterTokenizer, runs: list[Run],
     tasks = [asyncio.ensure_future(collect(tokenizer, r, s)) for r, s in zip(runs, stops)]
     try:
         return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-_END = object()
-
-
-async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several streams as they come, each with the index of its stream.
-
-    The first stream to fail ends the merge with its error; the others are cancelled."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[T]) -> None:
-        try:
-            async for item in stream:
-                queue.put_nowait((index, item))
-        except Exception as exc:  # handed to the consumer, who raises it
-            queue.put_nowait((index, exc))
-            return
-        queue.put_nowait((index, _END))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            index, item = await queue.get()
-            if item is _END:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
     finally:
         for task in tasks:
             task.cancel()
@@ -270,7 +213,7 @@ def sse(payload: BaseModel | dict) -> str:
 class TextEvents:
     """SSE events that differ only in a choice's index and one text field: the common chunk of
     a stream (no logprobs, no finish reason yet), written into a template of the JSON that
-    `sse` gives for the same model instead of building and dumping the model per token (1.6
+    `sse` gives for the same model instead of building and dumping the model per token (0.6
     against 7.9 µs per chunk on the development machine). `build(index, text)` is that model;
     a template is made once per index. Equal to `sse(build(index, text))` character for
     character (router/tests/test_streaming.py), since Python's json escapes a string as
@@ -285,56 +228,8 @@ class TextEvents:
     def __call__(self, index: int, text: str) -> str:
         template = self._templates.get(index)
         if template is None:
-            prefix, suffix = sse(self._build(index, self.MARK)).split(_json_string(self.MARK))
+            prefix, suffix = sse(self._build(index, self.MARK)).split(
+                encode_basestring(self.MARK))
             template = self._templates[index] = (prefix, suffix)
-        return template[0] + _json_string(text) + template[1]
-
-
-def _json_string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-RAW_SEND = "sluice.raw_send"  # scope key: the server's own send, set by raw_send_in_scope
-
-
-def raw_send_in_scope(app: ASGIApp) -> ASGIApp:
-    """The outermost layer: puts the server's `send` into the scope, where SSEResponse finds it."""
-    async def with_raw_send(scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND] = send
-        await app(scope, receive, send)
-    return with_raw_send
-
-
-class SSEResponse(StreamingResponse):
-    """A stream of SSE events whose body chunks skip the middleware's `send` wrappers.
-
-    The start of the response and its end go through the whole chain (the request middleware
-    records the status and adds headers there; Starlette's layers note that it started); the
-    events in between, which no layer looks at, go straight to the server: four coroutine calls
-    fewer per streamed token."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._raw_send = scope.get(RAW_SEND, send)
-        await super().__call__(scope, receive, send)
-
-    async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        body = self._raw_send
-        async for chunk in self.body_iterator:
-            await body({"type": "http.response.body", "body": chunk.encode(),
-                        "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def sse_response(events: AsyncIterator[str], generation: GenerationRequest) -> SSEResponse:
-    # The background close also covers a client that leaves before the first event.
-    return SSEResponse(events, media_type="text/event-stream",
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                       background=BackgroundTask(_close_after, generation))
-
-
-async def _close_after(generation: GenerationRequest) -> None:
-    """generation.close() as a coroutine: Starlette runs a plain function's background task in
-    its thread pool, a hand-off that cost ~9% of the router's CPU under 64 streams (py-spy)."""
-    generation.close()
+        # json's own string escaper, without json.dumps's encoder object per call (2.4 µs)
+        return template[0] + encode_basestring(text) + template[1]

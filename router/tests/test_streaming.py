@@ -1,5 +1,5 @@
 """The streamed events' fast paths: template chunks and TGI's token events equal to the models'
-own JSON, and a run's tokens in batches that still close it when the consumer stops."""
+own JSON; a run's tokens in batches, and the run closed on its last token or its error."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def test_text_events_are_the_models_own_json_character_for_character(build):
             assert texts(index, text) == streaming.sse(build(index, text)), repr(text)
 
 
-@pytest.mark.parametrize("logprob", [-0.25, 0.0, -1e-05, -123.456789, 1 / 3, float("-inf")])
+@pytest.mark.parametrize("logprob", [-0.25, 0.0, -0.0, -1e-05, -1e-07, -123.456789, 1 / 3,
+                                     -1e+20, float("-inf"), float("nan")])
 def test_tgi_token_events_are_the_models_own_json_character_for_character(logprob):
     for index, special in ((1, False), (7, True), (4096, False)):
         for text in TEXTS:
@@ -69,34 +70,48 @@ def one_run(tokenizer) -> tuple[GenerationRequest, list[GenerationRequest]]:
     return GenerationRequest([request], Telemetry(), None, settled.append), settled
 
 
-def test_batches_bring_a_step_s_tokens_at_once_and_close_the_run_when_the_consumer_stops(
-        tokenizer):
+def test_a_reader_takes_a_step_s_tokens_at_once_and_closes_the_run_on_its_last(tokenizer):
     async def main():
         generation, settled = one_run(tokenizer)
         [run] = generation.runs
-        stream = streaming.batches(tokenizer, [run], [[]])
+        reader = streaming.RunTokens(tokenizer, run, [])
         for token_id in tokenizer.encode("abc", add_special_tokens=False):
             run.on_token(token_id, -0.1, pb.FINISH_REASON_NONE, [], [])
-        index, batch = await stream.__anext__()
-        assert (index, "".join(t.text for t in batch)) == (0, "abc")
-        assert not run.closed
-        await stream.aclose()  # the client left
-        assert run.closed and settled == [generation] and run.outcome == "cancelled"
+        assert "".join(t.text for t in await reader.next_batch()) == "abc"
+        assert not run.closed and not reader.done
+        [d] = tokenizer.encode("d", add_special_tokens=False)
+        run.on_token(d, -0.1, pb.FINISH_REASON_LENGTH, [], [])
+        [last] = await reader.next_batch()
+        assert last.finish == streaming.Finish("length", "abcd", 4)
+        assert reader.done and run.closed and settled == [generation]
+        assert run.outcome == "length"
 
     asyncio.run(main())
 
 
-def test_batches_raise_a_run_s_error_after_the_tokens_before_it(tokenizer):
+def test_collect_raises_a_run_s_error_after_the_tokens_before_it_and_closes_it(tokenizer):
     async def main():
-        generation, _ = one_run(tokenizer)
+        generation, settled = one_run(tokenizer)
         [run] = generation.runs
         [a] = tokenizer.encode("a", add_special_tokens=False)
         run.on_token(a, -0.1, pb.FINISH_REASON_NONE, [], [])
         run.on_error(ShardUnavailable("group gone"))
-        got = []
         with pytest.raises(ShardUnavailable, match="group gone"):
-            async for _, batch in streaming.batches(tokenizer, [run], [[]]):
-                got += [t.text for t in batch]
-        assert got == ["a"] and run.closed and run.outcome == "unavailable"
+            await streaming.collect(tokenizer, run, [])
+        assert run.closed and run.outcome == "unavailable" and settled == [generation]
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_collect_closes_its_run(tokenizer):
+    async def main():
+        generation, settled = one_run(tokenizer)
+        [run] = generation.runs
+        task = asyncio.ensure_future(streaming.collect(tokenizer, run, []))
+        await asyncio.sleep(0)
+        task.cancel()  # the client left before the answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert run.closed and run.outcome == "cancelled" and settled == [generation]
 
     asyncio.run(main())
