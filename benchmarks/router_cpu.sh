@@ -5,10 +5,11 @@
 # parent and its workers) by the tokens it streamed.
 #
 #   bash benchmarks/router_cpu.sh MODEL [STREAMS] [OUTPUT] [-- SERVE FLAGS]
-#   bash benchmarks/router_cpu.sh /tmp/tiny 64 128 -- --device cpu --workers 1
+#   bash benchmarks/router_cpu.sh tiny 64 128 -- --device cpu --workers 1
 #   API=tgi bash benchmarks/router_cpu.sh ...   # TGI's /generate_stream instead
 #
 # A tiny model keeps the shard's share of the machine small; the router is what is measured.
+# MODEL `tiny` is the tests' random two-layer Llama (shard/tests/tiny_model.py), made here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,10 +17,16 @@ model=$1; shift
 streams=${1:-64}; [ $# -gt 0 ] && shift
 output=${1:-128}; [ $# -gt 0 ] && shift
 [ "${1:-}" = "--" ] && shift
+if [ "$model" = tiny ]; then
+  tiny=$(mktemp -d)
+  $PY -c "import sys; from pathlib import Path; from shard.tests.tiny_model import \
+write_tiny_model; write_tiny_model(Path(sys.argv[1]))" "$tiny/llama"
+  model=$tiny/llama
+fi
 log=$(mktemp)
 $PY -m sluice serve --port 8097 --shard-port 50097 --model "$model" "$@" > "$log" 2>&1 &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$log" ${tiny:+"$tiny"}' EXIT
 for _ in $(seq 300); do
   grep -q '"service": "serve"' "$log" && break
   kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }

@@ -198,9 +198,10 @@ def tiny_stack(tiny_model) -> Iterator[tuple[Service, Service]]:
     shard.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_serve() -> Iterator[Service]:
-    """`sluice serve` with the embedded default model, as `make run` starts it."""
+    """`sluice serve` with the embedded default model, as `make run` starts it; one for the
+    session (the modules that use it only send requests, and each start costs ~9 s)."""
     serve = Service(sluice("serve", "--port", "0", "--num-threads", "2", *TEST_BUDGET))
     yield serve
     serve.stop()
