@@ -6,9 +6,10 @@
 # Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
-# kernels), serving_1b (the router's share with a small model); and tp, on a machine of
-# several GPUs: every rank count against one (benchmarks/tp_compare.py) and the 8B targets at
-# that count. Output for the record goes to $OUT.
+# kernels), serving_1b (the router's share with a small model), workers (one group behind
+# routers of 1 to 16 workers); and tp, on a machine of several GPUs: every rank count against
+# one (benchmarks/tp_compare.py) and the 8B targets at that count. Output for the record goes
+# to $OUT.
 #
 # Dependencies: either the environment has them (pip install ".[shard,flash,test]"), or the
 # wheels that benchmarks/gpu_wheels.py downloads travel with the tree (.whl/, .gpu-cu13/) and
@@ -142,6 +143,29 @@ step_serving() {  # 8B through `sluice serve` at 64 streams (the serving target)
 
 step_serving_1b() {  # a model whose engine outruns one router process
   serve llama-3.2-1b default 64 128
+}
+
+step_workers() {  # one 1B shard group, routers of 16, 1, 4, 16, 1 workers in turn at 128 streams
+  $PYTHON -m shard --host 127.0.0.1 --port 50200 $M1 > "$OUT/workers-shard.log" 2>&1 &
+  local shard=$! n r before shard_before
+  for _ in $(seq 300); do grep -q '"event": "ready"' "$OUT/workers-shard.log" && break; sleep 1; done
+  for n in 16 1 4 16 1; do
+    $PYTHON -m router --host 127.0.0.1 --port 8090 --shard-uri 127.0.0.1:50200 --workers $n \
+      > "$OUT/workers-router-$n.log" 2>&1 &
+    r=$!
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:8090/health > /dev/null && break; sleep 0.5; done
+    sleep 5  # every worker up, then a warm-up run: what is measured is serving, not start-up
+    $PYTHON benchmarks/serving.py --base-url http://127.0.0.1:8090/v1 --num-prompts 256 \
+      --max-concurrency 128 --input-len 512 --output-len 128 > /dev/null 2>&1
+    before=$(router_ticks $r); shard_before=$(awk '{print $14 + $15}' /proc/$shard/stat)
+    echo "== $n router workers, 128 concurrent streams"
+    $PYTHON benchmarks/serving.py --base-url http://127.0.0.1:8090/v1 --num-prompts 1024 \
+      --max-concurrency 128 --input-len 512 --output-len 128 | grep -E "requests|itl"
+    echo "  router CPU $(( $(router_ticks $r) - before )) ticks, shard CPU" \
+      "$(( $(awk '{print $14 + $15}' /proc/$shard/stat) - shard_before )) ticks of 1/$(getconf CLK_TCK) s"
+    kill -TERM $r; wait $r
+  done
+  kill -TERM $shard; wait $shard
 }
 
 clocks() {  # clocks NAME CMD...: CMD with the GPU's clocks and power sampled every 50 ms

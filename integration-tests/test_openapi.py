@@ -128,12 +128,12 @@ def test_the_schema_accepts_a_request_at_each_limit_exactly_when_the_server_serv
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_its_schema(small_stack,
                                                                            tmp_path):
     # In a fresh folder: schemathesis keeps a cache of past crashes in its working directory.
-    # Two workers: generating the cases is what takes the time (the same 1,597 cases in 48 s
-    # against 67 s with one, on two cores).
+    # One worker: with two, schemathesis' threads compile strategies at once and CPython 3.11
+    # may fail with "SystemError: AST constructor recursion depth mismatch".
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{small_stack.url}/openapi.json",
          "--checks", CHECKS, "--phases", "coverage,fuzzing", "--max-examples", "20",
-         "--seed", "1", "--workers", "2", "--request-timeout", "120", "--no-shrink"],
+         "--seed", "1", "--workers", "1", "--request-timeout", "120", "--no-shrink"],
         capture_output=True, text=True, timeout=540, cwd=tmp_path)
     report = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
