@@ -7,9 +7,9 @@
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
 # kernels), serving_1b (the router's share with a small model), workers (one group behind
-# routers of 1 to 16 workers); and tp, on a machine of several GPUs: every rank count against
-# one (benchmarks/tp_compare.py) and the 8B targets at that count. Output for the record goes
-# to $OUT.
+# routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
+# against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
+# batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
 #
 # Dependencies: either the environment has them (pip install ".[shard,flash,test]"), or the
 # wheels that benchmarks/gpu_wheels.py downloads travel with the tree (.whl/, .gpu-cu13/) and
@@ -105,6 +105,13 @@ step_tp() {  # a machine of several GPUs (issue 23): N ranks against one, then t
   $PYTHON benchmarks/tp_compare.py --ranks "$n" --json-out "$OUT/tp-compare.json" -- $M8
   offline "8b-b1-tp$n" $M8 $B1 --num-shard "$n"
   offline "8b-b128-tp$n" $M8 $B128 --num-shard "$n" --repeat 2
+}
+
+step_tp70b() {  # the 70B shape on every GPU of the machine (141 GB of bf16 weights: 4 H100s, 2 H200s)
+  local n; n=$(nvidia-smi -L | wc -l)
+  offline "70b-b1-tp$n" --model benchmarks/configs/llama-3.1-70b --load-format dummy $B1 \
+    --num-shard "$n"
+  serve llama-3.1-70b "tp$n" 64 -- --num-shard "$n"
 }
 
 router_ticks() {  # router_ticks PID: user + system CPU ticks of the router and its workers
