@@ -114,10 +114,22 @@ step_tp70b() {  # the 70B shape on every GPU of the machine (141 GB of bf16 weig
   serve llama-3.1-70b "tp$n" 64 -- --num-shard "$n"
 }
 
-router_ticks() {  # router_ticks PID: user + system CPU ticks of the router and its workers
+TICK="ticks of 1/$(getconf CLK_TCK) s"
+
+tree_ticks() {  # tree_ticks PID: user + system CPU ticks of a process and its children
   local total=0 p
   for p in $1 $(pgrep -P $1); do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat))); done
   echo $total
+}
+
+wait_for() {  # wait_for PID SECONDS CHECK...: until CHECK succeeds; fails if PID exits first
+  local pid=$1 seconds=$2; shift 2
+  for _ in $(seq $((seconds * 2))); do
+    "$@" && return 0
+    kill -0 $pid 2>/dev/null || { echo "gpu.sh: process $pid exited before: $*" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "gpu.sh: not within $seconds s: $*" >&2; return 1
 }
 
 serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run per stream count
@@ -128,16 +140,15 @@ serve() {  # serve CONFIG NAME STREAMS... [-- SHARD FLAGS]: one server, a run pe
   $PYTHON -m sluice serve --port 8080 --model benchmarks/configs/$model \
     --load-format dummy "${flags[@]}" > "$OUT/serve-$model-$name.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 300); do
-    grep -q '"service": "serve"' "$OUT/serve-$model-$name.log" && break; sleep 1
-  done
+  wait_for $pid 300 grep -q '"service": "serve"' "$OUT/serve-$model-$name.log" \
+    || { tail -20 "$OUT/serve-$model-$name.log"; return 1; }
   local router; router=$(pgrep -P $pid -f -- "-m router" | head -1)
   for c in "${streams[@]}"; do
     echo "== serving $model ($name), $c concurrent streams"
-    local before; before=$(router_ticks $router)
+    local before; before=$(tree_ticks $router)
     $PYTHON benchmarks/serving.py --num-prompts $((c * 8)) --max-concurrency $c \
       --input-len 512 --output-len 128 --json-out "$OUT/serving-$model-$name-c$c.json"
-    echo "  router CPU        $(( $(router_ticks $router) - before )) ticks of 1/$(getconf CLK_TCK) s"
+    echo "  router CPU        $(( $(tree_ticks $router) - before )) $TICK"
   done
   kill -TERM $pid; wait $pid
   grep -h "steps beside decodes" "$OUT/serve-$model-$name.log" | cut -c80-400
@@ -155,21 +166,22 @@ step_serving_1b() {  # a model whose engine outruns one router process
 step_workers() {  # one 1B shard group, routers of 16, 1, 4, 16, 1 workers in turn at 128 streams
   $PYTHON -m shard --host 127.0.0.1 --port 50200 $M1 > "$OUT/workers-shard.log" 2>&1 &
   local shard=$! n r before shard_before
-  for _ in $(seq 300); do grep -q '"event": "ready"' "$OUT/workers-shard.log" && break; sleep 1; done
+  wait_for $shard 300 grep -q '"event": "ready"' "$OUT/workers-shard.log" \
+    || { tail -20 "$OUT/workers-shard.log"; return 1; }
   for n in 16 1 4 16 1; do
     $PYTHON -m router --host 127.0.0.1 --port 8090 --shard-uri 127.0.0.1:50200 --workers $n \
       > "$OUT/workers-router-$n.log" 2>&1 &
     r=$!
-    for _ in $(seq 120); do curl -sf http://127.0.0.1:8090/health > /dev/null && break; sleep 0.5; done
+    wait_for $r 60 curl -sf -o /dev/null http://127.0.0.1:8090/health || { kill -TERM $r; break; }
     sleep 5  # every worker up, then a warm-up run: what is measured is serving, not start-up
     $PYTHON benchmarks/serving.py --base-url http://127.0.0.1:8090/v1 --num-prompts 256 \
       --max-concurrency 128 --input-len 512 --output-len 128 > /dev/null 2>&1
-    before=$(router_ticks $r); shard_before=$(awk '{print $14 + $15}' /proc/$shard/stat)
+    before=$(tree_ticks $r); shard_before=$(tree_ticks $shard)
     echo "== $n router workers, 128 concurrent streams"
     $PYTHON benchmarks/serving.py --base-url http://127.0.0.1:8090/v1 --num-prompts 1024 \
       --max-concurrency 128 --input-len 512 --output-len 128 | grep -E "requests|itl"
-    echo "  router CPU $(( $(router_ticks $r) - before )) ticks, shard CPU" \
-      "$(( $(awk '{print $14 + $15}' /proc/$shard/stat) - shard_before )) ticks of 1/$(getconf CLK_TCK) s"
+    echo "  router CPU $(( $(tree_ticks $r) - before )) ticks, shard CPU" \
+      "$(( $(tree_ticks $shard) - shard_before )) $TICK"
     kill -TERM $r; wait $r
   done
   kill -TERM $shard; wait $shard

@@ -25,50 +25,24 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from sluice.serve import Child
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 1200
 
 
-class Process:
-    """A `python -m sluice ...` child whose ready line gives its address."""
-
-    def __init__(self, argv: list[str], name: str):
-        self.name = name
-        self.process = subprocess.Popen([sys.executable, "-m", "sluice", *argv], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1)
-        self.lines: list[str] = []
-        self.address = self._wait_ready()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("{") and '"event": "ready"' in line:
-                return json.loads(line)["address"]
-            if time.monotonic() > deadline:
-                break
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start:\n{''.join(self.lines[-30:])}")
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start(argv: list[str], name: str) -> tuple[Child, str]:
+    """A `python -m sluice ...` child (it dies with this script) and its ready line's address."""
+    child = Child(name, [sys.executable, "-m", "sluice", *argv])
+    try:
+        return child, child.wait_ready(STARTUP_TIMEOUT_S)
+    except RuntimeError:
+        child.stop(60)
+        raise
 
 
 def cpu_ticks(pid: int) -> int:
@@ -105,21 +79,19 @@ def run(groups: int, args: argparse.Namespace, shard_flags: list[str]) -> dict:
         for k in range(1, groups + 1):
             flags = ["--model", args.model, "--host", "127.0.0.1", "--port", "0",
                      *shard_flags]
-            if args.load_format:
-                flags += ["--load-format", args.load_format]
             if args.budget_tokens:
                 flags += ["--max-batch-total-tokens", str(args.budget_tokens)]
             else:
                 flags += ["--cuda-memory-fraction", f"{min(1.0, k * args.memory_share):.4f}"]
-            shards.append(Process(["shard", *flags], f"shard group {k}"))
+            shards.append(start(["shard", *flags], f"shard group {k}"))
         router_flags = ["router", "--port", "0", "--max-concurrent-requests",
                         str(max(128, 2 * args.streams))]
         if args.workers is not None:
             router_flags += ["--workers", str(args.workers)]
-        for shard in shards:
-            router_flags += ["--shard-uri", shard.address]
-        router = Process(router_flags, "router")
-        url = f"http://{router.address}"
+        for _, address in shards:
+            router_flags += ["--shard-uri", address]
+        router, address = start(router_flags, "router")
+        url = f"http://{address}"
         wait_ready_groups(url, groups)
         if args.warmup_prompts:
             subprocess.run([sys.executable, str(ROOT / "benchmarks/serving.py"), "--base-url",
@@ -143,8 +115,8 @@ def run(groups: int, args: argparse.Namespace, shard_flags: list[str]) -> dict:
                 "router_cpu_s": used_s,
                 "router_cpu_us_per_token": 1e6 * used_s / max(1, result["output_tokens"])}
     finally:
-        for process in ([router] if router else []) + shards:
-            process.stop()
+        for child in ([router] if router else []) + [child for child, _ in shards]:
+            child.stop(60)
 
 
 def main() -> None:
@@ -152,7 +124,6 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", required=True, help="what `sluice shard --model` takes")
-    parser.add_argument("--load-format", default=None, help="dummy: random weights of a config")
     parser.add_argument("--groups", default="1,2,3", help="group counts to run, comma-separated")
     parser.add_argument("--memory-share", type=float, default=None,
                         help="each group's share of the GPU; default 0.9 / the largest count")

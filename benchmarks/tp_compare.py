@@ -16,26 +16,28 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import threading
 
 import grpc
 
+from sluice.serve import Child
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
 TOP_N = 5
+STARTUP_TIMEOUT_S = 1200  # a large model's first start compiles and captures for minutes
 
 
-def start(shard_argv: list[str], ranks: int) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "sluice", "shard", "--port", "0",
-                                "--num-shard", str(ranks), *shard_argv],
-                               stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("{") and json.loads(line).get("event") == "ready":
-            return process, json.loads(line)["address"]
-    raise SystemExit(f"the shard at {ranks} rank(s) did not start (exit {process.wait()})")
+def start(shard_argv: list[str], ranks: int) -> tuple[Child, str]:
+    """`sluice shard` at `ranks` ranks (it dies with this script) and its address."""
+    child = Child(f"shard at {ranks} rank(s)", [sys.executable, "-m", "sluice", "shard", "--port",
+                                                "0", "--num-shard", str(ranks), *shard_argv])
+    try:
+        return child, child.wait_ready(STARTUP_TIMEOUT_S)
+    except RuntimeError as exc:
+        child.stop(120)
+        raise SystemExit(str(exc)) from exc
 
 
 def generate(address: str, prompts: list[list[int]], new_tokens: int) -> list[dict]:
@@ -97,12 +99,11 @@ def main() -> None:
                for _ in range(args.prompts)]
     runs = {}
     for ranks in (1, args.ranks):
-        process, address = start(shard_argv, ranks)
+        child, address = start(shard_argv, ranks)
         try:
             runs[ranks] = generate(address, prompts, args.new_tokens)
         finally:
-            process.terminate()
-            process.wait(120)
+            child.stop(120)
     rows = [compare(a, b) for a, b in zip(runs[1], runs[args.ranks])]
     total = sum(r["agreeing_tokens"] for r in rows)
     print(f"{args.ranks} ranks against 1: {total} of {args.prompts * args.new_tokens} greedy "

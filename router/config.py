@@ -137,11 +137,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> RouterConfi
                      "--shard-service")
     if args.workers is None:
         args.workers = usable_cores()
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
     if args.discovery_interval <= 0:
         parser.error("--discovery-interval must be above 0")
-    for flag in ("max_concurrent_requests", "max_best_of", "max_client_batch_size"):
+    for flag in ("workers", "max_concurrent_requests", "max_best_of", "max_client_batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for name in ("request_timeout", "shutdown_grace", "requests_per_minute", "tokens_per_minute",

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from router.errors import ClientDisconnected, ShardUnavailable
 from router.queue import Dispatcher
 from router.state import RouterState
+from router.streaming import disconnected
 from router.telemetry import RequestTelemetry
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -59,7 +60,7 @@ async def _ready_before(dispatcher: Dispatcher, request: Request, deadline_s: fl
     except ClientDisconnect:
         raise ClientDisconnected("the client disconnected while sending its request") from None
     ready = asyncio.ensure_future(dispatcher.group_ready())
-    gone = asyncio.ensure_future(_disconnect(request))
+    gone = asyncio.ensure_future(disconnected(request.receive))
     left_s = max(deadline_s - time.perf_counter(), 0)
     try:
         done, _ = await asyncio.wait({ready, gone}, timeout=left_s,
@@ -73,8 +74,3 @@ async def _ready_before(dispatcher: Dispatcher, request: Request, deadline_s: fl
         ready.result()  # raises Draining if the router drains
         return True
     return False
-
-
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -115,7 +115,6 @@ class Dispatcher:
     def fail_over(self, run: Run, reason: str, retryable_error: bool) -> None:
         """Its group lost it: back to the head of the queue, bounded by --failover-timeout."""
         kind = "retryable" if retryable_error else "group_lost"
-        run.failovers += 1
         self.failovers[kind] += 1
         log.info("run %d fails over (%s) after %d tokens: %s", run.id, kind, len(run.tokens),
                  reason)

@@ -65,7 +65,7 @@ class Run:
     """
 
     __slots__ = ("id", "index", "request", "owner", "output_guard", "group", "tokens",
-                 "prompt_scores", "finished", "closed", "outcome", "failovers",
+                 "prompt_scores", "finished", "closed", "outcome",
                  "failover_timer", "_dispatcher", "_events", "_error", "_waiter", "_listener",
                  "_loop", "_handing_over")
 
@@ -82,7 +82,6 @@ class Run:
         self.finished = False  # the shard side is over: last token, or an error
         self.closed = False
         self.outcome: str | None = None  # finish reason or error kind, once known
-        self.failovers = 0
         self.failover_timer: asyncio.TimerHandle | None = None
         self._dispatcher: Dispatcher | None = None
         self._events: list[TokenEvent] = []

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.errors import RouterError
 from router.request import GenerationRequest, Run, TokenEvent
-from router.streaming import RunTokens, Token
+from router.streaming import RunTokens, Token, disconnected
 from router.tokenizer import RouterTokenizer
 
 RAW_SEND = "sluice.raw_send"  # scope key: the server's own send, set by raw_send_in_scope
@@ -77,7 +77,7 @@ class SSEResponse(Response):
                         "headers": self.raw_headers})
             stream = _Stream(self._tokenizer, generation.runs, self._stops, self._source,
                              BodyWriter(scope.get(RAW_SEND, send)))
-            watcher = asyncio.ensure_future(_disconnected(receive))
+            watcher = asyncio.ensure_future(disconnected(receive))
             watcher.add_done_callback(stream.client_left)
             try:
                 tail = await stream.ended  # raises what went wrong in making the events
@@ -144,11 +144,6 @@ class _Stream:
                 self.ended.set_result(self._source.failed(error).encode())
             except BaseException as exc:
                 self.ended.set_exception(exc)
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class BodyWriter:

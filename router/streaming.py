@@ -18,6 +18,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from router.detokenize import TextStream
 from router.errors import ClientDisconnected
@@ -134,14 +135,8 @@ class RunTokens:
         return out
 
     async def next_batch(self) -> list[Token]:
-        """The next batch, awaited; raises the run's RouterError."""
-        try:
-            events = await self._run.next_events()
-        except BaseException:
-            self.done = True
-            self._run.close()
-            raise
-        return self.take(events)
+        """The next batch, awaited; raises the run's RouterError (the caller closes the run)."""
+        return self.take(await self._run.next_events())
 
 
 async def collect(tokenizer: RouterTokenizer, run_: Run,
@@ -168,8 +163,9 @@ async def collect_all(tokenizer: RouterTokenizer, runs: list[Run],
             task.cancel()
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (the ASGI receive channel says http.disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -178,7 +174,7 @@ async def unless_disconnected(request: Request, generation: GenerationRequest,
     """Await `work`; if the client goes away first, cancel it (and the runs on their groups)
     and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():

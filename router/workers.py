@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import shared_buckets
+from router.discovery import uri
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 def address_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return uri(*sock.getsockname()[:2])
 
 
 # -- the parent ----------------------------------------------------------------------------------

@@ -255,9 +255,9 @@ class Engine:
                 for stream in self._reported_budget:  # every stream hears it now
                     outgoing.setdefault(stream, _Outgoing())
                 # What waits for budget goes back at once: another group may take it now.
-                waiting = [s for s in self._sequences.values()
-                           if command.hand_over or s.state is State.WAITING]
-                self._fail_requests(outgoing, waiting, DRAINING, retryable=True)
+                ending = list(self._sequences.values() if command.hand_over
+                              else self.scheduler.waiting)
+                self._fail_requests(outgoing, ending, DRAINING, retryable=True)
 
     def _add(self, seq: Sequence, outgoing: dict[Stream, _Outgoing]) -> None:
         retryable = self.draining
