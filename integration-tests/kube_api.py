@@ -103,27 +103,16 @@ class FakeKubeAPI:
         wanted = f"{PREFIX}{self.namespace}/endpointslices"
         selector = query.get("labelSelector", [""])[0]
         if url.path != wanted or not selector.startswith("kubernetes.io/service-name="):
-            body = json.dumps({"kind": "Status", "status": "Failure", "code": 404}).encode()
-            handler.send_response(404)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
+            _send_json(handler, 404, {"kind": "Status", "status": "Failure", "code": 404})
             return
         service = selector.split("=", 1)[1]
         if query.get("watch", ["false"])[0] != "true":
             with self._lock:
                 items = [s for s in self.slices.values()
                          if s["metadata"]["labels"]["kubernetes.io/service-name"] == service]
-                body = json.dumps({"apiVersion": "discovery.k8s.io/v1",
-                                   "kind": "EndpointSliceList",
-                                   "metadata": {"resourceVersion": str(self.version)},
-                                   "items": items}).encode()
-            handler.send_response(200)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
+                listed = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                          "metadata": {"resourceVersion": str(self.version)}, "items": items}
+            _send_json(handler, 200, listed)
             return
         events: queue.Queue = queue.Queue()
         with self._lock:
@@ -146,3 +135,12 @@ class FakeKubeAPI:
         finally:
             with self._lock:
                 self.watchers.remove(events)
+
+
+def _send_json(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Service, sluice, start_shard, wait_healthy
+from conftest import Service, start_router, start_shard
 from dnsmasq import Dnsmasq
 
 NAME = "shards.sluice.test"
@@ -67,6 +67,7 @@ class Fleet:
         self.dns.set(NAME, set(HOSTS[:3]))
         self.routers = [self._start_router() for _ in range(2)]
         self.over_budget: list[str] = []
+        self.budget_polls = 0
         self._watching = True
         self._watcher = threading.Thread(target=self._watch_budgets, daemon=True)
         self._watcher.start()
@@ -79,11 +80,8 @@ class Fleet:
         return shard
 
     def _start_router(self) -> Service:
-        router = Service(sluice("router", "--port", "0", "--workers", "1", "--shard-dns",
-                                f"{NAME}:{self.port}", "--shard-dns-server", self.dns.server,
-                                "--discovery-interval", str(INTERVAL_S)))
-        wait_healthy(router.url)
-        return router
+        return start_router(flags=("--shard-dns", f"{NAME}:{self.port}", "--shard-dns-server",
+                                   self.dns.server, "--discovery-interval", str(INTERVAL_S)))
 
     def _watch_budgets(self) -> None:
         """The shard's own gauges, polled through the whole module: used <= budget always."""
@@ -98,6 +96,7 @@ class Fleet:
                 used = m[("sluice_shard_kv_budget_used_tokens", ())]
                 if used > m[("sluice_shard_kv_budget_total_tokens", ())]:
                     self.over_budget.append(f"{host}: {used}")
+                self.budget_polls += 1
             time.sleep(0.05)
 
     def groups(self, router: Service) -> dict[str, str]:
@@ -257,4 +256,5 @@ def test_sigkill_of_a_group_mid_stream_loses_no_request(fleet, reference):
 
 
 def test_no_group_ever_held_more_than_its_budget(fleet):
+    assert fleet._watcher.is_alive() and fleet.budget_polls > 0  # it watched the whole time
     assert fleet.over_budget == []

@@ -40,6 +40,7 @@ def test_an_engine_thread_that_ends_makes_the_shard_not_serving(tmp_path, capsys
     async def scenario() -> tuple[int, list[int], grpc.RpcError]:
         serving = asyncio.create_task(serve(started))
         while not (out := capsys.readouterr().out):
+            assert not serving.done(), serving  # it ended before its ready line
             await asyncio.sleep(0.05)
         address = json.loads(out.splitlines()[-1])["address"]
         async with grpc.aio.insecure_channel(address) as channel:
