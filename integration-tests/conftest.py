@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -26,6 +27,21 @@ from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
 
 STARTUP_TIMEOUT_S = 300
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout_s: float, interval_s: float = 0.05,
+               report: Callable[[], object] | None = None) -> T:
+    """Poll `condition` until it returns something truthy, and return that; fail naming `what`
+    (and what `report` returns then, if given) once `timeout_s` has passed without it."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            seen = f" (seen: {report()!r})" if report is not None else ""
+            raise AssertionError(f"not within {timeout_s} s: {what}{seen}")
+        time.sleep(interval_s)
+    return value
 
 
 class Service:
@@ -172,15 +188,12 @@ def redis_server() -> Iterator[Redis]:
 
 
 def wait_healthy(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not become healthy")
+            return False
+    wait_until(healthy, f"{url}/health answers 200", timeout_s, interval_s=0.1)
 
 
 @pytest.fixture(scope="session")

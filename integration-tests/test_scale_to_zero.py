@@ -18,7 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Service, free_port, sluice, start_shard, wait_healthy
+from conftest import Service, free_port, sluice, start_shard, wait_healthy, wait_until
 from otlp import Receiver
 
 NOWHERE = "127.0.0.1:1"  # nothing listens there: no group ever comes
@@ -41,11 +41,7 @@ def queue_size(router: Service) -> float:
                 if s.name == "sluice_router_queue_size")
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not in {timeout_s} s: {what}"
-        time.sleep(0.05)
+WAIT_S = 20  # the bound of this module's waits for held requests, spans and log lines
 
 
 def request_lines(router: Service) -> list[dict]:
@@ -127,7 +123,7 @@ def test_requests_held_with_zero_groups_are_answered_in_full_by_the_first_group(
         held_chat = Call(lambda: streamed_chat(client))
         held_generate = Call(lambda: generate(router, details=True, headers={
             "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}))
-        wait_until(lambda: queue_size(router) == 2, "both requests held")
+        wait_until(lambda: queue_size(router) == 2, "both requests held", WAIT_S)
         assert held_chat.is_alive() and held_generate.is_alive()
 
         shard = start_shard(str(tiny_model), "--port", str(port))
@@ -152,7 +148,7 @@ def test_requests_held_with_zero_groups_are_answered_in_full_by_the_first_group(
         assert all(line["validation_s"] < line["held_s"] for line in held)
         # Its trace: the hold, then validation, under the request's span.
         wait_until(lambda: {"hold", "validate", "stream"} <= {
-            span.name for span in receiver.trace(TRACE_ID)}, "the held request's spans")
+            span.name for span in receiver.trace(TRACE_ID)}, "the held request's spans", WAIT_S)
         spans = {span.name: span for span in receiver.trace(TRACE_ID)}
         root, hold, validate = spans["POST /generate"], spans["hold"], spans["validate"]
         assert hold.parent_span_id == validate.parent_span_id == root.span_id
@@ -183,7 +179,7 @@ def test_with_no_group_in_time_a_held_request_gets_503_after_the_request_timeout
 
 def test_held_requests_count_toward_max_concurrent_requests(idle_router):
     held = [Call(lambda: generate(idle_router, timeout_s=60)) for _ in range(2)]
-    wait_until(lambda: queue_size(idle_router) == 2, "two requests held")
+    wait_until(lambda: queue_size(idle_router) == 2, "two requests held", WAIT_S)
     refused = generate(idle_router, timeout_s=60)
     assert refused.status_code == 429
     assert refused.json()["error_type"] == "overloaded"
@@ -195,7 +191,7 @@ def test_a_client_that_disconnects_while_held_is_let_go(idle_router):
     before = len(request_lines(idle_router))
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
         generate(idle_router, timeout_s=0.5)
-    wait_until(lambda: len(request_lines(idle_router)) > before, "the request's log line")
+    wait_until(lambda: len(request_lines(idle_router)) > before, "the request's log line", WAIT_S)
     [line] = request_lines(idle_router)[before:]
     assert line["status"] == 499  # let go as it left, not answered 503 at its timeout
     assert line["held_s"] < IDLE_TIMEOUT_S
@@ -207,7 +203,7 @@ def test_a_router_that_drains_ends_its_held_requests_with_503_for_a_retry_elsewh
                          "120", "--shutdown-grace", "60")
     try:
         held = Call(lambda: generate(router, timeout_s=60))
-        wait_until(lambda: queue_size(router) == 1, "the request held")
+        wait_until(lambda: queue_size(router) == 1, "the request held", WAIT_S)
         router.process.send_signal(signal.SIGTERM)
         answer = held.outcome(60)
         assert answer.status_code == 503
@@ -226,7 +222,7 @@ def test_without_the_flag_no_group_means_503_at_once_and_an_unready_health():
         assert answer.status_code == 503
         assert answer.json() == {"error": "no shard group is connected",
                                  "error_type": "unavailable"}
-        wait_until(lambda: request_lines(router), "the request's log line")
+        wait_until(lambda: request_lines(router), "the request's log line", WAIT_S)
         [line] = request_lines(router)
         assert "held_s" not in line and line["duration_s"] < 5  # refused, not held
     finally:
