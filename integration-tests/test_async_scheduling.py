@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from conftest import shard_info, start_router, start_shard, wait_for_free_budget
+from conftest import shard_info, start_router, start_shard, wait_for_free_budget, wait_until
 
 PROMPTS = ["hello world", "a b c d e f g h i j k l", "zz", "the quick brown fox jumps"]
 
@@ -93,14 +92,11 @@ def _completion(events: Iterator[dict]) -> tuple[str, list[str], int]:
 
 def _request_log(router, max_new_tokens: int, timeout_s: float = 10) -> dict:
     """The router's log line of the request that asked for `max_new_tokens`, once written."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        lines = [line for line in router.log_lines() if line.get("message") == "request"
-                 and line.get("max_new_tokens") == max_new_tokens]
-        if lines:
-            return lines[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no request line with max_new_tokens={max_new_tokens}")
+    lines = wait_until(lambda: [line for line in router.log_lines()
+                                if line.get("message") == "request"
+                                and line.get("max_new_tokens") == max_new_tokens],
+                       f"a request line with max_new_tokens={max_new_tokens}", timeout_s)
+    return lines[-1]
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

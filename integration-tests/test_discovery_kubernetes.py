@@ -5,12 +5,11 @@ dropped, an unset ready condition counts as ready, as the API says."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 
-from conftest import Service, sluice, start_shard
+from conftest import Service, sluice, start_shard, wait_until
 from kube_api import FakeKubeAPI, endpoint_slice
 
 NAMESPACE, SERVICE = "serving", "sluice-shard"
@@ -43,10 +42,8 @@ def groups(router: Service) -> dict[str, str]:
 
 
 def wait_groups(router: Service, expected: dict[str, str], timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (seen := groups(router)) != expected:
-        assert time.monotonic() < deadline, seen
-        time.sleep(0.05)
+    wait_until(lambda: groups(router) == expected, f"the router's groups {expected}", timeout_s,
+               report=lambda: groups(router))
 
 
 def generate_ok(router: Service) -> bool:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_router, start_shard
+from conftest import start_router, start_shard, wait_until
 from otlp import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,10 +147,9 @@ def test_one_trace_runs_from_router_to_shard_with_the_right_parents(stack, recei
     expected = {("sluice-router", n) for n in ("POST /generate", "validate", "queue", "dispatch",
                                                "stream")}
     expected |= {("sluice-shard", n) for n in ("admit", "prefill", "decode")}
-    deadline = time.monotonic() + 30
-    while {(s.service, s.name) for s in receiver.trace(trace_id)} != expected:
-        assert time.monotonic() < deadline, receiver.trace(trace_id)
-        time.sleep(0.1)
+    wait_until(lambda: {(s.service, s.name) for s in receiver.trace(trace_id)} == expected,
+               "the trace's spans from router and shard", 30, interval_s=0.1,
+               report=lambda: receiver.trace(trace_id))
     spans = {s.name: s for s in receiver.trace(trace_id)}
     root, dispatch = spans["POST /generate"], spans["dispatch"]
     assert root.parent_span_id == client_span
@@ -170,11 +168,8 @@ def test_request_log_lines_carry_ids_tokens_timings_and_never_the_prompt(stack):
     answer = httpx.post(f"{router.url}/generate", json=body,
                         headers={"x-request-id": "req-42"}, timeout=60)
     assert answer.headers["x-request-id"] == "req-42"
-    deadline = time.monotonic() + 10
-    while not (lines := [l for l in router.log_lines() if l.get("request_id") == "req-42"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    [line] = lines
+    [line] = wait_until(lambda: [l for l in router.log_lines() if l.get("request_id") == "req-42"],
+                        "the log line of req-42", 10)
     assert line["message"] == "request" and line["level"] == "info"
     assert {k: line[k] for k in ("route", "status", "tenant", "max_new_tokens",
                                  "generated_tokens", "finish_reason")} == {
@@ -196,20 +191,18 @@ def test_a_client_leaving_a_non_streamed_request_is_logged_and_counted_as_499(st
         async with httpx.AsyncClient(timeout=60) as client:
             task = asyncio.create_task(client.post(f"{router.url}/generate", json=body,
                                                    headers={"x-request-id": "req-gone"}))
-            deadline = time.monotonic() + 10
-            while value(scrape(router.url), "sluice_router_running_requests") < 1:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            # Polled on a thread: the event loop must go on sending the request.
+            await asyncio.to_thread(wait_until, lambda: value(
+                scrape(router.url), "sluice_router_running_requests") >= 1,
+                "the request running", 10, interval_s=0.01)
             task.cancel()  # the connection closes before the answer
             with pytest.raises(asyncio.CancelledError):
                 await task
 
     asyncio.run(leave_early())
-    deadline = time.monotonic() + 10
-    while not (lines := [l for l in router.log_lines() if l.get("request_id") == "req-gone"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    [line] = lines
+    [line] = wait_until(
+        lambda: [l for l in router.log_lines() if l.get("request_id") == "req-gone"],
+        "the log line of req-gone", 10)
     assert (line["status"], line["finish_reason"], line["level"]) == (499, "cancelled", "info")
     after = scrape(router.url)
     assert value(after, "sluice_router_requests", "sluice_router_requests_total",

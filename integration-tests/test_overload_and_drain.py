@@ -11,13 +11,12 @@ import contextlib
 import json
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_router, start_shard, wait_for_free_budget
+from conftest import start_router, start_shard, wait_for_free_budget, wait_until
 
 BUDGET = 256
 MAX_NEW = 8
@@ -118,13 +117,10 @@ class Stream(threading.Thread):
 
 
 def wait_in_flight(router, count: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        g = gauges(router)
-        if g["sluice_router_running_requests"] + g["sluice_router_queue_size"] == count:
-            return
-        assert time.monotonic() < deadline, g
-        time.sleep(0.02)
+    def in_flight(g: dict[str, float]) -> float:
+        return g["sluice_router_running_requests"] + g["sluice_router_queue_size"]
+    wait_until(lambda: in_flight(gauges(router)) == count, f"{count} requests in flight",
+               timeout_s, interval_s=0.02, report=lambda: gauges(router))
 
 
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(shard):
@@ -135,10 +131,8 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(shard):
             stream.start()
         wait_in_flight(router, 3)
         router.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{router.url}/health").status_code != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: httpx.get(f"{router.url}/health").status_code == 503,
+                   "/health answers 503 while draining", 10, interval_s=0.02)
         refused = httpx.post(f"{router.url}/generate", json={"inputs": "abc"}, timeout=10)
         assert refused.status_code == 503
         assert refused.json()["error_type"] == "unavailable"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Service, start_router, start_shard
+from conftest import Service, start_router, start_shard, wait_until
 from dnsmasq import Dnsmasq
 
 NAME = "shards.sluice.test"
@@ -151,10 +151,10 @@ def load(fleet: Fleet, victim: Service | None = None, disrupt=None) -> list[Comp
     for stream in streams:
         stream.start()
     if disrupt is not None:
-        deadline = time.monotonic() + 120
-        while not (sum(s.chunks for s in streams) >= 60 and running_on(victim) >= 2):
-            assert time.monotonic() < deadline, [s.chunks for s in streams]
-            time.sleep(0.01)
+        # Polled often: the window in which the victim runs two streams is short.
+        wait_until(lambda: sum(s.chunks for s in streams) >= 60 and running_on(victim) >= 2,
+                   "60 chunks streamed and two requests running on the victim", 120,
+                   interval_s=0.01, report=lambda: [s.chunks for s in streams])
         disrupt()
     for stream in streams:
         stream.join(300)
@@ -222,11 +222,10 @@ def test_a_group_added_to_dns_gets_traffic_and_one_removed_is_dropped(fleet):
     new = fleet.start_shard(HOSTS[3])
     gone = fleet.uri(HOSTS[0])
     fleet.dns.set(NAME, set(HOSTS[1:]))  # the stopped group leaves, a fourth comes
-    deadline = time.monotonic() + 10 * INTERVAL_S + 5
     expected = {fleet.uri(h): "ready" for h in HOSTS[1:]}
-    while any(fleet.groups(r) != expected for r in fleet.routers):
-        assert time.monotonic() < deadline, [fleet.groups(r) for r in fleet.routers]
-        time.sleep(0.05)
+    wait_until(lambda: all(fleet.groups(r) == expected for r in fleet.routers),
+               f"both routers' groups {expected}", 10 * INTERVAL_S + 5,
+               report=lambda: [fleet.groups(r) for r in fleet.routers])
     before = metrics(f"http://{new.ready['metrics_address']}")[
         ("sluice_shard_prefill_tokens_total", ())]
     # Each request goes where the most budget is free: concurrent ones spread over the groups.

@@ -4,13 +4,12 @@ and SIGTERM drains both and exits 0."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_router, start_shard
+from conftest import start_router, start_shard, wait_until
 
 LIMIT = 6  # requests per minute for the one client address of the test
 
@@ -46,11 +45,9 @@ def test_two_workers_share_the_port_the_rate_limits_and_the_metrics(shard):
         for _ in range(30):
             with httpx.Client(timeout=10) as client:
                 assert client.get(f"{router.url}/v1/models").status_code == 200
-        deadline = time.monotonic() + 10
-        while len({line.get("worker") for line in router.log_lines()
-                   if line.get("message") == "request"}) < 2:
-            assert time.monotonic() < deadline, "one worker served every connection"
-            time.sleep(0.05)
+        wait_until(lambda: len({line.get("worker") for line in router.log_lines()
+                                if line.get("message") == "request"}) >= 2,
+                   "request lines from both workers (one served every connection?)", 10)
         # Every scrape, whichever worker answers it, counts every worker's requests.
         for _ in range(6):
             assert generate_requests(router) == {"200": LIMIT, "429": 2 * LIMIT}
