@@ -14,6 +14,8 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from conftest import wait_until
+
 DOMAIN = "sluice.test"
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
@@ -66,11 +68,9 @@ class Dnsmasq:
         self.hosts.write_text("".join(f"{address} {n}\n" for n, addrs in self._names.items()
                                       for address in sorted(addrs)))
         self.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout_s
-        while self.lookup(name) != set(addresses):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dnsmasq did not take {name} -> {addresses}")
-            time.sleep(0.05)
+        wait_until(lambda: self.lookup(name) == set(addresses),
+                   f"dnsmasq answering {name} -> {addresses}", timeout_s,
+                   report=lambda: self.lookup(name))
 
     def _wait_answering(self) -> None:
         deadline = time.monotonic() + 10
