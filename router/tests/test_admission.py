@@ -7,38 +7,23 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from starlette.requests import Request
 
 from router import config as router_config
 from router.errors import ShardUnavailable
 from router.ratelimit import RateLimits
 from router.state import RouterState
-from router.telemetry import RequestTelemetry
 from router.tests.fake_shard import FakeShard, tokens
-from router.tests.test_queue import until
-from router.validation import Prepared
+from router.tests.harness import CLIENT_HOST, http_request, prepared, until
 from sluice.v1 import generate_pb2 as pb
 
 TPM = 100  # tokens per minute for the test's one client address
 LIMITS = RateLimits(0, TPM)
 
 
-def http_request(state: RouterState) -> Request:
-    telemetry = RequestTelemetry(state.metrics, "POST", "/generate", "req-1", {})
-    return Request({"type": "http", "method": "POST", "path": "/generate", "headers": [],
-                    "client": ("127.0.0.9", 1234),
-                    "state": {"telemetry": telemetry, "tenant": None}})
-
-
-def prepared(prompt: list[int], max_new_tokens: int) -> Prepared:
-    return Prepared(pb.Request(input_ids=prompt, stopping=pb.StoppingParameters(
-        max_new_tokens=max_new_tokens)), [], None, len(prompt))
-
-
 async def tokens_left(state: RouterState) -> int:
     """What the client's token bucket still holds: the largest request it admits now."""
     await asyncio.sleep(0.05)  # refunds run as background tasks
-    decision = await state.limiter.acquire("client:127.0.0.9", LIMITS, 0)
+    decision = await state.limiter.acquire(f"client:{CLIENT_HOST}", LIMITS, 0)
     return decision.usage["tokens"].remaining
 
 

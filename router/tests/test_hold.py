@@ -16,8 +16,7 @@ from router import config as router_config
 from router.errors import Draining, Overloaded, RequestTimeout, ShardUnavailable
 from router.state import RouterState
 from router.tests.fake_shard import FakeShard
-from router.tests.test_admission import http_request, prepared
-from router.tests.test_queue import until
+from router.tests.harness import http_request, prepared, until
 
 NOWHERE = "127.0.0.1:1"  # nothing listens: that group never connects
 HOLD = ("--hold-without-groups", "--request-timeout", "30")

@@ -10,85 +10,11 @@ import time
 import pytest
 
 from router.errors import ShardUnavailable
-from router.groups import ShardGroups
-from router.queue import Dispatcher
-from router.request import GenerationRequest
 from router.tests.fake_shard import FakeShard, tokens
+from router.tests.harness import Router, scenario, until
 from sluice.v1 import generate_pb2 as pb
 
 NONE, LENGTH = pb.FINISH_REASON_NONE, pb.FINISH_REASON_LENGTH
-
-
-class Telemetry:
-    """What a Run tells its request's telemetry, recorded."""
-
-    def __init__(self):
-        self.dispatched_to: list[str] = []
-        self.tokens = 0
-
-    def dispatched(self, uri: str, trace_context) -> None:
-        self.dispatched_to.append(uri)
-
-    def token(self) -> None:
-        self.tokens += 1
-
-
-class Router:
-    """The router's queue and groups, without HTTP."""
-
-    def __init__(self, *shards: FakeShard, failover_timeout_s: float = 5,
-                 max_concurrent: int = 64):
-        self.groups = ShardGroups(lambda: self.dispatcher.wake())
-        self.dispatcher = Dispatcher(self.groups.all, max_concurrent, failover_timeout_s)
-        self.groups.update("static", {s.address for s in shards})
-        self._task = asyncio.create_task(self.dispatcher.run())
-        self.settled: list[GenerationRequest] = []
-
-    async def ready(self, count: int) -> None:
-        await until(lambda: len(self.dispatcher.ready_groups()) == count)
-
-    def submit(self, prompt: list[int], max_new_tokens: int, runs: int = 1) -> GenerationRequest:
-        request = pb.Request(input_ids=prompt,
-                             stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens),
-                             sampling=pb.SamplingParameters(seed=7, temperature=0.5))
-        copies = []
-        for _ in range(runs):
-            copies.append(pb.Request())
-            copies[-1].CopyFrom(request)
-        generation = GenerationRequest(copies, Telemetry(), None, self.settled.append)
-        self.dispatcher.submit(generation.runs)
-        return generation
-
-    def group(self, shard: FakeShard):
-        return next(g for g in self.groups.all() if g.uri == shard.address)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await self.groups.stop()
-
-
-async def until(condition, timeout_s: float = 5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-def scenario(test):
-    """Run an async test with `count` fake shards started and stopped around it."""
-    def run(count: int = 2, **router_args):
-        async def main():
-            shards = [await FakeShard().start() for _ in range(count)]
-            router = Router(*shards, **router_args)
-            try:
-                await router.ready(count)
-                await test(router, *shards)
-            finally:
-                await router.stop()
-                for shard in shards:
-                    await shard.stop()
-        asyncio.run(main())
-    return run
 
 
 def test_a_run_goes_to_the_group_with_most_free_budget_then_fewest_waiting():

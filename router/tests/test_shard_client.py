@@ -9,7 +9,7 @@ import asyncio
 from router.errors import GenerationError
 from router.shard_client import GroupState
 from router.tests.fake_shard import FakeShard, tokens
-from router.tests.test_queue import Router, scenario, until
+from router.tests.harness import Router, scenario, until
 from sluice.v1 import generate_pb2 as pb
 
 NONE = pb.FINISH_REASON_NONE
