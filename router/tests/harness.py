@@ -4,7 +4,10 @@ shard groups (fake_shard.py); the inputs admission takes; and a bounded wait."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from starlette.requests import Request
 
@@ -18,6 +21,8 @@ from router.validation import Prepared
 from sluice.v1 import generate_pb2 as pb
 
 CLIENT_HOST = "127.0.0.9"  # the address every http_request comes from
+
+T = TypeVar("T")
 
 
 class Telemetry:
@@ -68,11 +73,23 @@ class Router:
         await self.groups.stop()
 
 
-async def until(condition, timeout_s: float = 5) -> None:
+async def until(condition: Callable[[], T], what: str | None = None, timeout_s: float = 5) -> T:
+    """Poll `condition`, letting the event loop run between polls, until it returns something
+    truthy, and return that; fail naming `what` (by default the condition's source line) once
+    `timeout_s` has passed without it."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what or _source(condition)}")
         await asyncio.sleep(0.005)
+    return value
+
+
+def _source(condition: Callable) -> str:
+    try:
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):  # defined where no source file is (a REPL), or a builtin
+        return repr(condition)
 
 
 def scenario(test):

@@ -21,8 +21,11 @@ LIMITS = RateLimits(0, TPM)
 
 
 async def tokens_left(state: RouterState) -> int:
-    """What the client's token bucket still holds: the largest request it admits now."""
-    await asyncio.sleep(0.05)  # refunds run as background tasks
+    """What the client's token bucket still holds once no refund is in flight: the largest
+    request it admits now."""
+    # Refunds run as tasks that RouterState.spawn keeps until each is done; waiting for none
+    # left (rather than for the expected count) lets a refund that should not happen show.
+    await until(lambda: not state._spawned, "the rate-limit refunds in flight done")
     decision = await state.limiter.acquire(f"client:{CLIENT_HOST}", LIMITS, 0)
     return decision.usage["tokens"].remaining
 
