@@ -389,7 +389,8 @@ def flash_unavailable(device: torch.device) -> str | None:
         return "the flash backend runs FlashAttention-4, which needs compute capability 9.0+"
     try:
         import flash_attn.cute  # noqa: F401
-    except ImportError as exc:
+    except Exception as exc:  # not installed, or a CUTLASS DSL without its CUDA libraries
+        # (a RuntimeError at import): auto then takes the torch backend, as it does without
         return f"FlashAttention-4 (pip install flash-attn-4) is not importable: {exc}"
     return None
 

@@ -8,12 +8,13 @@ a causal mask and GQA by repeating each key/value head.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from shard.attention import StepLayout, TorchAttention, write_kv
+from shard.attention import StepLayout, TorchAttention, flash_unavailable, write_kv
 from shard.kv_cache import blocks_for
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -314,3 +315,19 @@ def test_varlen_metadata_leaves_decode_rows_to_the_paged_kernel():
     decodes = make_step(DECODES_ONLY, 4, 5, torch.float32, seed=5)
     meta = backend.prepare(decodes.layout)
     assert meta.num_decodes == 4 and meta.cu_seqlens_q is None and meta.context_slots is None
+
+
+def test_a_flash_install_that_fails_to_import_is_a_reason_not_a_crash(monkeypatch):
+    """A CUTLASS DSL without its CUDA libraries raises RuntimeError when FlashAttention-4 is
+    imported: --attention auto must then fall back (a reason), as with no install at all."""
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "flash_attn.cute":
+            raise RuntimeError("No CTK flavor installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert flash_unavailable(torch.device("cuda")) == (
+        "FlashAttention-4 (pip install flash-attn-4) is not importable: No CTK flavor installed")
