@@ -42,6 +42,7 @@ class ShardConfig:
     fused_rotary: str
     fused_mlp: str
     decode_gemm: str
+    gemv: str
     last_layer_rows: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
@@ -144,6 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "through quack's GEMM in 64-row tiles sized to fill the SMs, "
                              "instead of cuBLAS; needs what --fused-mlp needs; auto: on where "
                              "that holds")
+    parser.add_argument("--gemv", default="off", choices=["auto", "on", "off"],
+                        help="run products of 1-16 rows (small decode batches) through Triton "
+                             "matrix-vector kernels, the gate/up one with SiLU x up applied and "
+                             "the residual add and RMSNorm before QKV and gate/up inside, "
+                             "instead of cuBLAS; on needs cuda; auto: on cuda only. Off by "
+                             "default until a whole step measures faster (shard/gemv.py)")
     parser.add_argument("--last-layer-rows", default="sampled", choices=["sampled", "all"],
                         help="which of a step's rows go through the last layer's output "
                              "projection and MLP: sampled, only those whose logits the step "

@@ -48,12 +48,14 @@ def read_config(source: ModelSource) -> ModelConfig:
 def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: torch.dtype,
          attention, load_format: str = "auto", quantize: str = "none",
          compiled: bool = False, fused_rotary: bool = False,
-         fused_mlp: bool = False, decode_gemm: bool = False) -> LoadedModel:
+         fused_mlp: bool = False, decode_gemm: bool = False, gemv: bool = False
+         ) -> LoadedModel:
     """quantize="int4": on CPU, GGUF Q4_0/Q4_1 weights run as they are on torch's int4 kernel.
     compiled: the elementwise stages run as torch.compile'd fused kernels (shard/models/ops.py).
     fused_rotary: rotary and the KV-cache write are one Triton kernel (CUDA).
     fused_mlp: gate/up products apply SiLU × up in their epilogue (Hopper; shard/fused_mlp.py).
     decode_gemm: decode batches' products in quack's narrow tiles (Hopper; shard/decode_gemm.py).
+    gemv: products of 1-16 rows in Triton matrix-vector kernels (CUDA; shard/gemv.py).
     Under tensor parallelism (tp) the rank reads only its slices of the weights."""
     int4 = quantize == "int4"
     if int4 and not (source.is_gguf and device.type == "cpu" and int4_available()):
@@ -75,8 +77,8 @@ def load(source: ModelSource, tp: TensorParallel, device: torch.device, dtype: t
     if error:
         raise ValueError(error)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, tp, attention, Ops.build(compiled, fused_rotary,
-                                                                     fused_mlp, decode_gemm))
+        model = LlamaForCausalLM(config, tp, attention, Ops.build(
+            compiled, fused_rotary, fused_mlp, decode_gemm, gemv))
     try:
         model.load_weights(tensors)
     except FileNotFoundError as exc:

@@ -89,20 +89,24 @@ def build(config: ShardConfig, group: Group, device: torch.device) -> Built:
     fused_rotary = wanted(config.fused_rotary, device)
     if fused_rotary and device.type != "cuda":
         raise ValueError("--fused-rotary on needs a CUDA device (it is a Triton kernel)")
+    gemv = wanted(config.gemv, device)
+    if gemv and device.type != "cuda":
+        raise ValueError("--gemv on needs a CUDA device (its kernels are Triton's)")
     fused_mlp = _quack_wanted("--fused-mlp", config.fused_mlp, device, dtype,
                               "SiLU x up stays a separate pass")
     decode_gemm = _quack_wanted("--decode-gemm", config.decode_gemm, device, dtype,
                                 "decode batches' products stay on cuBLAS")
     loaded = loader.load(source, group.tp, device, dtype, attention, config.load_format,
-                         config.quantize, compiled, fused_rotary, fused_mlp, decode_gemm)
+                         config.quantize, compiled, fused_rotary, fused_mlp, decode_gemm, gemv)
     log.info("weights: %s; quantization: %s; elementwise stages %s; rotary and cache write %s; "
-             "SiLU x up %s; decode batches' products %s", dtype, loaded.quantization,
+             "SiLU x up %s; decode batches' products %s%s", dtype, loaded.quantization,
              "compiled" if compiled else "eager", "fused" if fused_rotary else "separate",
              "in the gate/up product (steps that shard/fused_mlp.py's fuses names)"
              if fused_mlp else "a separate pass",
              f"in quack's narrow tiles at {shard_decode_gemm.MIN_ROWS}-"
              f"{shard_decode_gemm.MAX_ROWS} rows (shard/decode_gemm.py)"
-             if decode_gemm else "on cuBLAS")
+             if decode_gemm else "on cuBLAS",
+             ", at 1-16 rows in Triton matrix-vector kernels (shard/gemv.py)" if gemv else "")
     peak = 0
     if device.type == "cuda":
         peak = budgets.profile_peak_bytes(loaded.model, attention, config, dtype, device)
@@ -131,12 +135,17 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
     config, model = built.config, built.loaded.model
     # Every layer's products have layer 0's shapes.
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    if mlp.fuses_gate:
-        shard_fused_mlp.warm_up(mlp.gate_up_proj.weight)
-    if mlp.ops.linear is shard_decode_gemm.linear:
-        shard_decode_gemm.warm_up([proj.weight for proj in (attn.qkv_proj, attn.o_proj,
-                                                           mlp.gate_up_proj, mlp.down_proj)
-                                   if proj.weight is not None])
+    ops = mlp.ops
+    products = [proj.weight for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                         mlp.down_proj) if proj.weight is not None]
+    gated = mlp.gate_up_proj.weight if mlp.fuses_gate else None
+    if ops.fused_mlp and gated is not None:
+        shard_fused_mlp.warm_up(gated)
+    if ops.decode_gemm:
+        shard_decode_gemm.warm_up(products)
+    if ops.gemv:
+        from shard import gemv as shard_gemv  # imports Triton: CUDA only
+        shard_gemv.warm_up(products, gated)
     graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:

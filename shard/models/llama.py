@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shard import fused_mlp, weights
+from shard import weights
 from shard.models.config import ModelConfig
 from shard.models.ops import EAGER, Ops
 from shard.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -126,10 +126,10 @@ class LlamaAttention(nn.Module):
                                         product=ops.linear)
         self.backend = backend
 
-    def project(self, x, positions, rotary, kv_cache, slot_mapping, q_out=None):
-        """q [T, Hq, D] of the step's tokens, rotated (into q_out if given); their keys
-        (rotated) and values go to their cache slots."""
-        return self.ops.rotary_into_cache(self.qkv_proj(x), positions, rotary.cos, rotary.sin,
+    def rotate(self, qkv, positions, rotary, kv_cache, slot_mapping, q_out=None):
+        """q [T, Hq, D] of the step's tokens from their QKV product, rotated (into q_out if
+        given); their keys (rotated) and values go to their cache slots."""
+        return self.ops.rotary_into_cache(qkv, positions, rotary.cos, rotary.sin,
                                           kv_cache[0], kv_cache[1], slot_mapping,
                                           self.num_heads, self.num_kv_heads, self.head_dim,
                                           out=q_out)
@@ -150,7 +150,7 @@ class LlamaMLP(nn.Module):
 
     @property
     def fuses_gate(self) -> bool:
-        """Whether steps (of the sizes fused_mlp.fuses names) take the gate/up product with
+        """Whether steps (of the sizes ops.swiglu_rows takes) take the gate/up product with
         SiLU × up in its epilogue: not with int4 weights (their weight is None once loaded), nor
         with a bias."""
         gate_up = self.gate_up_proj
@@ -159,7 +159,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         gate_up = self.gate_up_proj
-        if self.fuses_gate and fused_mlp.fuses(x.shape[0]):
+        if self.fuses_gate and self.ops.swiglu_rows(x.shape[0]):
             return self.down_proj(self.ops.swiglu_linear(x, gate_up.weight))
         return self.down_proj(self.ops.silu_mul(gate_up(x)))
 
@@ -177,13 +177,38 @@ class LlamaDecoderLayer(nn.Module):
                          q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
         (q, residual); q in q_out if given."""
-        h, residual = self.input_layernorm(x, residual)
-        q = self.self_attn.project(h, positions, rotary, kv_cache, slot_mapping, q_out)
+        qkv_proj = self.self_attn.qkv_proj
+        normed = self._normed(self.input_layernorm, x, residual, qkv_proj, gated=False)
+        if normed is None:
+            h, residual = self.input_layernorm(x, residual)
+            qkv = qkv_proj(h)
+        else:
+            qkv, residual = normed
+        q = self.self_attn.rotate(qkv, positions, rotary, kv_cache, slot_mapping, q_out)
         return q, residual
 
     def after_attention(self, attended, residual):
-        h, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)
-        return self.mlp(h), residual
+        o = self.self_attn.output(attended)
+        mlp = self.mlp
+        normed = self._normed(self.post_attention_layernorm, o, residual, mlp.gate_up_proj,
+                              gated=True)
+        if normed is None:
+            h, residual = self.post_attention_layernorm(o, residual)
+            return mlp(h), residual
+        gated, residual = normed
+        return mlp.down_proj(gated), residual
+
+    @staticmethod
+    def _normed(norm: RMSNorm, x, residual, linear: ColumnParallelLinear, gated: bool):
+        """(linear's product of norm(x + residual), SiLU x up applied if gated; x + residual)
+        in one kernel (ops.normed_linear, --gemv) where it takes the step: rows it serves, a
+        residual to add, contiguous rows, a plain weight without bias. Else None."""
+        ops = norm.ops
+        if (ops.normed_linear is None or residual is None or linear.weight is None
+                or linear.bias is not None or not ops.normed_rows(x.shape[0])
+                or not (x.is_contiguous() and residual.is_contiguous())):
+            return None
+        return ops.normed_linear(x, residual, norm.weight, norm.eps, linear.weight, gated)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shard import fused_mlp as quack_mlp
 from shard.attention import write_kv
 
 
@@ -75,34 +76,71 @@ class Ops:
     rotary_into_cache: Callable
     compiled: bool
     fused_rotary: bool
-    # (x, gate_up weight) -> SiLU(gate) × up in one product, for the steps that
-    # shard.fused_mlp.fuses names; None: always gate/up, then silu_mul.
+    # Which of --fused-mlp, --decode-gemm and --gemv the products below include (warm-up
+    # compiles their kernels).
+    fused_mlp: bool = False
+    decode_gemm: bool = False
+    gemv: bool = False
+    # (x, gate_up weight) -> SiLU(gate) × up in one product, for the steps whose row count
+    # swiglu_rows takes; None: always gate/up, then silu_mul.
     swiglu_linear: Callable | None = None
+    swiglu_rows: Callable[[int], bool] = quack_mlp.fuses
     # F.linear's signature: what the QKV, O, gate/up and down products call.
     linear: Callable = F.linear
+    # (x, residual, norm weight, eps, weight, gated) -> (product of RMSNorm(x + residual),
+    # x + residual): a layer's residual add and norm in the product that reads them, for steps
+    # whose row count normed_rows takes; None: the norm, then the product.
+    normed_linear: Callable | None = None
+    normed_rows: Callable[[int], bool] = bool
 
     @classmethod
     def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False,
-              decode_gemm: bool = False) -> "Ops":
+              decode_gemm: bool = False, gemv: bool = False) -> "Ops":
         """fused_rotary: rotary_into_cache is one Triton kernel (shard/rotary_cache.py, CUDA);
         otherwise the rotary stage followed by two index copies. fused_mlp: gate/up products apply
         SiLU × up in their epilogue, in the steps shard/fused_mlp.py's `fuses` names (quack,
         Hopper). decode_gemm: decode batches' products in quack's narrow tiles where
-        shard/decode_gemm.py's `takes` says so (Hopper)."""
+        shard/decode_gemm.py's `takes` says so (Hopper). gemv: products of 1-16 rows in Triton
+        matrix-vector kernels, the gate/up one with SiLU × up applied, and the norms before
+        QKV and gate/up inside those products (shard/gemv.py, CUDA)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
         else:
             rotary_into_cache = rotary_then_write(stage(rotary))
-        swiglu_linear = None
+        gated = []  # (row counts, their product with SiLU × up), the first that takes a step
+        if gemv:
+            from shard import gemv as small
+            gated.append((small.takes, small.swiglu_linear))
         if fused_mlp:
-            from shard.fused_mlp import swiglu_linear
+            gated.append((quack_mlp.fuses, quack_mlp.swiglu_linear))
+        swiglu_rows, swiglu_linear = _first_of(gated)
         linear = F.linear
         if decode_gemm:
             from shard.decode_gemm import linear
+        normed = {}
+        if gemv:
+            linear = small.small_rows(linear)
+            normed = dict(normed_linear=small.normed_product, normed_rows=small.takes)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
-                   compiled=compiled, fused_rotary=fused_rotary, swiglu_linear=swiglu_linear,
-                   linear=linear)
+                   compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp,
+                   decode_gemm=decode_gemm, gemv=gemv, swiglu_linear=swiglu_linear,
+                   swiglu_rows=swiglu_rows, linear=linear, **normed)
+
+
+def _first_of(routes: list[tuple[Callable, Callable]]) -> tuple[Callable, Callable | None]:
+    """One (rows -> bool, product) pair for the gated products: a step goes to the first
+    route whose row counts take it."""
+    if len(routes) <= 1:
+        return routes[0] if routes else (quack_mlp.fuses, None)
+
+    def rows(count: int) -> bool:
+        return any(takes(count) for takes, _ in routes)
+
+    def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return next(fn for takes, fn in routes if takes(x.shape[0]))(x, weight)
+
+    return rows, product
 
 
 def compile_stage(fn: Callable) -> Callable:

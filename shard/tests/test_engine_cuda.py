@@ -43,10 +43,12 @@ def relative_error(a, b) -> float:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention, decode", [("torch", "triton"), ("torch", "flash"),
                                                ("flash", "triton"), ("flash", "flash")])
-@pytest.mark.parametrize("fused_rotary, quack", [(False, False), (True, False), (True, True)],
-                         ids=["separate", "fused-rotary", "fused-rotary-mlp-gemm"])
+@pytest.mark.parametrize("fused_rotary, quack, gemv", [
+    (False, False, False), (True, False, False), (True, True, False), (True, False, True),
+    (True, True, True)], ids=["separate", "fused-rotary", "fused-rotary-mlp-gemm",
+                              "fused-rotary-gemv", "all"])
 def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat16(
-        folder, attention, decode, compiled, fused_rotary, quack, monkeypatch):
+        folder, attention, decode, compiled, fused_rotary, quack, gemv, monkeypatch):
     """The float32 equivalence is proven on the CPU (our model against transformers to 1e-3)
     and the kernels against float64. On the GPU, in bfloat16, our model must be no further
     from transformers' float32 logits than transformers' own bfloat16 model is. (Both round at
@@ -58,7 +60,8 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     # quack: every step through the fused gate/up, however small (the 16-token chunks in
     # quack's default configuration, the last 8 tokens in the one sized to the GPU), and its
-    # other products through --decode-gemm's narrow tiles.
+    # other products through --decode-gemm's narrow tiles. gemv: the 16-token chunks and the
+    # decodes through shard/gemv.py's kernels instead (they take 1-16 rows first).
     monkeypatch.setattr(shard_fused_mlp, "MIN_ROWS", 1)
     monkeypatch.setattr(shard_fused_mlp, "MIN_TOKENS", 16)
     monkeypatch.setattr(shard_decode_gemm, "MIN_ROWS", 1)
@@ -66,10 +69,12 @@ def test_bfloat16_model_on_the_gpu_is_as_close_to_float32_as_transformers_bfloat
     ours = loader.load(ModelSource("tiny", folder), TensorParallel(), CUDA,
                        torch.bfloat16, select_backend(attention, CUDA, decode),
                        compiled=compiled, fused_rotary=fused_rotary, fused_mlp=quack,
-                       decode_gemm=quack).model
+                       decode_gemm=quack, gemv=gemv).model
     assert ours.layers[0].self_attn.ops.fused_rotary == fused_rotary
-    assert (ours.layers[0].mlp.ops.swiglu_linear is not None) == quack
-    assert (ours.layers[0].self_attn.o_proj.product is shard_decode_gemm.linear) == quack
+    assert (ours.layers[0].mlp.ops.swiglu_linear is not None) == (quack or gemv)
+    product = ours.layers[0].self_attn.o_proj.product
+    assert ours.layers[0].mlp.ops.gemv == gemv == hasattr(product, "larger")
+    assert (getattr(product, "larger", product) is shard_decode_gemm.linear) == quack
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
@@ -110,13 +115,16 @@ def test_steps_after_warm_up_compile_nothing(folder, graphs, attention):
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
-def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention):
-    """Under flash, and under torch with its decode rows through the Triton kernel."""
+@pytest.mark.parametrize("gemv", ["off", "on"])
+def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, gemv):
+    """Under flash, and under torch with its decode rows through the Triton kernel; with
+    --gemv, the captured step's products and norms are shard/gemv.py's kernels."""
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     started, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2,
-                            "--attention", attention)
+                            "--attention", attention, "--gemv", gemv)
     engine, runner = started.engine, started.warm.runner
+    assert runner.model.layers[0].mlp.ops.gemv == (gemv == "on")
     expected = FlashAttention if attention == "flash" else TorchVarlenAttention
     assert isinstance(runner.attention, expected) and runner.graphs.decode is not None
     # The same decode step, replayed from a graph and run eagerly, gives the same logits.
@@ -195,8 +203,9 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(folder):
     assert started.engine.async_scheduling and started.built.compiled
     layer = started.built.loaded.model.layers[0]
     assert layer.self_attn.ops.fused_rotary  # the CUDA default
-    # And on Hopper with quack installed (the image's flash extra), the fused MLP.
-    assert layer.mlp.ops.swiglu_linear is not None
+    # And on Hopper with quack installed (the image's flash extra), the fused MLP (--gemv's
+    # kernels are off by default).
+    assert layer.mlp.ops.fused_mlp and not layer.mlp.ops.gemv
     # Same kernels both ways (compiled and eager stages round differently in bfloat16).
     _, synchronous = run_greedy(folder, "auto", prompts, 9, "--async-scheduling", "off")
     assert overlapped == synchronous

@@ -47,6 +47,7 @@ def test_steps_after_warm_up_compile_nothing_on_the_cpu(tmp_path):
     # the fused MLP is quack's Hopper GEMM: auto leaves gate/up and SiLU x up apart.
     assert not started.built.loaded.model.layers[0].self_attn.ops.fused_rotary
     assert started.built.loaded.model.layers[0].mlp.ops.swiglu_linear is None
+    assert not started.built.loaded.model.layers[0].mlp.ops.gemv  # Triton's kernels: CUDA only
 
 
 def test_fused_rotary_on_a_cpu_is_refused_with_the_reason(tmp_path):
@@ -60,6 +61,13 @@ def test_fused_mlp_on_a_cpu_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"--fused-mlp on: the fused MLP is a CUDA kernel "
                                          r"\(quack's Hopper GEMM\) \(use --fused-mlp off\)"):
         build(["--model", str(folder), "--device", "cpu", "--fused-mlp", "on"])
+
+
+def test_gemv_on_a_cpu_is_refused_with_the_reason(tmp_path):
+    folder = write_tiny_model(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"--gemv on needs a CUDA device \(its kernels are "
+                                         r"Triton's\)"):
+        build(["--model", str(folder), "--device", "cpu", "--gemv", "on"])
 
 
 def build(argv: list[str]) -> runtime.Built:

@@ -1,0 +1,218 @@
+"""Products of 1-16 rows (small decode batches) as Triton matrix-vector kernels (`--gemv`,
+off by default: see "Measured" below).
+
+At batch 1 a decode step only streams its weights, and how close it gets to the copy rate is
+up to each product's kernel. cuBLAS on the H100 (Llama-3.1-8B shape, batch 1) reads the gate/up
+weights at ~3.0 TB/s, but QKV and down through split-K plus a reduction kernel and O at
+~2.2 TB/s; the gate/up product is followed by a separate SiLU x up, and each product by the
+next layer's residual add and RMSNorm. Here each program owns BLOCK_N output features over the
+whole of K, so nothing is reduced afterwards; the gate/up product applies SiLU(gate) x up to
+its float32 accumulators before it stores (a program owns the gate and the up rows of the same
+features); and `normed_product` adds the residual and applies the RMSNorm that precede QKV and
+gate/up while it reads its input (the norm is linear after the sum of squares, so the scale
+comes last), writing the new residual once.
+
+One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
+rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
+
+Measured on the H100 (benchmarks/gemv.py, each projection over every layer's weights in a CUDA
+graph; 8B shape, µs per call, ours against cuBLAS): at one row, tiles of 2 features x 2,048
+inputs: QKV 18.2 vs 20.4, O 12.7 vs 15.4, down 39.9 vs 43.1, gate/up with SiLU x up 75.8 vs
+81.4 without it; the 1B's likewise faster (O 4.8 vs 6.3). At 16 rows within ~5% of cuBLAS
+either way. A whole step was not yet measured with these tiles: with the first ones (8 x 512)
+the 8B's batch-1 step went 6.33 -> 6.26 ms and the 1B's 1.40 -> 1.46, and the 8B's steps at
+2-16 rows took 11.7-12.6 ms (not understood; nor measured without --gemv). Hence off by
+default until a step measures better (issue 24).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
+DOT_ROWS = 16  # tl.dot's smallest tile
+
+
+@triton.jit
+def _load(pointers, mask, MASKED: tl.constexpr):
+    """tl.load, masked to zero if MASKED (unmasked where the tiles divide the sizes: loads
+    along K stay vectorized)."""
+    if MASKED:
+        return tl.load(pointers, mask=mask, other=0.0)
+    return tl.load(pointers)
+
+
+@triton.jit
+def _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, offsets, mask, k, k_mask,
+                store_residual, MASKED: tl.constexpr, K_MASKED: tl.constexpr,
+                NORM: tl.constexpr):
+    """One tile of the product's input in float32, and its squares (NORM: the input is
+    x + residual, rounded as the residual stream is and stored once as the new residual,
+    times the norm's weight; the caller scales by the reciprocal RMS once the row is summed)."""
+    x = _load(x_ptr + offsets, mask, MASKED)
+    if NORM:
+        summed = x + _load(res_ptr + offsets, mask, MASKED)
+        if store_residual:
+            tl.store(res_out_ptr + offsets, summed, mask=mask)
+        summed = summed.to(tl.float32)
+        x = summed * _load(norm_ptr + k, k_mask, K_MASKED).to(tl.float32)
+        squares = summed * summed
+    else:
+        x = x.to(tl.float32)
+        squares = x  # unread without NORM (the compiler drops it)
+    return x, squares
+
+
+# The row count varies from step to step; one compiled kernel serves 2-16 of them.
+@triton.jit(do_not_specialize=["rows"])
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, rows, N, K,
+                 stride_x, stride_w, stride_out, GATED: tl.constexpr, NORM: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
+    SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). NORM: x is first
+    RMSNorm(x + residual) * norm weight, and program 0 writes x + residual to res_out (the
+    residual stream past this norm; res_ptr's rows stride as x's). EVEN: the tiles divide N
+    and K, so nothing along them is masked."""
+    pid = tl.program_id(0)
+    features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    feature_ok = features < N
+    gate_rows = w_ptr + features[:, None] * stride_w
+    up_rows = gate_rows + N * stride_w
+    store_residual = pid == 0
+    if ROWS == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + inner
+            k_ok = k < K
+            w_ok = feature_ok[:, None] & k_ok[None, :]
+            x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, k, k_ok, k, k_ok,
+                                store_residual, not EVEN, not EVEN, NORM)
+            squares += sq
+            acc += _load(gate_rows + k[None, :], w_ok, not EVEN).to(tl.float32) * x[None, :]
+            if GATED:
+                acc_up += _load(up_rows + k[None, :], w_ok, not EVEN).to(tl.float32) \
+                    * x[None, :]
+        y = tl.sum(acc, axis=1)[None, :]
+        up = tl.sum(acc_up, axis=1)[None, :]
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            y = y * scale
+            up = up * scale
+    else:
+        row = tl.arange(0, ROWS)
+        row_ok = row < rows
+        y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        up = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + inner
+            k_ok = (k < K)[None, :]
+            w_ok = feature_ok[:, None] & k_ok
+            x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr,
+                                row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok,
+                                k[None, :], k_ok, store_residual, True, not EVEN, NORM)
+            squares += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            y = tl.dot(x, tl.trans(_load(gate_rows + k[None, :], w_ok, not EVEN)), y)
+            if GATED:
+                up = tl.dot(x, tl.trans(_load(up_rows + k[None, :], w_ok, not EVEN)), up)
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            y = y * scale
+            up = up * scale
+    if GATED:
+        y = y / (1.0 + tl.exp(-y)) * up
+    out_row = tl.arange(0, ROWS)
+    tl.store(out_ptr + out_row[:, None] * stride_out + features[None, :],
+             y.to(out_ptr.dtype.element_ty),
+             mask=(out_row < rows)[:, None] & feature_ok[None, :])
+
+
+@functools.cache
+def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
+    fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
+    inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
+    best for the 8B's O, gate/up and down, not among the four best for its QKV)."""
+    if rows == 1:
+        return 2, min(2048, triton.next_power_of_2(inner)), 4 if gated else 8, 1
+    return 32, 256, 4, 4
+
+
+def takes(rows: int) -> bool:
+    return 1 <= rows <= MAX_ROWS
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,
+            block: tuple[int, int, int, int] | None = None, dot: bool | None = None
+            ) -> torch.Tensor:
+    """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
+    2-D x of 1..MAX_ROWS rows with a unit stride along K. `block` (BLOCK_N, BLOCK_K, warps,
+    stages) and `dot` (tl.dot's kernel for one row too) override `config` (benchmarks)."""
+    return _launch(x, weight, gated, block, dot)
+
+
+def normed_product(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                   eps: float, weight: torch.Tensor, gated: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """product(RMSNorm(x + residual) * norm_weight, weight, gated), and x + residual (the new
+    residual), in one kernel: an RMSNorm and the product that reads it (the residual add, the
+    norm and the QKV or gate/up product), for contiguous x and residual of 1..MAX_ROWS rows."""
+    new_residual = torch.empty_like(x)
+    return _launch(x, weight, gated, None, None, (residual, new_residual, norm_weight, eps)
+                   ), new_residual
+
+
+def _launch(x, weight, gated, block, dot, norm=None) -> torch.Tensor:
+    rows, inner = x.shape
+    features = weight.shape[0] // 2 if gated else weight.shape[0]
+    block_n, block_k, warps, stages = block or config(rows, inner, gated)
+    if dot is None:
+        dot = rows > 1
+    residual, new_residual, norm_weight, eps = norm or (x, x, x, 0.0)
+    out = x.new_empty(rows, features)
+    _gemv_kernel[(triton.cdiv(features, block_n),)](
+        x, weight, out, residual, new_residual, norm_weight, eps, rows, features, inner,
+        x.stride(0), weight.stride(0), out.stride(0), GATED=gated, NORM=norm is not None,
+        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=features % block_n == 0 and inner % block_k == 0, num_warps=warps,
+        num_stages=stages)
+    return out
+
+
+def small_rows(larger: callable = F.linear) -> callable:
+    """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`."""
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        if bias is not None or x.dim() != 2 or not takes(x.shape[0]) or x.stride(1) != 1:
+            return larger(x, weight, bias)
+        return product(x, weight, gated=False)
+
+    linear.larger = larger
+    return linear
+
+
+def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W_gate^T) x (x W_up^T) for weight = [W_gate; W_up], x of 1..MAX_ROWS rows."""
+    return product(x, weight, gated=True)
+
+
+def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None) -> None:
+    """Compile every kernel a step may launch (one row and the dot path; plain, gated and
+    normed) before graphs capture: Triton compiles on a first call, seconds mid-serving."""
+    for rows in (1, 2):
+        for weight, is_gated in [(w, False) for w in weights] + [(gated, True)] * (
+                gated is not None):
+            x = weight.new_zeros(rows, weight.shape[1])
+            product(x, weight, is_gated)
+            normed_product(x, x, weight.new_ones(weight.shape[1]), 1e-5, weight, is_gated)
