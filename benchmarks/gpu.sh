@@ -6,8 +6,10 @@
 # Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
-# kernels), serving_1b (the router's share with a small model), workers (one group behind
-# routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
+# kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
+# every configuration against cuBLAS), small_batch (batch 1 of both shapes and the 8B's decode
+# steps at batches 1-16 against their floor), serving_1b (the router's share with a small
+# model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
 #
@@ -209,6 +211,44 @@ PY
 
 step_clocks() {  # the 8B batch run: SM clock, power and throttle reasons while it runs
   clocks 8b-b128 offline 8b-b128-clocks $M8 $B128 --repeat 3
+}
+
+step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 8B and 1B shapes
+  local i
+  for i in $(seq 0 11); do  # Triton's compiles on 12 cores, then one process times
+    $PYTHON benchmarks/gemv.py --compile-only $i/12 --rows "${GEMV_ROWS:-1,2,4,8,16}" \
+      > "/tmp/gemv-compile-$i.log" 2>&1 &
+  done
+  wait
+  for m in llama-3.1-8b llama-3.2-1b; do
+    timeout 300 $PYTHON benchmarks/gemv.py --config benchmarks/configs/$m \
+      --rows "${GEMV_ROWS:-1,2,4,8,16}" 2>&1 | tee "$OUT/gemv-$m.txt"
+  done
+}
+
+step_small_batch() {  # batch 1 of both shapes with --gemv (the CUDA default) and without, and the
+  # 8B's decode steps at batches 1-16 against their floor
+  local gemv
+  for gemv in on off; do
+    offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv
+    offline 1b-b1-gemv-$gemv $M1 $B1 --repeat 3 --gemv $gemv
+  done
+  echo "== 8B decode steps; then a batch-1 step's kernels"
+  timeout 300 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --batch 1 \
+    --timeline > "$OUT/8b-curve-timeline-b1.txt" 2>&1
+  grep -E "^!!|Traceback|Error" "$OUT/8b-curve-timeline-b1.txt"
+  grep -A6 -- "-- decode steps" "$OUT/8b-curve-timeline-b1.txt"
+  grep -A40 -- "-- timeline" "$OUT/8b-curve-timeline-b1.txt"
+}
+
+step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: kernels and gaps
+  local m
+  for m in "8b:$M8" "1b:$M1"; do
+    timeout 300 $PYTHON benchmarks/profile_step.py ${m#*:} --phase decode --batch 1 \
+      --steps 30 --timeline > "$OUT/profile-${m%%:*}-decode-b1-timeline.txt" 2>&1
+    grep -E "^!!|Traceback|Error" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
+    grep -A40 -- "-- timeline" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
+  done
 }
 
 step_timeline() {  # a steady batch-128 8B decode step: kernels and idle gaps, the graph alone

@@ -6,6 +6,10 @@ the device kernels (torch.profiler), for a steady decode batch, prefill-only ste
         --phase decode --batch 1 --input-len 512
     python benchmarks/profile_step.py ... --phase prefill --input-len 4096
     python benchmarks/profile_step.py ... --phase mixed --batch 192 --chunk 1024
+    python benchmarks/profile_step.py ... --curve 1,2,4,8,16
+
+`--curve` times steady decode steps at each batch size instead, each against its floor: the
+weights (the embedding excepted) and the batch's KV cache read once at the measured copy rate.
 
 Flags this script does not know go to the shard unchanged (`sluice shard --help`).
 """
@@ -30,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shard import config as shard_config  # noqa: E402
 from shard.engine import Stream  # noqa: E402
+from shard.kv_cache import bytes_per_token  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 from shard.scheduler import Sequence  # noqa: E402
 from shard import server as shard_server  # noqa: E402
@@ -98,6 +103,9 @@ def main() -> None:
                         help="mixed: prompt tokens added to each step")
     parser.add_argument("--steps", type=int, default=30, help="steps per measurement")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
+    parser.add_argument("--curve", default=None, metavar="B1,B2,...",
+                        help="decode ms per step at each batch size against its floor; then "
+                             "only with --timeline the profiles of --batch")
     parser.add_argument("--timeline", action="store_true",
                         help="also: the device's busy time and idle gaps per step, from a trace "
                              "(kernels inside CUDA graphs included), and the decode graph "
@@ -106,6 +114,10 @@ def main() -> None:
     config = shard_config.parse(shard_argv, os.environ)
     started = shard_server.start(config, shard_argv)
     device = started.built.device
+    if args.curve:
+        curve(started, args)
+        if not args.timeline:
+            return
     work = Workload(started, args)
     work.start()
     for _ in range(3):
@@ -152,6 +164,42 @@ def main() -> None:
     print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     if args.timeline and device.type == "cuda":
         timeline(prof, started, args)
+
+
+def curve(started: Started, args) -> None:
+    """Steady decode steps at each batch size of --curve, each against the time its reads take
+    at the copy rate: every weight once (not the embedding, read by rows) and each sequence's
+    KV cache at its mean context over the steps timed."""
+    from offline import _full_parameters, measure_ceilings
+
+    built = started.built
+    cfg, device = built.loaded.config, built.device
+    copy = measure_ceilings(device, built.dtype).copy_bytes_per_s
+    weight_bytes = (_full_parameters(cfg) - cfg.vocab_size * cfg.hidden_size
+                    * (0 if cfg.tie_word_embeddings else 1)) * built.dtype.itemsize
+    kv_token = bytes_per_token(cfg, 1, built.dtype)
+    engine = started.engine
+    print(f"-- decode steps against their floor (weights {weight_bytes / 1e9:.2f} GB, copy "
+          f"{copy / 1e12:.2f} TB/s, context {args.input_len} tokens at the start)")
+    for batch in (int(b) for b in args.curve.split(",")):
+        work = Workload(started, argparse.Namespace(**{**vars(args), "batch": batch}))
+        work.start()
+        for _ in range(3):
+            work.step()
+        _sync(device)
+        context = args.input_len + 4 + args.steps / 2  # mean over the steps timed
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            work.step()
+        _sync(device)
+        step_ms = 1000 * (time.perf_counter() - start) / args.steps
+        floor_ms = 1000 * (weight_bytes + batch * kv_token * context) / copy
+        decodes = len(engine.last_step.decodes)
+        print(f"   batch {batch:3d}: {step_ms:7.3f} ms per step, floor {floor_ms:6.3f} ms: "
+              f"{step_ms / floor_ms:.3f}x" + ("" if decodes == batch else
+                                              f" (!! {decodes} decodes in the last step)"))
+        while engine.scheduler.running or engine.scheduler.waiting:
+            engine.run_iteration()
 
 
 def _short(name: str) -> str:

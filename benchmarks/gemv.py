@@ -1,0 +1,113 @@
+"""shard/gemv.py's matrix-vector kernels against cuBLAS: each projection of a model config at
+1-16 rows, every configuration of the kernel, each timed over every layer's own weights in a
+CUDA graph (so nothing stays in L2 between calls), with the bytes it reads per µs.
+
+    python benchmarks/gemv.py --config benchmarks/configs/llama-3.1-8b --rows 1,2,4,8,16
+
+Triton compiles each configuration once (seconds each); `--compile-only I/N` compiles the I-th
+of N shares of them and times nothing, so that N processes fill Triton's cache side by side
+before one process times (gpu.sh gemv does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decode_gemm import ORDER, chain_weights  # noqa: E402
+from elementwise import timed_us  # noqa: E402
+from offline import measure_ceilings  # noqa: E402
+from shard import gemv  # noqa: E402
+
+# (BLOCK_N, BLOCK_K, warps, stages, dot): the one-row kernel's tiles hold BLOCK_N x BLOCK_K
+# float32 partial sums, so their product stays within 8,192; tl.dot takes BLOCK_N >= 16.
+ONE_ROW = [(n, k, w, 1, False) for (n, k), w in itertools.product(
+    [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024),
+     (16, 256), (16, 512)], (4, 8))]
+DOT = [(n, k, 4, s, True) for n, k, s in itertools.product((16, 32, 64), (64, 128, 256),
+                                                           (3, 4))] + [(16, 512, 4, 3, True),
+                                                                       (32, 512, 4, 3, True)]
+
+
+def configs(rows: int) -> list[tuple]:
+    return (ONE_ROW + DOT) if rows == 1 else DOT
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
+    y = F.linear(x, weight)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="benchmarks/configs/llama-3.1-8b")
+    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--top", type=int, default=4, help="configurations shown per case")
+    parser.add_argument("--compile-only", default=None, metavar="I/N")
+    args = parser.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    if args.compile_only:
+        # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
+        # one small weight compiles what every projection of these shapes runs.
+        part, parts = (int(v) for v in args.compile_only.split("/"))
+        cases = sorted({(c, gated) for rows in rows_list for c in configs(rows)
+                        for gated in (False, True)})
+        w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
+        for c, gated in cases[part::parts]:
+            try:
+                gemv.product(torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype,
+                                         device=w.device), w, gated, c[:4], dot=c[4])
+            except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
+                print(f"{c} gated={gated}: {type(exc).__name__}")
+        torch.cuda.synchronize()
+        return
+    shapes, weights = chain_weights(args.config)
+    copy_bw = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_bytes_per_s / 1e9
+    print(f"{args.config}: copy bandwidth {copy_bw:.0f} GB/s; {len(weights)} layers")
+    for rows in rows_list:
+        for name in ORDER:
+            gated = name == "gate_up"
+            layer_weights = [layer[name] for layer in weights]
+            x = torch.randn(rows, shapes[name][0], dtype=torch.bfloat16, device="cuda")
+            nbytes = layer_weights[0].numel() * 2
+            floor_us = nbytes / copy_bw / 1e3
+
+            def timed(product) -> float:
+                def every_layer():
+                    for w in layer_weights:
+                        product(w)
+                return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
+
+            cublas = timed(lambda w: F.linear(x, w))
+            results, failed = [], 0
+            want = reference(x, layer_weights[0], gated).float()
+            for c in configs(rows):
+                try:
+                    got = gemv.product(x, layer_weights[0], gated, c[:4], dot=c[4]).float()
+                    err = (got - want).abs().max().item() / want.abs().max().item()
+                    assert err < 2e-2, f"error {err:.3g}"
+                    results.append((timed(lambda w: gemv.product(x, w, gated, c[:4],
+                                                                 dot=c[4])), c))
+                except Exception:
+                    failed += 1
+            results.sort()
+            best = "; ".join(f"{us:.2f} µs {nbytes / us / 1e3:.0f} GB/s {c}"
+                             for us, c in results[:args.top])
+            print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS{' (no SiLU)' if gated else ''} "
+                  f"{cublas:6.2f} µs {nbytes / cublas / 1e3:4.0f} GB/s | ours: {best}"
+                  + (f" | {failed} configurations failed" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
