@@ -24,8 +24,9 @@ mkdir -p "$OUT"
 # A folder named site-packages: quack (a FlashAttention-4 dependency) fingerprints the code its
 # GEMM epilogues call, and takes only code under site-packages for installed library code.
 SITE=/tmp/py/site-packages
-# The CUTLASS DSL's CUDA 13 libraries, unpacked by a call that carried .gpu-cu13 alone (with the
-# wheels they would pass one call's size limit), for the calls after it on the same machine.
+# The CUTLASS DSL's CUDA 13 libraries, unpacked once two calls have carried .gpu-cu13 and
+# .gpu-cu13-2 (with the wheels they would pass one call's size limit), for the calls after them
+# on the same machine.
 CU13=/tmp/cu13x
 # The targets' models (random weights of the shipped configs) and workloads.
 M1="--model benchmarks/configs/llama-3.2-1b --load-format dummy"
@@ -36,9 +37,15 @@ B256="--num-requests 256 --input-len 512 --output-len 128"
 MIXED="--num-requests 512 --mixed"
 
 setup() {
-  if [ -f .gpu-cu13/cu13.tar.xz ] && [ ! -d $CU13 ]; then
-    mkdir -p $CU13.part && tar -xJf .gpu-cu13/cu13.tar.xz -C $CU13.part && mv $CU13.part $CU13 \
-      || exit 1
+  # The libraries' archive comes in two parts, one per call (.gpu-cu13, .gpu-cu13-2: with the
+  # tree, one archive is over a call's carry limit); kept under /tmp until both are there.
+  local part
+  for part in .gpu-cu13/cu13.tar.xz.0 .gpu-cu13-2/cu13.tar.xz.1; do
+    if [ -f $part ]; then mkdir -p $CU13.parts && cp $part $CU13.parts/ || exit 1; fi
+  done
+  if [ ! -d $CU13 ] && [ -f $CU13.parts/cu13.tar.xz.0 ] && [ -f $CU13.parts/cu13.tar.xz.1 ]; then
+    mkdir -p $CU13.part && cat $CU13.parts/cu13.tar.xz.0 $CU13.parts/cu13.tar.xz.1 \
+      | tar -xJ -C $CU13.part && mv $CU13.part $CU13 || exit 1
   fi
   if compgen -G ".whl/*.whl" > /dev/null && [ ! -f $SITE/.installed ]; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \

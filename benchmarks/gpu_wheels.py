@@ -1,13 +1,14 @@
 """The wheels the lent GPU machine needs and cannot download (it has no internet).
 
-    python benchmarks/gpu_wheels.py download       # here: fills .whl/ and .gpu-cu13/ (git ignores both)
+    python benchmarks/gpu_wheels.py download       # here: fills .whl/, .gpu-cu13/ and .gpu-cu13-2/
     python3 benchmarks/gpu_wheels.py requirements  # there (gpu.sh): what pip must satisfy
 
 .whl/ holds FlashAttention-4 and the CUTLASS DSL (installed with --target, no dependencies) and
 .whl/deps/ our own requirements for CPython 3.12 on manylinux: gpu.sh installs from it only what
 the machine's image lacks. The DSL's CUDA 13 libraries (a 92 MB wheel) are over one call's
-carry limit, so they travel unpacked and xz-compressed in .gpu-cu13/cu13.tar.xz, in a call of
-their own (benchmarks/README.md).
+carry limit, so they travel unpacked and xz-compressed (65 MB), the archive cut in two parts
+(.gpu-cu13/ and .gpu-cu13-2/, each under the limit beside the tree), in two calls of their own
+that gpu.sh's setup joins (benchmarks/README.md). Git ignores all three folders.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (--no-deps: torch is the image's, and the cu13 libraries, over one call's size limit, travel
 # apart). The CUTLASS DSL's libraries follow the DSL's pinned version.
 FLASH_DEPS = ["apache-tvm-ffi", "torch-c-dlpack-ext"]
+# Where the CUDA 13 libraries' archive travels, one part per call (gpu.sh joins them in order).
+CU13_PARTS = (".gpu-cu13", ".gpu-cu13-2")
 # The generated gRPC stubs need these, above pyproject's floor for the client side.
 STUBS = ["protobuf>=5.27", "grpcio>=1.66.2"]
 # What the GPU image brings and must keep: never downloaded, never replaced.
@@ -79,9 +82,16 @@ def download() -> None:
         subprocess.run(pip + ["--no-deps", "-d", tmp, cu13], check=True)
         unpacked = os.path.join(tmp, "unpacked")
         zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]).extractall(unpacked)
-        os.makedirs(os.path.join(ROOT, ".gpu-cu13"), exist_ok=True)
-        with tarfile.open(os.path.join(ROOT, ".gpu-cu13", "cu13.tar.xz"), "w:xz") as tar:
+        archive = os.path.join(tmp, "cu13.tar.xz")
+        with tarfile.open(archive, "w:xz") as tar:
             tar.add(unpacked, arcname=".")
+        with open(archive, "rb") as f:
+            data = f.read()
+    half = (len(data) + 1) // 2
+    for index, folder in enumerate(CU13_PARTS):
+        os.makedirs(os.path.join(ROOT, folder), exist_ok=True)
+        with open(os.path.join(ROOT, folder, f"cu13.tar.xz.{index}"), "wb") as f:
+            f.write(data[index * half:(index + 1) * half])
 
 
 if __name__ == "__main__":
