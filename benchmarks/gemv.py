@@ -90,7 +90,7 @@ def main() -> None:
                 return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
 
             cublas = timed(lambda w: F.linear(x, w))
-            results, failed = [], 0
+            results, failed = [], []
             want = reference(x, layer_weights[0], gated).float()
             for c in configs(rows):
                 try:
@@ -99,14 +99,25 @@ def main() -> None:
                     assert err < 2e-2, f"error {err:.3g}"
                     results.append((timed(lambda w: gemv.product(x, w, gated, c[:4],
                                                                  dot=c[4])), c))
-                except Exception:
-                    failed += 1
+                except Exception as exc:  # e.g. tiles past shared memory
+                    failed.append(exc)
             results.sort()
             best = "; ".join(f"{us:.2f} µs {nbytes / us / 1e3:.0f} GB/s {c}"
                              for us, c in results[:args.top])
-            print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS{' (no SiLU)' if gated else ''} "
-                  f"{cublas:6.2f} µs {nbytes / cublas / 1e3:4.0f} GB/s | ours: {best}"
-                  + (f" | {failed} configurations failed" if failed else ""))
+            # The shard's own tiles (gemv.config), and where a norm precedes the product (QKV,
+            # gate/up) the same with the residual add and RMSNorm inside (normed_product).
+            chosen = f"{timed(lambda w: gemv.product(x, w, gated)):.2f} µs"
+            if name in ("qkv", "gate_up"):
+                residual = torch.randn_like(x)
+                norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+                normed = timed(lambda w: gemv.normed_product(x, residual, norm_weight, 1e-5, w,
+                                                             gated))
+                chosen += f", {normed:.2f} µs with the norm"
+            print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
+                  f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
+                  f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
+                  f"best: {best}" + (f" | {len(failed)} configurations failed, e.g. "
+                                     f"{repr(failed[0])[:200]}" if failed else ""))
 
 
 if __name__ == "__main__":
