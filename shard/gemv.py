@@ -28,6 +28,7 @@ default until a step measures better (issue 24).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,7 @@ def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
 
 
 def takes(rows: int) -> bool:
+    """Whether a step of `rows` rows runs its products here."""
     return 1 <= rows <= MAX_ROWS
 
 
@@ -189,7 +191,7 @@ def _launch(x, weight, gated, block, dot, norm=None) -> torch.Tensor:
     return out
 
 
-def small_rows(larger: callable = F.linear) -> callable:
+def small_rows(larger: Callable = F.linear) -> Callable:
     """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
