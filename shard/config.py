@@ -148,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemv", default="off", choices=["auto", "on", "off"],
                         help="run products of 1-16 rows (small decode batches) through Triton "
                              "matrix-vector kernels, the gate/up one with SiLU x up applied and "
-                             "the residual add and RMSNorm before QKV and gate/up inside, "
+                             "(one-row steps) the residual add and RMSNorm before QKV and "
+                             "gate/up inside, "
                              "instead of cuBLAS; on needs cuda; auto: on cuda only. Off by "
                              "default until a whole step measures faster (shard/gemv.py)")
     parser.add_argument("--last-layer-rows", default="sampled", choices=["sampled", "all"],

@@ -37,6 +37,11 @@ import triton.language as tl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
+# Steps whose norms run inside the product (normed_product): one row. The kernel computes 2-16
+# rows correctly (tests), but the one step measured with it there (the 8B's decode steps at
+# 2-16 rows, 11.7-12.6 ms against 6.3 at one row) was twice as slow as its products measured
+# alone, and the normed dot path is the one part of it never timed alone.
+NORMED_MAX_ROWS = 1
 
 
 @triton.jit
@@ -152,6 +157,11 @@ def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
 def takes(rows: int) -> bool:
     """Whether a step of `rows` rows runs its products here."""
     return 1 <= rows <= MAX_ROWS
+
+
+def takes_norm(rows: int) -> bool:
+    """Whether it also runs the norms before QKV and gate/up inside them (normed_product)."""
+    return 1 <= rows <= NORMED_MAX_ROWS
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,

@@ -121,7 +121,7 @@ class Ops:
         normed = {}
         if gemv:
             linear = small.small_rows(linear)
-            normed = dict(normed_linear=small.normed_product, normed_rows=small.takes)
+            normed = dict(normed_linear=small.normed_product, normed_rows=small.takes_norm)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
                    compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp,
                    decode_gemm=decode_gemm, gemv=gemv, swiglu_linear=swiglu_linear,
