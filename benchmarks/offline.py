@@ -138,7 +138,6 @@ def floor(started: Started, work: Workload, ceilings: Ceilings, max_batch_size: 
     of the work: the floor of N GPUs at this GPU's rates."""
     built = started.built
     cfg, ranks = built.loaded.config, built.group.world_size
-    dtype_bytes = built.dtype.itemsize
     params = _full_parameters(cfg)  # a tied head counts once
     head = cfg.vocab_size * cfg.hidden_size
     layer_params = params - head * (1 if cfg.tie_word_embeddings else 2)
@@ -147,10 +146,9 @@ def floor(started: Started, work: Workload, ceilings: Ceilings, max_batch_size: 
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
     prefill_flops = sum(2 * layer_params * i + attention * i * i / 2 + 2 * head
                         for i in work.input_lens)
-    # Decode: each step reads the layers and the head once (the embedding only by rows: left
-    # out) and the KV cache of every sequence; at least max(output) steps, and at most
-    # max_batch_size sequences per step.
-    weight_bytes = (layer_params + head) * dtype_bytes
+    # Decode: each step reads the weights once and the KV cache of every sequence; at least
+    # max(output) steps, and at most max_batch_size sequences per step.
+    weight_bytes = decode_weight_bytes(cfg, built.dtype)
     steps = max(max(work.output_lens), math.ceil(sum(work.output_lens) / max_batch_size))
     kv_token = bytes_per_token(cfg, 1, built.dtype)
     kv_bytes = sum(kv_token * (o * i + o * (o - 1) / 2)
@@ -162,6 +160,14 @@ def floor(started: Started, work: Workload, ceilings: Ceilings, max_batch_size: 
     per_token = weight_bytes + kv_token * mid
     return Floor(prefill_flops, decode_bytes, seconds,
                  ranks * ceilings.copy_bytes_per_s / per_token)
+
+
+def decode_weight_bytes(cfg, dtype: torch.dtype) -> int:
+    """The weight bytes a decode step reads: the layers and the head once (the embedding only
+    by rows: left out, unless it is the tied head)."""
+    params = _full_parameters(cfg)  # a tied head counts once
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    return (params - embedding) * dtype.itemsize
 
 
 def _full_parameters(cfg) -> int:

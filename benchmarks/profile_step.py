@@ -170,13 +170,12 @@ def curve(started: Started, args) -> None:
     """Steady decode steps at each batch size of --curve, each against the time its reads take
     at the copy rate: every weight once (not the embedding, read by rows) and each sequence's
     KV cache at its mean context over the steps timed."""
-    from offline import _full_parameters, measure_ceilings
+    from offline import decode_weight_bytes, measure_ceilings
 
     built = started.built
     cfg, device = built.loaded.config, built.device
     copy = measure_ceilings(device, built.dtype).copy_bytes_per_s
-    weight_bytes = (_full_parameters(cfg) - cfg.vocab_size * cfg.hidden_size
-                    * (0 if cfg.tie_word_embeddings else 1)) * built.dtype.itemsize
+    weight_bytes = decode_weight_bytes(cfg, built.dtype)
     kv_token = bytes_per_token(cfg, 1, built.dtype)
     engine = started.engine
     print(f"-- decode steps against their floor (weights {weight_bytes / 1e9:.2f} GB, copy "

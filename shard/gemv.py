@@ -220,11 +220,13 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None) -> None:
-    """Compile every kernel a step may launch (one row and the dot path; plain, gated and
-    normed) before graphs capture: Triton compiles on a first call, seconds mid-serving."""
+    """Compile every kernel a step may launch (one row and the dot path; plain, gated and, at
+    the row counts takes_norm serves, normed) before graphs capture: Triton compiles on a first
+    call, seconds mid-serving."""
     for rows in (1, 2):
         for weight, is_gated in [(w, False) for w in weights] + [(gated, True)] * (
                 gated is not None):
             x = weight.new_zeros(rows, weight.shape[1])
             product(x, weight, is_gated)
-            normed_product(x, x, weight.new_ones(weight.shape[1]), 1e-5, weight, is_gated)
+            if takes_norm(rows):
+                normed_product(x, x, weight.new_ones(weight.shape[1]), 1e-5, weight, is_gated)
