@@ -7,8 +7,8 @@
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
-# every configuration against cuBLAS), small_batch (batch 1 of both shapes and the 8B's decode
-# steps at batches 1-16 against their floor), serving_1b (the router's share with a small
+# every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv on and
+# off), curve (the 8B's decode steps at batches 1-16 against their floor), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
@@ -233,19 +233,30 @@ step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 
   done
 }
 
-step_small_batch() {  # batch 1 of both shapes with --gemv (the CUDA default) and without, and the
-  # 8B's decode steps at batches 1-16 against their floor
+step_small_batch() {  # batch 1 of both shapes with --gemv on and off
   local gemv
   for gemv in on off; do
     offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv
     offline 1b-b1-gemv-$gemv $M1 $B1 --repeat 3 --gemv $gemv
   done
-  echo "== 8B decode steps; then a batch-1 step's kernels"
-  timeout 300 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --batch 1 \
-    --timeline > "$OUT/8b-curve-timeline-b1.txt" 2>&1
-  grep -E "^!!|Traceback|Error" "$OUT/8b-curve-timeline-b1.txt"
-  grep -A6 -- "-- decode steps" "$OUT/8b-curve-timeline-b1.txt"
-  grep -A40 -- "-- timeline" "$OUT/8b-curve-timeline-b1.txt"
+}
+
+step_curve() {  # the 8B's decode steps at batches 1-16 against their floor, --gemv on and off;
+  # then a batch-2 step's kernels with it on
+  local gemv name
+  for gemv in on off; do
+    name=8b-curve-gemv-$gemv
+    echo "== 8B decode steps, --gemv $gemv"
+    timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \
+      --gemv $gemv > "$OUT/$name.txt" 2>&1
+    grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+    grep -A6 -- "-- decode steps" "$OUT/$name.txt"
+  done
+  name=profile-8b-decode-b2-timeline-gemv-on
+  timeout 200 $PYTHON benchmarks/profile_step.py $M8 --phase decode --batch 2 --steps 30 \
+    --timeline --gemv on > "$OUT/$name.txt" 2>&1
+  grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+  grep -B3 -A30 -- "-- timeline" "$OUT/$name.txt"
 }
 
 step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: kernels and gaps
