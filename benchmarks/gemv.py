@@ -31,8 +31,10 @@ from shard import gemv  # noqa: E402
 ONE_ROW = [(n, k, w, 1, False) for (n, k), w in itertools.product(
     [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024),
      (16, 256), (16, 512)], (4, 8))]
-DOT = [(n, k, 4, s, True) for n, k, s in itertools.product((16, 32, 64), (64, 128, 256),
-                                                           (3, 4))] + [(16, 512, 4, 3, True),
+# Stages: Triton pipelines none of these loops (no asynchronous copies in the code), so only
+# the tiles and warps matter.
+DOT = [(n, k, w, 4, True) for n, k, w in itertools.product((16, 32, 64), (64, 128, 256),
+                                                           (4, 8))] + [(16, 512, 4, 3, True),
                                                                        (32, 512, 4, 3, True)]
 
 
@@ -61,15 +63,18 @@ def main() -> None:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        cases = sorted({(c, gated) for rows in rows_list for c in configs(rows)
-                        for gated in (False, True)})
+        cases = sorted({(c, gated, normed) for rows in rows_list for c in configs(rows)
+                        for gated in (False, True) for normed in (False, True)})
         w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
-        for c, gated in cases[part::parts]:
+        for c, gated, normed in cases[part::parts]:
+            x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                gemv.product(torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype,
-                                         device=w.device), w, gated, c[:4], dot=c[4])
+                if normed:
+                    gemv.normed_product(x, x, x[0], 1e-5, w, gated, block=c[:4], dot=c[4])
+                else:
+                    gemv.product(x, w, gated, block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
-                print(f"{c} gated={gated}: {type(exc).__name__}")
+                print(f"{c} gated={gated} normed={normed}: {type(exc).__name__}")
         torch.cuda.synchronize()
         return
     shapes, weights = chain_weights(args.config)
@@ -90,34 +95,53 @@ def main() -> None:
                 return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
 
             cublas = timed(lambda w: F.linear(x, w))
-            results, failed = [], []
-            want = reference(x, layer_weights[0], gated).float()
-            for c in configs(rows):
-                try:
-                    got = gemv.product(x, layer_weights[0], gated, c[:4], dot=c[4]).float()
-                    err = (got - want).abs().max().item() / want.abs().max().item()
-                    assert err < 2e-2, f"error {err:.3g}"
-                    results.append((timed(lambda w: gemv.product(x, w, gated, c[:4],
-                                                                 dot=c[4])), c))
-                except Exception as exc:  # e.g. tiles past shared memory
-                    failed.append(exc)
-            results.sort()
-            best = "; ".join(f"{us:.2f} µs {nbytes / us / 1e3:.0f} GB/s {c}"
-                             for us, c in results[:args.top])
-            # The shard's own tiles (gemv.config), and where a norm precedes the product (QKV,
+            residual = torch.randn_like(x)
+            norm_weight = torch.rand(x.shape[1], dtype=x.dtype, device=x.device) + 0.5
+            normed_input = (F.rms_norm((x + residual).float(), (x.shape[1],), eps=1e-5)
+                            * norm_weight.float()).to(x.dtype)
+
+            def sweep(normed: bool) -> str:
+                """The --top fastest configurations ('µs GB/s config; ...'), and how many
+                failed with the first failure's exception."""
+                results, failed = [], []
+                want = reference(normed_input if normed else x, layer_weights[0], gated).float()
+                for c in configs(rows):
+                    def call(w, c=c):
+                        if normed:
+                            return gemv.normed_product(x, residual, norm_weight, 1e-5, w, gated,
+                                                       block=c[:4], dot=c[4])[0]
+                        return gemv.product(x, w, gated, block=c[:4], dot=c[4])
+                    try:
+                        got = call(layer_weights[0]).float()
+                        err = (got - want).abs().max().item() / want.abs().max().item()
+                        assert err < 2e-2, f"error {err:.3g}"
+                        results.append((timed(call), c))
+                    except Exception as exc:  # e.g. tiles past shared memory
+                        failed.append(exc)
+                results.sort()
+                best = "; ".join(f"{us:.2f} µs {nbytes / us / 1e3:.0f} GB/s {c}"
+                                 for us, c in results[:args.top])
+                if failed:
+                    best += f" | {len(failed)} failed, e.g. {repr(failed[0])[:200]}"
+                return best
+
+            # The shard's own tiles (gemv.config), with programmatic dependent launch (the
+            # shard's choice on Hopper) and without; where a norm precedes the product (QKV,
             # gate/up) the same with the residual add and RMSNorm inside (normed_product).
-            chosen = f"{timed(lambda w: gemv.product(x, w, gated)):.2f} µs"
-            if name in ("qkv", "gate_up"):
-                residual = torch.randn_like(x)
-                norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-                normed = timed(lambda w: gemv.normed_product(x, residual, norm_weight, 1e-5, w,
-                                                             gated))
-                chosen += f", {normed:.2f} µs with the norm"
+            chosen = (f"{timed(lambda w: gemv.product(x, w, gated)):.2f} µs, "
+                      f"{timed(lambda w: gemv.product(x, w, gated, use_pdl=False)):.2f} "
+                      f"without PDL")
+            normed = name in ("qkv", "gate_up")
+            if normed:
+                with_norm = timed(lambda w: gemv.normed_product(x, residual, norm_weight, 1e-5,
+                                                                w, gated))
+                chosen += f", {with_norm:.2f} µs with the norm"
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
-                  f"best: {best}" + (f" | {len(failed)} configurations failed, e.g. "
-                                     f"{repr(failed[0])[:200]}" if failed else ""))
+                  f"best: {sweep(False)}")
+            if normed:
+                print(f"rows {rows:2d} {name:7s} with the norm, best: {sweep(True)}")
 
 
 if __name__ == "__main__":

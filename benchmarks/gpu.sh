@@ -79,7 +79,7 @@ PY
 }
 
 step_tests() {  # every test that needs a GPU (CI's CPU leaves them uncollected)
-  $PYTHON -m pytest shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py -q \
+  $PYTHON -m pytest shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py shard/tests/test_gemv.py -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from shard import pdl
+
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
 # Steps whose norms run inside the product (normed_product): one row. The kernel computes 2-16
@@ -74,17 +76,80 @@ def _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, offsets, mask, k, k_mask,
     return x, squares
 
 
+@triton.jit
+def _prefetch_l2(row_ptrs, feature_ok, K, BLOCK_K: tl.constexpr):
+    """Ask L2 for the first BLOCK_K inputs of these weight rows ([BLOCK_N, 1] pointers): one
+    prefetch per 128-byte line of 16-bit weights, nothing held in registers."""
+    lines = tl.arange(0, BLOCK_K // 64) * 64
+    pointers = row_ptrs + lines[None, :]
+    wanted = (feature_ok[:, None] & (lines < K)[None, :]).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [pointers, wanted], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _weight_tile(gate_rows, up_rows, k, w_ok, GATED: tl.constexpr, MASKED: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of the weight's rows at inputs k (and of the up rows)."""
+    gate = _load(gate_rows + k[None, :], w_ok, MASKED)
+    if GATED:
+        up = _load(up_rows + k[None, :], w_ok, MASKED)
+    else:
+        up = gate  # unread (the compiler drops it)
+    return gate, up
+
+
+@triton.jit
+def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, res_ptr,
+              res_out_ptr, norm_ptr, k, k_ok, store_residual, GATED: tl.constexpr,
+              NORM: tl.constexpr, EVEN: tl.constexpr):
+    """One row, one tile along K: partial products summed later, squares of the input."""
+    x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, k, k_ok, k, k_ok,
+                        store_residual, not EVEN, not EVEN, NORM)
+    gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok[None, :], GATED,
+                            not EVEN)
+    acc += gate.to(tl.float32) * x[None, :]
+    if GATED:
+        acc_up += up.to(tl.float32) * x[None, :]
+    if NORM:
+        squares += sq
+    return acc, acc_up, squares
+
+
+@triton.jit
+def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, res_ptr, res_out_ptr,
+              norm_ptr, row, row_ok, stride_x, k, K, store_residual, GATED: tl.constexpr,
+              NORM: tl.constexpr, EVEN: tl.constexpr):
+    """ROWS rows, one tile along K, through tl.dot; squares summed per row (a [ROWS, BLOCK_K]
+    float32 accumulator spilled registers: the normed products at 2-16 rows took 4.5x the
+    plain ones on the H100)."""
+    k_ok = (k < K)[None, :]
+    x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr,
+                        row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok,
+                        k[None, :], k_ok, store_residual, True, not EVEN, NORM)
+    gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
+    x = x.to(gate.dtype)
+    y = tl.dot(x, tl.trans(gate), y)
+    if GATED:
+        up_y = tl.dot(x, tl.trans(up), up_y)
+    if NORM:
+        squares += tl.sum(sq, axis=1)
+    return y, up_y, squares
+
+
 # The row count varies from step to step; one compiled kernel serves 2-16 of them.
 @triton.jit(do_not_specialize=["rows"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, rows, N, K,
                  stride_x, stride_w, stride_out, GATED: tl.constexpr, NORM: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr):
+                 EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
     SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). NORM: x is first
     RMSNorm(x + residual) * norm weight, and program 0 writes x + residual to res_out (the
     residual stream past this norm; res_ptr's rows stride as x's). EVEN: the tiles divide N
-    and K, so nothing along them is masked."""
+    and K, so nothing along them is masked. PDL (shard/pdl.py): launched early, the program asks
+    for its first tile of weights before it waits for the previous kernel."""
+    pdl.launch_next(PDL)
     pid = tl.program_id(0)
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
@@ -92,6 +157,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
     gate_rows = w_ptr + features[:, None] * stride_w
     up_rows = gate_rows + N * stride_w
     store_residual = pid == 0
+    if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
+        _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
+        if GATED:
+            _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
+    pdl.wait(PDL)
     if ROWS == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -99,44 +169,32 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
         for start in range(0, K, BLOCK_K):
             k = start + inner
             k_ok = k < K
-            w_ok = feature_ok[:, None] & k_ok[None, :]
-            x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, k, k_ok, k, k_ok,
-                                store_residual, not EVEN, not EVEN, NORM)
-            squares += sq
-            acc += _load(gate_rows + k[None, :], w_ok, not EVEN).to(tl.float32) * x[None, :]
-            if GATED:
-                acc_up += _load(up_rows + k[None, :], w_ok, not EVEN).to(tl.float32) \
-                    * x[None, :]
+            acc, acc_up, squares = _row_step(acc, acc_up, squares, gate_rows, up_rows,
+                                             feature_ok, x_ptr, res_ptr, res_out_ptr, norm_ptr,
+                                             k, k_ok, store_residual, GATED, NORM, EVEN)
         y = tl.sum(acc, axis=1)[None, :]
-        up = tl.sum(acc_up, axis=1)[None, :]
+        up_y = tl.sum(acc_up, axis=1)[None, :]
         if NORM:
             scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
             y = y * scale
-            up = up * scale
+            up_y = up_y * scale
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        up = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        squares = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + inner
-            k_ok = (k < K)[None, :]
-            w_ok = feature_ok[:, None] & k_ok
-            x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr,
-                                row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok,
-                                k[None, :], k_ok, store_residual, True, not EVEN, NORM)
-            squares += sq
-            x = x.to(w_ptr.dtype.element_ty)
-            y = tl.dot(x, tl.trans(_load(gate_rows + k[None, :], w_ok, not EVEN)), y)
-            if GATED:
-                up = tl.dot(x, tl.trans(_load(up_rows + k[None, :], w_ok, not EVEN)), up)
+            y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr,
+                                         res_ptr, res_out_ptr, norm_ptr, row, row_ok, stride_x,
+                                         k, K, store_residual, GATED, NORM, EVEN)
         if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            scale = tl.rsqrt(squares / K + eps)[:, None]
             y = y * scale
-            up = up * scale
+            up_y = up_y * scale
     if GATED:
-        y = y / (1.0 + tl.exp(-y)) * up
+        y = y / (1.0 + tl.exp(-y)) * up_y
     out_row = tl.arange(0, ROWS)
     tl.store(out_ptr + out_row[:, None] * stride_out + features[None, :],
              y.to(out_ptr.dtype.element_ty),
@@ -144,7 +202,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
 
 
 @functools.cache
-def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
+def config(rows: int, inner: int, gated: bool, normed: bool = False
+           ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
     fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
@@ -164,40 +223,41 @@ def takes_norm(rows: int) -> bool:
     return 1 <= rows <= NORMED_MAX_ROWS
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,
-            block: tuple[int, int, int, int] | None = None, dot: bool | None = None
-            ) -> torch.Tensor:
+def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, **tuning) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
-    2-D x of 1..MAX_ROWS rows with a unit stride along K. `block` (BLOCK_N, BLOCK_K, warps,
-    stages) and `dot` (tl.dot's kernel for one row too) override `config` (benchmarks)."""
-    return _launch(x, weight, gated, block, dot)
+    2-D x of 1..MAX_ROWS rows with a unit stride along K. `tuning` (benchmarks): `block`
+    (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel for one
+    row too), `use_pdl` in place of pdl.enabled."""
+    return _launch(x, weight, gated, None, **tuning)
 
 
 def normed_product(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                   eps: float, weight: torch.Tensor, gated: bool
+                   eps: float, weight: torch.Tensor, gated: bool, **tuning
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """product(RMSNorm(x + residual) * norm_weight, weight, gated), and x + residual (the new
     residual), in one kernel: an RMSNorm and the product that reads it (the residual add, the
     norm and the QKV or gate/up product), for contiguous x and residual of 1..MAX_ROWS rows."""
     new_residual = torch.empty_like(x)
-    return _launch(x, weight, gated, None, None, (residual, new_residual, norm_weight, eps)
+    return _launch(x, weight, gated, (residual, new_residual, norm_weight, eps), **tuning
                    ), new_residual
 
 
-def _launch(x, weight, gated, block, dot, norm=None) -> torch.Tensor:
+def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch.Tensor:
     rows, inner = x.shape
     features = weight.shape[0] // 2 if gated else weight.shape[0]
-    block_n, block_k, warps, stages = block or config(rows, inner, gated)
+    block_n, block_k, warps, stages = block or config(rows, inner, gated, norm is not None)
     if dot is None:
         dot = rows > 1
+    if use_pdl is None:
+        use_pdl = pdl.enabled(x.device)
     residual, new_residual, norm_weight, eps = norm or (x, x, x, 0.0)
     out = x.new_empty(rows, features)
     _gemv_kernel[(triton.cdiv(features, block_n),)](
         x, weight, out, residual, new_residual, norm_weight, eps, rows, features, inner,
         x.stride(0), weight.stride(0), out.stride(0), GATED=gated, NORM=norm is not None,
         ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=features % block_n == 0 and inner % block_k == 0, num_warps=warps,
-        num_stages=stages)
+        EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out
 
 

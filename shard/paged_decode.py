@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shard import pdl
+
 
 # The block table's row stride changes from step to step (the longest context's blocks) and
 # would make Triton compile a variant per divisibility; the other strides stay specialized,
@@ -29,7 +31,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_out_p
                    stride_ob, stride_oh, stride_tb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_next(PDL)
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -88,7 +92,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_out_p
 
 @triton.jit
 def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads,
-                  HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl.launch_next(PDL)
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -144,15 +151,17 @@ class PagedDecode:
         # 4 warps, the 1B's d=64 at 3.85 with 2 against 3.45 with 4 (decode_attention.py
         # --triton at batches 120 and 224).
         warps = self.num_warps or (2 if dim <= 64 else 4)
+        use_pdl = pdl.enabled(q.device)
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), block_table.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits,
-            num_warps=warps, num_stages=self.num_stages)
+            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits, PDL=use_pdl,
+            num_warps=warps, num_stages=self.num_stages, launch_pdl=use_pdl)
         if splits > 1:
             _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0),
                                               out.stride(1), num_heads, HEAD_DIM=dim,
-                                              DIM_PAD=dim_pad, NUM_SPLITS=splits)
+                                              DIM_PAD=dim_pad, NUM_SPLITS=splits, PDL=use_pdl,
+                                              launch_pdl=use_pdl)
         return out

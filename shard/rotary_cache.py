@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shard import pdl
+
 
 @triton.jit
 def _rotate_into(src_ptr, dst_ptr, c, s, heads,
@@ -38,7 +40,9 @@ def _rotate_into(src_ptr, dst_ptr, c, s, heads,
 def _rotary_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                          stride_qkv, stride_slot, num_heads, num_kv_heads,
                          Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF: tl.constexpr,
-                         HALF_PAD: tl.constexpr):
+                         HALF_PAD: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_next(PDL)
+    pdl.wait(PDL)
     token = tl.program_id(0)
     dim = 2 * HALF
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -74,9 +78,11 @@ def rotary_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     half = head_dim // 2
+    use_pdl = pdl.enabled(qkv.device)
     _rotary_cache_kernel[(tokens,)](
         qkv, positions, cos, sin, slot_mapping, q, k_slots, v_slots,
         qkv.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4)
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), PDL=use_pdl, num_warps=4,
+        launch_pdl=use_pdl)
     return q

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from shard.models.ops import compile_stage
 
@@ -45,10 +46,23 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None
 
 
+# Inputs per partial argmax in `greedy`: Inductor reduces a row's argmax in one program, which
+# at one row over a 128k vocabulary took 22-30 µs of an H100's decode step (a split logsumexp
+# beside it: 2 µs a kernel).
+GREEDY_CHUNK = 1024
+
+
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The argmax of each row and its log-softmax, without the [S, vocab] float32 log-softmax:
-    log p = logit - logsumexp(logits). Compiled, two passes over the logits as they are."""
-    tokens = logits.argmax(-1)
+    log p = logit - logsumexp(logits). Compiled, a few passes over the logits as they are.
+    The argmax in two steps, each chunk of GREEDY_CHUNK inputs then the best chunk (the
+    first of equal maxima either way, as argmax)."""
+    rows, vocab = logits.shape
+    chunks = -(-vocab // GREEDY_CHUNK)
+    padded = F.pad(logits, (0, chunks * GREEDY_CHUNK - vocab), value=float("-inf"))
+    best, where = padded.view(rows, chunks, GREEDY_CHUNK).max(-1)
+    chunk = best.argmax(-1, keepdim=True)
+    tokens = chunk.squeeze(1) * GREEDY_CHUNK + where.gather(1, chunk).squeeze(1)
     upcast = logits.float()
     return tokens, upcast.gather(1, tokens[:, None]).squeeze(1) - upcast.logsumexp(-1)
 

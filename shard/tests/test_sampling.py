@@ -12,7 +12,7 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
                           TypicalLogitsWarper)
 
-from shard.sampling import Sampler, SamplingParams, _filter
+from shard.sampling import GREEDY_CHUNK, Sampler, SamplingParams, _filter, greedy
 
 CPU = torch.device("cpu")
 VOCAB = 320
@@ -38,6 +38,24 @@ def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
     expected = logits.log_softmax(-1).gather(1, out.tokens[:, None]).squeeze(1)
     torch.testing.assert_close(out.logprobs, expected, rtol=0, atol=1e-6)
     assert out.top_ids is None and out.top_logprobs is None
+
+
+def test_greedy_argmax_in_chunks_is_the_first_maximum_of_the_row():
+    """The greedy stage's two-step argmax over a vocabulary of several chunks, the last one
+    partial: equal maxima in different chunks, at a chunk's edges, in the padding's chunk."""
+    vocab = 2 * GREEDY_CHUNK + 77
+    logits = random_logits(5, seed=4, vocab=vocab).to(torch.bfloat16)
+    peak = logits.max() + 1
+    for row, where in enumerate([(7, GREEDY_CHUNK + 3), (GREEDY_CHUNK - 1, GREEDY_CHUNK),
+                                 (2 * GREEDY_CHUNK + 76,), (2 * GREEDY_CHUNK, 2 * GREEDY_CHUNK + 1),
+                                 (GREEDY_CHUNK + 1, 2 * GREEDY_CHUNK + 5)]):
+        logits[row, list(where)] = peak
+    tokens, chosen = greedy(logits)
+    assert tokens.tolist() == [7, GREEDY_CHUNK - 1, 2 * GREEDY_CHUNK + 76, 2 * GREEDY_CHUNK,
+                               GREEDY_CHUNK + 1]
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(chosen, logits.float().log_softmax(-1).gather(
+        1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-6)
 
 
 def test_greedy_rows_stay_argmax_in_a_batch_with_sampled_rows():

@@ -1,0 +1,48 @@
+"""Programmatic dependent launch (Hopper and later) for the decode step's Triton kernels.
+
+A decode step of a few rows is a chain of short kernels (2-80 µs, seven per layer), and
+between two of them the GPU drains one grid before it launches the next. Launched with PDL, a
+kernel's programs may start while the previous kernel's last programs still run. Each of our
+kernels therefore lets its successor launch as it starts (`launch_next`), and waits for its
+predecessor to finish and flush its writes (`wait`) before it reads anything a kernel of the
+step writes, or writes anything: before the wait it may only read what no kernel writes (the
+weights: gemv.py loads its first tile of them there). The ordering stays transitive: every
+kernel waits before it ends, so once a kernel's wait returns, all earlier kernels have ended.
+Kernels launched without PDL (cuBLAS, torch's own) keep the stream's full ordering.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: CUDA devices of compute capability 9.0 and
+    later (not Triton's CPU interpreter, which has no grid dependencies)."""
+    return device.type == "cuda" and _capable(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+
+
+@triton.jit
+def launch_next(PDL: tl.constexpr):
+    """Let the next kernel launch (it waits for this one before it reads what this one
+    writes)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has ended and its writes are visible."""
+    if PDL:
+        gdc_wait()
