@@ -234,7 +234,10 @@ def timeline(prof, started: Started, args) -> None:
     print(f"-- timeline over {n} steps: {span / n / 1000:.3f} ms per step from the first kernel "
           f"to the last; kernels {busy / n / 1000:.3f} ms, idle {sum(gaps) / n / 1000:.3f} ms "
           f"in {len(gaps) / n:.0f} gaps per step; gaps over 50 us: "
-          f"{sum(g for g in gaps if g > 50) / n / 1000:.3f} ms per step")
+          f"{sum(g for g in gaps if g > 50) / n / 1000:.3f} ms per step; some kernel running "
+          f"{(span - sum(gaps)) / n / 1000:.3f} ms per step")
+    # Under programmatic dependent launch (shard/pdl.py) a kernel starts before its predecessor
+    # ends and waits: the durations below then include that wait, and overlap.
     print("   kernel time per step (us), calls per step, us per call:")
     for name, t in by_kernel.most_common(args.top):
         print(f"   {t / n:9.1f}  {calls[name] / n:6.1f}  {t / calls[name]:7.2f}  {name}")
