@@ -4,7 +4,7 @@ products of a model take them.
 On the CPU the kernels run under Triton's interpreter in float32 (conftest.py; NumPy has no
 bfloat16), on small shapes that still take both of each kernel's paths (sizes that divide
 the tiles, and sizes that do not); on the GPU in bfloat16, on the 8B and 1B shapes too
-(test_gemv_cuda.py adds the whole decode graph).
+(test_pdl_cuda.py chains them in a CUDA graph; test_engine_cuda.py runs the whole model).
 """
 
 from __future__ import annotations
