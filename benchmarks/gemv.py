@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decode_gemm import ORDER, chain_weights  # noqa: E402
 from elementwise import timed_us  # noqa: E402
 from offline import measure_ceilings  # noqa: E402
-from shard import gemv  # noqa: E402
+from shard import gemv, pdl  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, warps, stages, dot): the one-row kernel's tiles hold BLOCK_N x BLOCK_K
 # float32 partial sums, so their product stays within 8,192; tl.dot takes BLOCK_N >= 16.
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--compile-only", default=None, metavar="I/N")
     args = parser.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
+    pdl.configure(True)  # the shard's kernels with --pdl on (Hopper; a no-op before it)
     if args.compile_only:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.

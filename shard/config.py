@@ -43,6 +43,7 @@ class ShardConfig:
     fused_mlp: str
     decode_gemm: str
     gemv: str
+    pdl: str
     last_layer_rows: str
     async_scheduling: str
     metrics_port: int | None  # None: no metrics server; 0: any free port
@@ -152,6 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gate/up inside, "
                              "instead of cuBLAS; on needs cuda; auto: on cuda only. Off by "
                              "default until a whole step measures faster (shard/gemv.py)")
+    parser.add_argument("--pdl", default="off", choices=["auto", "on", "off"],
+                        help="launch the decode step's Triton kernels (small-batch products, "
+                             "rotary with the cache write, decode attention) with programmatic "
+                             "dependent launch, each starting while the one before ends "
+                             "(shard/pdl.py); on needs cuda with compute capability 9.0+; "
+                             "auto: on where that holds. Off by default until measured")
     parser.add_argument("--last-layer-rows", default="sampled", choices=["sampled", "all"],
                         help="which of a step's rows go through the last layer's output "
                              "projection and MLP: sampled, only those whose logits the step "

@@ -21,16 +21,26 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
+_on = False  # --pdl (runtime.build); process-wide
+
+
+def configure(on: bool) -> None:
+    """Switch PDL on or off for every launch after this (--pdl)."""
+    global _on
+    _on = on
+
+
 @functools.cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: CUDA devices of compute capability 9.0 and
-    later (not Triton's CPU interpreter, which has no grid dependencies)."""
-    return device.type == "cuda" and _capable(device.index if device.index is not None
-                                              else torch.cuda.current_device())
+    """Whether kernels on `device` launch with PDL: when switched on, on CUDA devices of
+    compute capability 9.0 and later (never under Triton's CPU interpreter, which has no grid
+    dependencies)."""
+    return _on and device.type == "cuda" and _capable(
+        device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit

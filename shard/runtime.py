@@ -92,6 +92,7 @@ def build(config: ShardConfig, group: Group, device: torch.device) -> Built:
     gemv = wanted(config.gemv, device)
     if gemv and device.type != "cuda":
         raise ValueError("--gemv on needs a CUDA device (its kernels are Triton's)")
+    _configure_pdl(config.pdl, device)
     fused_mlp = _quack_wanted("--fused-mlp", config.fused_mlp, device, dtype,
                               "SiLU x up stays a separate pass")
     decode_gemm = _quack_wanted("--decode-gemm", config.decode_gemm, device, dtype,
@@ -317,6 +318,18 @@ def wanted(setting: str, device: torch.device) -> bool:
     """An auto|on|off flag whose auto means on for CUDA (--compile, --fused-rotary,
     --async-scheduling)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _configure_pdl(setting: str, device: torch.device) -> None:
+    """--pdl: auto means on CUDA devices of compute capability 9.0+; on insists. A process-wide
+    switch (shard/pdl.py): the kernels it governs are called deep inside the model."""
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    if setting == "on" and not capable:
+        raise ValueError("--pdl on needs a CUDA device of compute capability 9.0 or later")
+    if device.type == "cuda":
+        from shard import pdl  # imports Triton: CUDA only
+        pdl.configure(setting != "off" and capable)
+        log.info("programmatic dependent launch: %s", "on" if pdl.enabled(device) else "off")
 
 
 def _quack_wanted(flag: str, setting: str, device: torch.device, dtype: torch.dtype,

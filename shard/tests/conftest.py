@@ -30,6 +30,17 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def pdl_off_after_each_test():
+    """--pdl is a process-wide switch that runtime.build sets: a shard one test starts must
+    not choose how the next test's kernels launch."""
+    yield
+    if torch.cuda.is_available():
+        from shard import pdl
+
+        pdl.configure(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """Random Llama with GQA (4 query heads, 2 key/value heads), untied embeddings."""

@@ -115,16 +115,19 @@ def test_steps_after_warm_up_compile_nothing(folder, graphs, attention):
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
-@pytest.mark.parametrize("gemv", ["off", "on"])
+@pytest.mark.parametrize("gemv", ["off", "on"], ids=["cublas", "gemv-pdl"])
 def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, gemv):
     """Under flash, and under torch with its decode rows through the Triton kernel; with
-    --gemv, the captured step's products and norms are shard/gemv.py's kernels."""
+    --gemv and --pdl, the captured step's products and norms are shard/gemv.py's kernels and
+    our kernels launch early (shard/pdl.py)."""
+    from shard import pdl
+
     if attention == "flash" and flash_unavailable(CUDA):
         pytest.fail(f"flash backend expected on this GPU: {flash_unavailable(CUDA)}")
     started, _ = run_greedy(folder, "1,2,4,8", [torch.arange(3, 20)], 2,
-                            "--attention", attention, "--gemv", gemv)
+                            "--attention", attention, "--gemv", gemv, "--pdl", gemv)
     engine, runner = started.engine, started.warm.runner
-    assert runner.model.layers[0].mlp.ops.gemv == (gemv == "on")
+    assert runner.model.layers[0].mlp.ops.gemv == (gemv == "on") == pdl.enabled(CUDA)
     expected = FlashAttention if attention == "flash" else TorchVarlenAttention
     assert isinstance(runner.attention, expected) and runner.graphs.decode is not None
     # The same decode step, replayed from a graph and run eagerly, gives the same logits.

@@ -14,9 +14,16 @@ from shard.rotary_cache import rotary_into_cache
 CUDA = torch.device("cuda")
 
 
-def test_pdl_is_on_for_hopper_and_later_only():
+@pytest.fixture(autouse=True)
+def pdl_on():
+    pdl.configure(True)  # conftest.py switches it off after each test
+
+
+def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
     assert pdl.enabled(CUDA) == (torch.cuda.get_device_capability() >= (9, 0))
     assert not pdl.enabled(torch.device("cpu"))
+    pdl.configure(False)
+    assert not pdl.enabled(CUDA)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

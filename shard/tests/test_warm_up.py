@@ -70,5 +70,13 @@ def test_gemv_on_a_cpu_is_refused_with_the_reason(tmp_path):
         build(["--model", str(folder), "--device", "cpu", "--gemv", "on"])
 
 
+def test_pdl_on_a_cpu_is_refused_with_the_reason(tmp_path):
+    folder = write_tiny_model(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"--pdl on needs a CUDA device of compute capability "
+                                         r"9.0 or later"):
+        build(["--model", str(folder), "--device", "cpu", "--pdl", "on"])
+    build(["--model", str(folder), "--device", "cpu", "--pdl", "auto"])  # auto: off here
+
+
 def build(argv: list[str]) -> runtime.Built:
     return runtime.build(parse(argv, {}), ranks.alone(), torch.device("cpu"))
