@@ -236,8 +236,8 @@ step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 
 step_small_batch() {  # batch 1 of both shapes with --gemv on and off
   local gemv
   for gemv in on off; do
-    offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv
-    offline 1b-b1-gemv-$gemv $M1 $B1 --repeat 3 --gemv $gemv
+    offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv --pdl $gemv
+    offline 1b-b1-gemv-$gemv $M1 $B1 --repeat 3 --gemv $gemv --pdl $gemv
   done
 }
 
@@ -248,13 +248,13 @@ step_curve() {  # the 8B's decode steps at batches 1-16 against their floor, --g
     name=8b-curve-gemv-$gemv
     echo "== 8B decode steps, --gemv $gemv"
     timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \
-      --gemv $gemv > "$OUT/$name.txt" 2>&1
+      --gemv $gemv --pdl $gemv > "$OUT/$name.txt" 2>&1
     grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
     grep -A6 -- "-- decode steps" "$OUT/$name.txt"
   done
   name=profile-8b-decode-b2-timeline-gemv-on
   timeout 200 $PYTHON benchmarks/profile_step.py $M8 --phase decode --batch 2 --steps 30 \
-    --timeline --gemv on > "$OUT/$name.txt" 2>&1
+    --timeline --gemv on --pdl on > "$OUT/$name.txt" 2>&1
   grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
   grep -B3 -A30 -- "-- timeline" "$OUT/$name.txt"
 }
