@@ -148,11 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that holds")
     parser.add_argument("--gemv", default="off", choices=["auto", "on", "off"],
                         help="run products of 1-16 rows (small decode batches) through Triton "
-                             "matrix-vector kernels, the gate/up one with SiLU x up applied and "
-                             "(one-row steps) the residual add and RMSNorm before QKV and "
-                             "gate/up inside, "
+                             "matrix-vector kernels, the gate/up one with SiLU x up applied, "
                              "instead of cuBLAS; on needs cuda; auto: on cuda only. Off by "
-                             "default until a whole step measures faster (shard/gemv.py)")
+                             "default until this tree's kernels measure faster in a whole step "
+                             "(shard/gemv.py)")
     parser.add_argument("--pdl", default="off", choices=["auto", "on", "off"],
                         help="launch the decode step's Triton kernels (small-batch products, "
                              "rotary with the cache write, decode attention) with programmatic "

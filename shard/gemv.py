@@ -15,14 +15,12 @@ comes last), writing the new residual once.
 One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
 
-Measured on the H100 (benchmarks/gemv.py, each projection over every layer's weights in a CUDA
-graph; 8B shape, µs per call, ours against cuBLAS): at one row, tiles of 2 features x 2,048
-inputs: QKV 18.2 vs 20.4, O 12.7 vs 15.4, down 39.9 vs 43.1, gate/up with SiLU x up 75.8 vs
-81.4 without it; the 1B's likewise faster (O 4.8 vs 6.3). At 16 rows within ~5% of cuBLAS
-either way. A whole step was not yet measured with these tiles: with the first ones (8 x 512)
-the 8B's batch-1 step went 6.33 -> 6.26 ms and the 1B's 1.40 -> 1.46, and the 8B's steps at
-2-16 rows took 11.7-12.6 ms (not understood; nor measured without --gemv). Hence off by
-default until a step measures better (issue 24).
+Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
+inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
+75.8 vs 85.7 without, down 40.1 vs 43.2); at 2-16 rows within ~5% of it either way. Whole
+steps with the norms inside at one row (since taken out: NORMED_MAX_ROWS): the 8B at batch 1
+6.34 -> 5.92 ms, the 1B 1.41 -> 1.31, the 8B at 2-16 rows 2-5% faster. Off by default until a
+step with this tree's kernels measures so too (issue 24).
 """
 
 from __future__ import annotations
@@ -39,11 +37,13 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
-# Steps whose norms run inside the product (normed_product): one row. The kernel computes 2-16
-# rows correctly (tests), but the one step measured with it there (the 8B's decode steps at
-# 2-16 rows, 11.7-12.6 ms against 6.3 at one row) was twice as slow as its products measured
-# alone, and the normed dot path is the one part of it never timed alone.
-NORMED_MAX_ROWS = 1
+# Steps whose norms run inside the product (normed_product): none, as measured on the H100
+# (benchmarks/gemv.py, 8B shape). At one row the norm inside added 2.5 µs to QKV and 8.6 µs to
+# gate/up (each program reads x, the residual and the norm's weight for its two features),
+# more than the separate norm kernels cost (2.8 µs each and ~0.3 µs of gap); at 2-16 rows the
+# normed dot path spilled registers and took 4.5x the plain one (summed per row since, not yet
+# timed). The kernel stays tested at every row count for when a tile makes it pay.
+NORMED_MAX_ROWS = 0
 
 
 @triton.jit

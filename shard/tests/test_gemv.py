@@ -166,11 +166,13 @@ def test_with_the_fused_mlp_too_each_step_takes_the_product_for_its_rows(monkeyp
                      ("quack", fused_mlp.MIN_TOKENS)]
 
 
-def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
+def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(monkeypatch):
     """Prefill chunks and decodes of 1-16 rows go through the kernels (every product but the
-    LM head; in one-row steps each norm but the first layer's and the final one inside the
-    product that reads it); the logits are the plain model's to float32 rounding, and a 17-row
-    step is the plain model's bit for bit."""
+    LM head; with norms inside at one row, each norm but the first layer's and the final one
+    inside the product that reads it); the logits are the plain model's to float32 rounding,
+    and a 17-row step is the plain model's bit for bit."""
+    assert not gemv.takes_norm(1)  # as measured: the norms stay separate (gemv.py)
+    monkeypatch.setattr(gemv, "NORMED_MAX_ROWS", 1)
     config = tiny_config(num_layers=2, max_position_embeddings=512)
     torch.manual_seed(0)
     plain = LlamaForCausalLM(config, TensorParallel(), TorchAttention(), Ops.build(compiled=False))
