@@ -18,7 +18,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # Triton 3.4 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # never taken in a kernel: enabled() stays False
+    gdc_launch_dependents = gdc_wait = None
 
 
 _on = False  # --pdl (runtime.build); process-wide
@@ -39,7 +43,7 @@ def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: when switched on, on CUDA devices of
     compute capability 9.0 and later (never under Triton's CPU interpreter, which has no grid
     dependencies)."""
-    return _on and device.type == "cuda" and _capable(
+    return _on and gdc_wait is not None and device.type == "cuda" and _capable(
         device.index if device.index is not None else torch.cuda.current_device())
 
 
