@@ -257,7 +257,7 @@ def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch
         x.stride(0), weight.stride(0), out.stride(0), GATED=gated, NORM=norm is not None,
         ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
+        num_warps=warps, num_stages=stages, **pdl.launch_options(use_pdl))
     return out
 
 

@@ -47,6 +47,11 @@ def enabled(device: torch.device) -> bool:
         device.index if device.index is not None else torch.cuda.current_device())
 
 
+def launch_options(on: bool) -> dict:
+    """The launch's keyword for PDL: none when off, so that launch is exactly the plain one."""
+    return {"launch_pdl": True} if on else {}
+
+
 @triton.jit
 def launch_next(PDL: tl.constexpr):
     """Let the next kernel launch (it waits for this one before it reads what this one

@@ -84,5 +84,5 @@ def rotary_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
         qkv.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
         Q_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), PDL=use_pdl, num_warps=4,
-        launch_pdl=use_pdl)
+        **pdl.launch_options(use_pdl))
     return q
