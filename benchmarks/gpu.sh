@@ -7,8 +7,8 @@
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
-# every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv on and
-# off), curve (the 8B's decode steps at batches 1-16 against their floor), serving_1b (the router's share with a small
+# every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
+# on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
@@ -233,7 +233,7 @@ step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 
   done
 }
 
-step_small_batch() {  # batch 1 of both shapes with --gemv on and off
+step_small_batch() {  # batch 1 of both shapes with --gemv and --pdl on, and both off
   local gemv
   for gemv in on off; do
     offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv --pdl $gemv
@@ -241,29 +241,27 @@ step_small_batch() {  # batch 1 of both shapes with --gemv on and off
   done
 }
 
-step_curve() {  # the 8B's decode steps at batches 1-16 against their floor, --gemv on and off;
-  # then a batch-2 step's kernels with it on
-  local gemv name
-  for gemv in on off; do
-    name=8b-curve-gemv-$gemv
-    echo "== 8B decode steps, --gemv $gemv"
-    timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \
-      --gemv $gemv --pdl $gemv > "$OUT/$name.txt" 2>&1
+step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --gemv and --pdl
+  # both on (then the batch-1 step's kernels), --gemv alone, neither
+  local variant gemv pdl name
+  for variant in on:on on:off off:off; do
+    gemv=${variant%:*} pdl=${variant#*:} name=8b-curve-gemv-${variant%:*}-pdl-${variant#*:}
+    echo "== 8B decode steps, --gemv $gemv --pdl $pdl"
+    timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \
+      --gemv $gemv --pdl $pdl $([ $variant = on:on ] && echo --batch 1 --timeline) \
+      > "$OUT/$name.txt" 2>&1
     grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
-    grep -A6 -- "-- decode steps" "$OUT/$name.txt"
+    grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
+    grep -A25 -- "-- timeline" "$OUT/$name.txt"
   done
-  name=profile-8b-decode-b2-timeline-gemv-on
-  timeout 200 $PYTHON benchmarks/profile_step.py $M8 --phase decode --batch 2 --steps 30 \
-    --timeline --gemv on --pdl on > "$OUT/$name.txt" 2>&1
-  grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
-  grep -B3 -A30 -- "-- timeline" "$OUT/$name.txt"
 }
 
 step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: kernels and gaps
+  # (GEMV=on: with --gemv and --pdl)
   local m
   for m in "8b:$M8" "1b:$M1"; do
     timeout 300 $PYTHON benchmarks/profile_step.py ${m#*:} --phase decode --batch 1 \
-      --steps 30 --timeline > "$OUT/profile-${m%%:*}-decode-b1-timeline.txt" 2>&1
+      --steps 30 --timeline --gemv ${GEMV:-off} --pdl ${GEMV:-off} > "$OUT/profile-${m%%:*}-decode-b1-timeline.txt" 2>&1
     grep -E "^!!|Traceback|Error" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
     grep -A40 -- "-- timeline" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
   done
