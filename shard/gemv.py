@@ -80,12 +80,14 @@ def _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, offsets, mask, k, k_mask,
 def _prefetch_l2(row_ptrs, feature_ok, K, BLOCK_K: tl.constexpr):
     """Ask L2 for the first BLOCK_K inputs of these weight rows ([BLOCK_N, 1] pointers): one
     prefetch per 128-byte line of 16-bit weights, nothing held in registers."""
-    lines = tl.arange(0, BLOCK_K // 64) * 64
-    pointers = row_ptrs + lines[None, :]
-    wanted = (feature_ok[:, None] & (lines < K)[None, :]).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [pointers, wanted], dtype=tl.int32, is_pure=False, pack=1)
+    LINES: tl.constexpr = BLOCK_K // 64
+    if LINES > 0:  # tiles narrower than a line (small test models) go without
+        lines = tl.arange(0, LINES) * 64
+        pointers = row_ptrs + lines[None, :]
+        wanted = (feature_ok[:, None] & (lines < K)[None, :]).to(tl.int32)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [pointers, wanted], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -202,8 +204,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
 
 
 @functools.cache
-def config(rows: int, inner: int, gated: bool, normed: bool = False
-           ) -> tuple[int, int, int, int]:
+def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
     fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
@@ -245,7 +246,7 @@ def normed_product(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.T
 def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch.Tensor:
     rows, inner = x.shape
     features = weight.shape[0] // 2 if gated else weight.shape[0]
-    block_n, block_k, warps, stages = block or config(rows, inner, gated, norm is not None)
+    block_n, block_k, warps, stages = block or config(rows, inner, gated)
     if dot is None:
         dot = rows > 1
     if use_pdl is None:
