@@ -26,6 +26,7 @@ step with this tree's kernels measures so too (issue 24).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -203,6 +204,70 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
              mask=(out_row < rows)[:, None] & feature_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["rows"])
+def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
+                       rows, K, stride_x, stride_w, stride_slot, num_heads, num_kv_heads,
+                       ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HALF: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+    """The QKV product, rotary and the cache write in one: this program's PAIRS pairs of
+    features (j, j + HALF) of one head (HALF % PAIRS == 0), the two halves accumulated as the
+    gated product's gate and up rows. Each pair is rounded as the product's output is, then
+    rotated in float32 as shard/rotary_cache.py does (query and key heads); queries go to q
+    ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches."""
+    pdl.launch_next(PDL)
+    pid = tl.program_id(0)
+    head = pid * PAIRS // HALF
+    j = pid * PAIRS % HALF + tl.arange(0, PAIRS)
+    first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
+    second_rows = first_rows + HALF * stride_w
+    feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
+    inner = tl.arange(0, BLOCK_K)
+    if PDL:
+        _prefetch_l2(first_rows, feature_ok, K, BLOCK_K)
+        _prefetch_l2(second_rows, feature_ok, K, BLOCK_K)
+    pdl.wait(PDL)
+    if ROWS == 1:
+        acc = tl.zeros([PAIRS, BLOCK_K], tl.float32)
+        acc_second = tl.zeros([PAIRS, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + inner
+            acc, acc_second, _ = _row_step(acc, acc_second, acc, first_rows, second_rows,
+                                           feature_ok, x_ptr, x_ptr, x_ptr, x_ptr, k, k < K,
+                                           False, True, False, EVEN)
+        y1 = tl.sum(acc, axis=1)[None, :]
+        y2 = tl.sum(acc_second, axis=1)[None, :]
+    else:
+        row = tl.arange(0, ROWS)
+        y1 = tl.zeros([ROWS, PAIRS], tl.float32)
+        y2 = tl.zeros([ROWS, PAIRS], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            y1, y2, _ = _dot_step(y1, y2, y1, first_rows, second_rows, feature_ok, x_ptr,
+                                  x_ptr, x_ptr, x_ptr, row, row < rows, stride_x,
+                                  start + inner, K, False, True, False, EVEN)
+    out_type = q_ptr.dtype.element_ty
+    y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
+    y2 = y2.to(out_type).to(tl.float32)
+    token = tl.arange(0, ROWS)
+    token_ok = (token < rows)[:, None]
+    dims = 2 * HALF
+    if head < num_heads + num_kv_heads:  # queries and keys rotate
+        pos = tl.load(pos_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
+        c = tl.load(cos_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
+        s = tl.load(sin_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
+        y1, y2 = y1 * c - y2 * s, y2 * c + y1 * s
+    if head < num_heads:
+        out = q_ptr + token.to(tl.int64)[:, None] * num_heads * dims + head * dims + j[None, :]
+    else:
+        slot = tl.load(slot_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
+        if head < num_heads + num_kv_heads:
+            out = k_ptr + slot * stride_slot + (head - num_heads) * dims + j[None, :]
+        else:
+            out = v_ptr + slot * stride_slot + (head - num_heads - num_kv_heads) * dims \
+                + j[None, :]
+    tl.store(out, y1.to(out_type), mask=token_ok)
+    tl.store(out + HALF, y2.to(out_type), mask=token_ok)
+
+
 @functools.cache
 def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
@@ -262,6 +327,45 @@ def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch
     return out
 
 
+def _pairs(rows: int, head_dim: int) -> int:
+    """Feature pairs (j, j + head_dim / 2) per program of the fused QKV + rotary kernel: the
+    gated product's features per program, cut to divide the half head."""
+    return math.gcd(config(rows, 1 << 20, gated=True)[0], head_dim // 2)
+
+
+def takes_rotary(rows: int, head_dim: int) -> bool:
+    """Whether a step of `rows` rows runs its QKV product, rotary and cache write as one
+    kernel (qkv_rotary): the rows takes() serves, and at 2-16 rows pairs enough for tl.dot."""
+    return takes(rows) and (rows == 1 or _pairs(rows, head_dim) >= DOT_ROWS)
+
+
+def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+               num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
+               use_pdl: bool | None = None) -> torch.Tensor:
+    """q [T, Hq, D] rotated (into `out` if given); keys rotated and values in their cache
+    slots: the QKV product x W^T (weight [(Hq + 2 Hkv) D, hidden]) followed by
+    rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows."""
+    rows, inner = x.shape
+    q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
+    assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
+    half = head_dim // 2
+    block_n, block_k, warps, stages = config(rows, inner, gated=True)
+    pairs = _pairs(rows, head_dim)
+    if use_pdl is None:
+        use_pdl = pdl.enabled(x.device)
+    k_slots = k_cache.view(-1, num_kv_heads, head_dim)
+    v_slots = v_cache.view(-1, num_kv_heads, head_dim)
+    _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
+        x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping, rows, inner,
+        x.stride(0), weight.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
+        ROWS=1 if rows == 1 else DOT_ROWS, PAIRS=pairs, BLOCK_K=block_k, HALF=half,
+        EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
+        **pdl.launch_options(use_pdl))
+    return q
+
+
 def small_rows(larger: Callable = F.linear) -> Callable:
     """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`."""
 
@@ -280,10 +384,12 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return product(x, weight, gated=True)
 
 
-def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None) -> None:
-    """Compile every kernel a step may launch (one row and the dot path; plain, gated and, at
-    the row counts takes_norm serves, normed) before graphs capture: Triton compiles on a first
-    call, seconds mid-serving."""
+def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
+            rotary: tuple | None = None) -> None:
+    """Compile every kernel a step may launch (one row and the dot path; plain, gated, at the
+    row counts takes_norm serves normed, and with `rotary` = (QKV weight, cos, sin, heads,
+    kv heads, head dim) qkv_rotary) before graphs capture: Triton compiles on a first call,
+    seconds mid-serving."""
     for rows in (1, 2):
         for weight, is_gated in [(w, False) for w in weights] + [(gated, True)] * (
                 gated is not None):
@@ -291,3 +397,11 @@ def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None) -> None:
             product(x, weight, is_gated)
             if takes_norm(rows):
                 normed_product(x, x, weight.new_ones(weight.shape[1]), 1e-5, weight, is_gated)
+        if rotary is not None and takes_rotary(rows, rotary[5]):
+            weight, cos, sin, heads, kv_heads, head_dim = rotary
+            cache = weight.new_zeros(1, rows, kv_heads, head_dim)
+            # int64 positions and slots, as a step's batch carries them (Triton specializes
+            # on the pointers' types).
+            where = torch.zeros(rows, dtype=torch.int64, device=weight.device)
+            qkv_rotary(weight.new_zeros(rows, weight.shape[1]), weight, where, cos, sin, cache,
+                       cache.clone(), where, heads, kv_heads, head_dim)

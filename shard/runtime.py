@@ -146,7 +146,12 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         shard_decode_gemm.warm_up(products)
     if ops.gemv:
         from shard import gemv as shard_gemv  # imports Triton: CUDA only
-        shard_gemv.warm_up(products, gated)
+        qkv = attn.qkv_proj
+        rotary = ((qkv.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
+                   attn.num_kv_heads, attn.head_dim)
+                  if ops.qkv_rotary is not None and qkv.weight is not None and qkv.bias is None
+                  else None)
+        shard_gemv.warm_up(products, gated, rotary)
     graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:

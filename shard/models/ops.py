@@ -92,6 +92,11 @@ class Ops:
     # whose row count normed_rows takes; None: the norm, then the product.
     normed_linear: Callable | None = None
     normed_rows: Callable[[int], bool] = bool
+    # (x, QKV weight, positions, cos, sin, k cache, v cache, slots, heads, kv heads, head dim,
+    # out=) -> q: the QKV product and rotary_into_cache in one kernel, for steps that
+    # qkv_rotary_rows(rows, head_dim) takes; None: the product, then rotary_into_cache.
+    qkv_rotary: Callable | None = None
+    qkv_rotary_rows: Callable[[int, int], bool] = lambda rows, head_dim: False
 
     @classmethod
     def build(cls, compiled: bool, fused_rotary: bool = False, fused_mlp: bool = False,
@@ -101,8 +106,9 @@ class Ops:
         SiLU × up in their epilogue, in the steps shard/fused_mlp.py's `fuses` names (quack,
         Hopper). decode_gemm: decode batches' products in quack's narrow tiles where
         shard/decode_gemm.py's `takes` says so (Hopper). gemv: products of 1-16 rows in Triton
-        matrix-vector kernels, the gate/up one with SiLU × up applied, and the norms before
-        QKV and gate/up inside those products (shard/gemv.py, CUDA)."""
+        matrix-vector kernels, the gate/up one with SiLU × up applied, the QKV one (with
+        fused_rotary) with rotary and the cache write, and the norms before QKV and gate/up
+        able to go inside those products (shard/gemv.py, CUDA)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
@@ -122,6 +128,8 @@ class Ops:
         if gemv:
             linear = small.small_rows(linear)
             normed = dict(normed_linear=small.normed_product, normed_rows=small.takes_norm)
+            if fused_rotary:  # --fused-rotary off keeps rotary a stage of its own
+                normed.update(qkv_rotary=small.qkv_rotary, qkv_rotary_rows=small.takes_rotary)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
                    compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp,
                    decode_gemm=decode_gemm, gemv=gemv, swiglu_linear=swiglu_linear,

@@ -81,6 +81,58 @@ def test_normed_kernel_is_the_residual_add_and_rmsnorm_then_the_product(rows, sh
     assert error < TOLERANCE, error
 
 
+# (query heads, key/value heads, head dim, hidden): a small GQA model; on the GPU the 8B's and
+# the 1B's attention.
+ATTENTION = [(4, 2, 32, 96)] + ([(32, 8, 128, 4096), (32, 8, 64, 2048)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("shape", ATTENTION, ids=[f"{h}-{kv}-d{d}" for h, kv, d, _ in ATTENTION])
+@pytest.mark.parametrize("rows", ROWS)
+def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape):
+    """q rotated, keys rotated and values into their (scattered) cache slots, every other
+    slot untouched: the QKV product rounded to the output's type, then rotate-half in float32
+    as shard/rotary_cache.py does."""
+    heads, kv_heads, dim, hidden = shape
+    assert gemv.takes_rotary(rows, dim)
+    gen = torch.Generator().manual_seed(rows * 100 + dim)
+    x = torch.randn(rows, hidden, generator=gen).to(DEVICE, DTYPE)
+    weight = (torch.randn((heads + 2 * kv_heads) * dim, hidden, generator=gen) / hidden ** 0.5
+              ).to(DEVICE, DTYPE)
+    blocks, page, half = 8, 4, dim // 2
+    positions = torch.randperm(60, generator=gen)[:rows].to(DEVICE)
+    slots = torch.randperm(blocks * page, generator=gen)[:rows].to(DEVICE)
+    angles = torch.rand(64, half, generator=gen) * 6.3
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    k_cache, v_cache = (torch.zeros(blocks, page, kv_heads, dim, device=DEVICE, dtype=DTYPE)
+                        for _ in range(2))
+    q = gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
+                        kv_heads, dim)
+    qkv = reference(x, weight, False).to(DTYPE).float().view(rows, -1, dim)
+    c, s_ = cos[positions][:, None, :], sin[positions][:, None, :]
+    first, second = qkv[..., :half], qkv[..., half:]
+    rotated = torch.cat([first * c - second * s_, second * c + first * s_], -1).to(DTYPE)
+    assert q.shape == (rows, heads, dim) and q.dtype == DTYPE
+    for got, want in [(q, rotated[:, :heads]),
+                      (k_cache.view(-1, kv_heads, dim)[slots], rotated[:, heads:heads + kv_heads]),
+                      (v_cache.view(-1, kv_heads, dim)[slots], qkv[:, heads + kv_heads:].to(DTYPE))]:
+        error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert error < TOLERANCE, error
+    untouched = torch.ones(blocks * page, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert not k_cache.view(-1, kv_heads, dim)[untouched].any()
+    assert not v_cache.view(-1, kv_heads, dim)[untouched].any()
+    out = torch.empty(rows, heads, dim, device=DEVICE, dtype=DTYPE)
+    assert gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
+                           kv_heads, dim, out=out) is out and torch.equal(out, q)
+
+
+def test_qkv_rotary_takes_1_to_16_rows_and_at_2_to_16_a_half_head_of_16_or_more():
+    assert [gemv.takes_rotary(rows, 128) for rows in (0, 1, 2, 16, 17)] == [
+        False, True, True, True, False]
+    assert gemv.takes_rotary(1, 8) and not gemv.takes_rotary(2, 8)  # tl.dot's 16 columns
+    assert gemv.takes_rotary(2, 32) and gemv.takes_rotary(2, 96) and not gemv.takes_rotary(2, 80)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=[f"{n}x{k}" for n, k in SHAPES[:2]])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_strided_rows_of_a_wider_tensor_are_read_at_their_stride(rows, shape):
@@ -207,3 +259,30 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(mon
     assert torch.equal(got, paged_logits(plain, prompt[:17], [], block_size=16,
                                          max_prefill_tokens=17))
     assert normed == []
+
+
+def test_a_model_with_gemv_and_fused_rotary_runs_qkv_rotary_and_cache_in_one_kernel():
+    """With --fused-rotary too, every layer's QKV product of a 1-16-row step is qkv_rotary
+    (prefill chunks of 7 rows: tl.dot's path; decodes: one row), reading the cache it wrote;
+    the logits are the plain model's to float32 rounding."""
+    config = tiny_config(num_layers=2, hidden_size=96, intermediate_size=64, head_dim=32,
+                         num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config, TensorParallel(), TorchAttention(), Ops.build(compiled=False))
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ops = Ops.build(compiled=False, gemv=True, fused_rotary=True)
+    fused = []
+
+    def qkv_rotary(x, *args, **kwargs):
+        fused.append(x.shape[0])
+        return ops.qkv_rotary(x, *args, **kwargs)
+
+    small = LlamaForCausalLM(config, TensorParallel(), TorchAttention(),
+                             dataclasses.replace(ops, qkv_rotary=qkv_rotary))
+    small.load_state_dict(plain.state_dict())
+    prompt = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
+    got = paged_logits(small, prompt, [5, 9, 13], block_size=16, max_prefill_tokens=7)
+    want = paged_logits(plain, prompt, [5, 9, 13], block_size=16, max_prefill_tokens=7)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert fused == [7] * 6 + [1] * 6
