@@ -10,7 +10,8 @@ whole of K, so nothing is reduced afterwards; the gate/up product applies SiLU(g
 its float32 accumulators before it stores (a program owns the gate and the up rows of the same
 features); and `normed_product` adds the residual and applies the RMSNorm that precede QKV and
 gate/up while it reads its input (the norm is linear after the sum of squares, so the scale
-comes last), writing the new residual once.
+comes last), writing the new residual once; and `qkv_rotary` follows the QKV product with
+rotary and the K/V cache write in the same kernel.
 
 One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
