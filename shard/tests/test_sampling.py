@@ -50,12 +50,16 @@ def test_greedy_argmax_in_chunks_is_the_first_maximum_of_the_row():
                                  (2 * GREEDY_CHUNK + 76,), (2 * GREEDY_CHUNK, 2 * GREEDY_CHUNK + 1),
                                  (GREEDY_CHUNK + 1, 2 * GREEDY_CHUNK + 5)]):
         logits[row, list(where)] = peak
-    tokens, chosen = greedy(logits)
-    assert tokens.tolist() == [7, GREEDY_CHUNK - 1, 2 * GREEDY_CHUNK + 76, 2 * GREEDY_CHUNK,
-                               GREEDY_CHUNK + 1]
-    assert torch.equal(tokens, logits.argmax(-1))
-    torch.testing.assert_close(chosen, logits.float().log_softmax(-1).gather(
-        1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-6)
+    compiled = Sampler(vocab, 8, CPU, compiled=True)
+    compiled.warm_up(torch.bfloat16)
+    with torch.inference_mode():
+        for pick in (greedy, compiled._greedy):  # eager, and as Inductor compiles it
+            tokens, chosen = pick(logits)
+            assert tokens.tolist() == [7, GREEDY_CHUNK - 1, 2 * GREEDY_CHUNK + 76,
+                                       2 * GREEDY_CHUNK, GREEDY_CHUNK + 1]
+            assert torch.equal(tokens, logits.argmax(-1))
+            torch.testing.assert_close(chosen, logits.float().log_softmax(-1).gather(
+                1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-6)
 
 
 def test_greedy_rows_stay_argmax_in_a_batch_with_sampled_rows():
