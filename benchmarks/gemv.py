@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 
@@ -50,6 +51,29 @@ def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tenso
     return y
 
 
+def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model: dict) -> str:
+    """The QKV product with rotary and the cache write in one kernel (gemv.qkv_rotary) against
+    the product, then shard/rotary_cache.py's kernel, where the shard would take it."""
+    from shard.rotary_cache import rotary_into_cache
+
+    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    head_dim = model.get("head_dim") or model["hidden_size"] // heads
+    rows = x.shape[0]
+    if not gemv.takes_rotary(rows, head_dim):
+        return ""
+    try:
+        cos, sin = (torch.rand(4096, head_dim // 2, device=x.device) for _ in range(2))
+        where = torch.arange(rows, device=x.device) + 500  # positions and cache slots
+        k_cache, v_cache = (torch.zeros(64, 16, kv_heads, head_dim, dtype=x.dtype,
+                                        device=x.device) for _ in range(2))
+        rest = (where, cos, sin, k_cache, v_cache, where, heads, kv_heads, head_dim)
+        fused = timed(lambda w: gemv.qkv_rotary(x, w, *rest))
+        apart = timed(lambda w: rotary_into_cache(gemv.product(x, w, False), *rest))
+        return f", {fused:.2f} µs with rotary and the cache write ({apart:.2f} as two kernels)"
+    except Exception as exc:  # the sweep's other figures still print
+        return f", with rotary failed: {repr(exc)[:200]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="benchmarks/configs/llama-3.1-8b")
@@ -79,6 +103,8 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     shapes, weights = chain_weights(args.config)
+    with open(os.path.join(args.config, "config.json")) as f:
+        model = json.load(f)
     copy_bw = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_bytes_per_s / 1e9
     print(f"{args.config}: copy bandwidth {copy_bw:.0f} GB/s; {len(weights)} layers")
     for rows in rows_list:
@@ -137,6 +163,8 @@ def main() -> None:
                 with_norm = timed(lambda w: gemv.normed_product(x, residual, norm_weight, 1e-5,
                                                                 w, gated))
                 chosen += f", {with_norm:.2f} µs with the norm"
+            if name == "qkv":
+                chosen += with_rotary(x, layer_weights, timed, model)
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
