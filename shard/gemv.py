@@ -276,8 +276,13 @@ def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
     best for the 8B's O, gate/up and down, not among the four best for its QKV)."""
     if rows == 1:
-        return 2, min(2048, triton.next_power_of_2(inner)), 4 if gated else 8, 1
-    return 32, 256, 4, 4
+        return _features(rows), min(2048, triton.next_power_of_2(inner)), 4 if gated else 8, 1
+    return _features(rows), 256, 4, 4
+
+
+def _features(rows: int) -> int:
+    """BLOCK_N, the output features per program, of `config`'s tiles."""
+    return 2 if rows == 1 else 32
 
 
 def takes(rows: int) -> bool:
@@ -331,7 +336,7 @@ def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch
 def _pairs(rows: int, head_dim: int) -> int:
     """Feature pairs (j, j + head_dim / 2) per program of the fused QKV + rotary kernel: the
     gated product's features per program, cut to divide the half head."""
-    return math.gcd(config(rows, 1 << 20, gated=True)[0], head_dim // 2)
+    return math.gcd(_features(rows), head_dim // 2)
 
 
 def takes_rotary(rows: int, head_dim: int) -> bool:

@@ -39,12 +39,17 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: when switched on, on CUDA devices of
-    compute capability 9.0 and later (never under Triton's CPU interpreter, which has no grid
-    dependencies)."""
-    return _on and gdc_wait is not None and device.type == "cuda" and _capable(
+def capable(device: torch.device) -> bool:
+    """Whether kernels on `device` can launch with PDL: CUDA devices of compute capability 9.0
+    and later, with a Triton that has grid dependency control (never Triton's CPU
+    interpreter)."""
+    return gdc_wait is not None and device.type == "cuda" and _capable(
         device.index if device.index is not None else torch.cuda.current_device())
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: switched on, and capable."""
+    return _on and capable(device)
 
 
 def launch_options(on: bool) -> dict:

@@ -146,11 +146,8 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         shard_decode_gemm.warm_up(products)
     if ops.gemv:
         from shard import gemv as shard_gemv  # imports Triton: CUDA only
-        qkv = attn.qkv_proj
-        rotary = ((qkv.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
-                   attn.num_kv_heads, attn.head_dim)
-                  if ops.qkv_rotary is not None and qkv.weight is not None and qkv.bias is None
-                  else None)
+        rotary = ((attn.qkv_proj.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
+                   attn.num_kv_heads, attn.head_dim) if attn.fuses_rotary else None)
         shard_gemv.warm_up(products, gated, rotary)
     graphs = _capture_graphs(built)
     sampler = None
@@ -328,13 +325,17 @@ def wanted(setting: str, device: torch.device) -> bool:
 def _configure_pdl(setting: str, device: torch.device) -> None:
     """--pdl: auto means on CUDA devices of compute capability 9.0+; on insists. A process-wide
     switch (shard/pdl.py): the kernels it governs are called deep inside the model."""
-    capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    if setting == "on" and not capable:
-        raise ValueError("--pdl on needs a CUDA device of compute capability 9.0 or later")
-    if device.type == "cuda":
-        from shard import pdl  # imports Triton: CUDA only
-        pdl.configure(setting != "off" and capable)
-        log.info("programmatic dependent launch: %s", "on" if pdl.enabled(device) else "off")
+    if device.type != "cuda":
+        if setting == "on":
+            raise ValueError("--pdl on needs a CUDA device of compute capability 9.0 or later")
+        return
+    from shard import pdl  # imports Triton: CUDA only
+
+    if setting == "on" and not pdl.capable(device):
+        raise ValueError("--pdl on needs a CUDA device of compute capability 9.0 or later "
+                         "(and Triton 3.4+)")
+    pdl.configure(setting != "off" and pdl.capable(device))
+    log.info("programmatic dependent launch: %s", "on" if pdl.enabled(device) else "off")
 
 
 def _quack_wanted(flag: str, setting: str, device: torch.device, dtype: torch.dtype,

@@ -46,23 +46,33 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None
 
 
-# Inputs per partial argmax in `greedy`: Inductor reduces a row's argmax in one program, which
-# at one row over a 128k vocabulary took 22-30 µs of an H100's decode step (a split logsumexp
-# beside it: 2 µs a kernel).
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax of each row and its log-softmax, without the [S, vocab] float32 log-softmax:
+    log p = logit - logsumexp(logits)."""
+    return _with_logprobs(logits, logits.argmax(-1))
+
+
+# Inputs per partial argmax in `greedy_in_chunks`: Inductor reduces a row's argmax in one
+# program, which at one row over a 128k vocabulary took 22-30 µs of an H100's decode step (a
+# split logsumexp beside it: 2 µs a kernel).
 GREEDY_CHUNK = 1024
 
 
-def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The argmax of each row and its log-softmax, without the [S, vocab] float32 log-softmax:
-    log p = logit - logsumexp(logits). Compiled, a few passes over the logits as they are.
-    The argmax in two steps, each chunk of GREEDY_CHUNK inputs then the best chunk (the
-    first of equal maxima either way, as argmax)."""
+def greedy_in_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`greedy` as it compiles: the argmax in two steps, each chunk of GREEDY_CHUNK inputs then
+    the best chunk (the first of equal maxima either way, as argmax), a few passes over the
+    logits as they are."""
     rows, vocab = logits.shape
     chunks = -(-vocab // GREEDY_CHUNK)
     padded = F.pad(logits, (0, chunks * GREEDY_CHUNK - vocab), value=float("-inf"))
     best, where = padded.view(rows, chunks, GREEDY_CHUNK).max(-1)
     chunk = best.argmax(-1, keepdim=True)
-    tokens = chunk.squeeze(1) * GREEDY_CHUNK + where.gather(1, chunk).squeeze(1)
+    return _with_logprobs(logits, chunk.squeeze(1) * GREEDY_CHUNK
+                          + where.gather(1, chunk).squeeze(1))
+
+
+def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     upcast = logits.float()
     return tokens, upcast.gather(1, tokens[:, None]).squeeze(1) - upcast.logsumexp(-1)
 
@@ -71,16 +81,16 @@ class Sampler:
     """Samples for the sequences of a step; keeps token counts for the penalized ones.
 
     A step of greedy rows only, without penalties or top-n (offline runs, most benchmarks) takes
-    `greedy`. Compiled (`--compile`), it reads the logits in their own dtype, where the general
-    path makes float32 copies and a full log-softmax over [S, vocab]: on the H100 that took a
-    1B decode step at batch ~225 from 3.83 to 3.62 ms."""
+    `greedy`, or compiled (`--compile`) `greedy_in_chunks`: that reads the logits in their own
+    dtype, where the general path makes float32 copies and a full log-softmax over [S, vocab]:
+    on the H100 that took a 1B decode step at batch ~225 from 3.83 to 3.62 ms."""
 
     def __init__(self, vocab_size: int, max_batch_size: int, device: torch.device,
                  compiled: bool = False):
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.device = device
-        self._greedy = compile_stage(greedy) if compiled else greedy
+        self._greedy = compile_stage(greedy_in_chunks) if compiled else greedy
         # Allocated on first use: most deployments never ask for penalties.
         self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
         self._output_counts: torch.Tensor | None = None  # [slots, vocab] int32

@@ -126,19 +126,25 @@ class LlamaAttention(nn.Module):
                                         product=ops.linear)
         self.backend = backend
 
+    @property
+    def fuses_rotary(self) -> bool:
+        """Whether steps (of the rows ops.qkv_rotary_rows takes) run the QKV product, rotary and
+        the cache write as one kernel (--gemv): a plain weight without bias."""
+        qkv_proj = self.qkv_proj
+        return (self.ops.qkv_rotary is not None and qkv_proj.weight is not None
+                and qkv_proj.bias is None)
+
     def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None):
         """q [T, Hq, D] of the normed hidden states h, rotated (into q_out if given); their keys
-        (rotated) and values go to their cache slots. One kernel where ops.qkv_rotary takes
-        the step (--gemv: 1-16 rows, a plain weight without bias), else the QKV product, then
-        rotate."""
-        ops, qkv_proj = self.ops, self.qkv_proj
-        if (ops.qkv_rotary is not None and qkv_proj.weight is not None
-                and qkv_proj.bias is None and h.dim() == 2 and h.stride(1) == 1
-                and ops.qkv_rotary_rows(h.shape[0], self.head_dim)):
-            return ops.qkv_rotary(h, qkv_proj.weight, positions, rotary.cos, rotary.sin,
-                                  kv_cache[0], kv_cache[1], slot_mapping, self.num_heads,
-                                  self.num_kv_heads, self.head_dim, out=q_out)
-        return self.rotate(qkv_proj(h), positions, rotary, kv_cache, slot_mapping, q_out)
+        (rotated) and values go to their cache slots. One kernel where it fuses the rotary and
+        takes the step, else the QKV product, then rotate."""
+        if (self.fuses_rotary and h.dim() == 2 and h.stride(1) == 1
+                and self.ops.qkv_rotary_rows(h.shape[0], self.head_dim)):
+            return self.ops.qkv_rotary(h, self.qkv_proj.weight, positions, rotary.cos,
+                                       rotary.sin, kv_cache[0], kv_cache[1], slot_mapping,
+                                       self.num_heads, self.num_kv_heads, self.head_dim,
+                                       out=q_out)
+        return self.rotate(self.qkv_proj(h), positions, rotary, kv_cache, slot_mapping, q_out)
 
     def rotate(self, qkv, positions, rotary, kv_cache, slot_mapping, q_out=None):
         """q [T, Hq, D] of the step's tokens from their QKV product, rotated (into q_out if

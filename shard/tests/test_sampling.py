@@ -12,7 +12,7 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
                           TypicalLogitsWarper)
 
-from shard.sampling import GREEDY_CHUNK, Sampler, SamplingParams, _filter, greedy
+from shard.sampling import GREEDY_CHUNK, Sampler, SamplingParams, _filter, greedy_in_chunks
 
 CPU = torch.device("cpu")
 VOCAB = 320
@@ -53,7 +53,7 @@ def test_greedy_argmax_in_chunks_is_the_first_maximum_of_the_row():
     compiled = Sampler(vocab, 8, CPU, compiled=True)
     compiled.warm_up(torch.bfloat16)
     with torch.inference_mode():
-        for pick in (greedy, compiled._greedy):  # eager, and as Inductor compiles it
+        for pick in (greedy_in_chunks, compiled._greedy):  # eager, and as Inductor compiles it
             tokens, chosen = pick(logits)
             assert tokens.tolist() == [7, GREEDY_CHUNK - 1, 2 * GREEDY_CHUNK + 76,
                                        2 * GREEDY_CHUNK, GREEDY_CHUNK + 1]
