@@ -88,18 +88,15 @@ def main() -> None:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        cases = sorted({(c, gated, normed) for rows in rows_list for c in configs(rows)
-                        for gated in (False, True) for normed in (False, True)})
+        cases = sorted({(c, gated) for rows in rows_list for c in configs(rows)
+                        for gated in (False, True)})
         w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
-        for c, gated, normed in cases[part::parts]:
+        for c, gated in cases[part::parts]:
             x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                if normed:
-                    gemv.normed_product(x, x, x[0], 1e-5, w, gated, block=c[:4], dot=c[4])
-                else:
-                    gemv.product(x, w, gated, block=c[:4], dot=c[4])
+                gemv.product(x, w, gated, block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
-                print(f"{c} gated={gated} normed={normed}: {type(exc).__name__}")
+                print(f"{c} gated={gated}: {type(exc).__name__}")
         torch.cuda.synchronize()
         return
     shapes, weights = chain_weights(args.config)
@@ -122,21 +119,13 @@ def main() -> None:
                 return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
 
             cublas = timed(lambda w: F.linear(x, w))
-            residual = torch.randn_like(x)
-            norm_weight = torch.rand(x.shape[1], dtype=x.dtype, device=x.device) + 0.5
-            normed_input = (F.rms_norm((x + residual).float(), (x.shape[1],), eps=1e-5)
-                            * norm_weight.float()).to(x.dtype)
-
-            def sweep(normed: bool) -> str:
+            def sweep() -> str:
                 """The --top fastest configurations ('µs GB/s config; ...'), and how many
                 failed with the first failure's exception."""
                 results, failed = [], []
-                want = reference(normed_input if normed else x, layer_weights[0], gated).float()
+                want = reference(x, layer_weights[0], gated).float()
                 for c in configs(rows):
                     def call(w, c=c):
-                        if normed:
-                            return gemv.normed_product(x, residual, norm_weight, 1e-5, w, gated,
-                                                       block=c[:4], dot=c[4])[0]
                         return gemv.product(x, w, gated, block=c[:4], dot=c[4])
                     try:
                         got = call(layer_weights[0]).float()
@@ -153,24 +142,27 @@ def main() -> None:
                 return best
 
             # The shard's own tiles (gemv.config), with programmatic dependent launch (the
-            # shard's choice on Hopper) and without; where a norm precedes the product (QKV,
-            # gate/up) the same with the residual add and RMSNorm inside (normed_product).
+            # shard's choice on Hopper) and without; and as a step with the norms folded runs
+            # them: QKV and gate/up scaled by the norm, O and down with the residual add and
+            # the sums of squares (summed_product).
             chosen = (f"{timed(lambda w: gemv.product(x, w, gated)):.2f} µs, "
                       f"{timed(lambda w: gemv.product(x, w, gated, use_pdl=False)):.2f} "
                       f"without PDL")
-            normed = name in ("qkv", "gate_up")
-            if normed:
-                with_norm = timed(lambda w: gemv.normed_product(x, residual, norm_weight, 1e-5,
-                                                                w, gated))
-                chosen += f", {with_norm:.2f} µs with the norm"
+            if name in ("qkv", "gate_up"):
+                sums = torch.full((rows,), float(x.shape[1]), device=x.device)
+                scaled = timed(lambda w: gemv.product(x, w, gated, squares=sums, eps=1e-5))
+                chosen += f", {scaled:.2f} µs scaled by the norm"
+            else:
+                residual = torch.randn(rows, layer_weights[0].shape[0], dtype=x.dtype,
+                                       device=x.device)
+                summed = timed(lambda w: gemv.summed_product(x, w, residual))
+                chosen += f", {summed:.2f} µs with the residual add and sums of squares"
             if name == "qkv":
                 chosen += with_rotary(x, layer_weights, timed, model)
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
-                  f"best: {sweep(False)}")
-            if normed:
-                print(f"rows {rows:2d} {name:7s} with the norm, best: {sweep(True)}")
+                  f"best: {sweep()}")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ print("flash backend:", flash_unavailable(torch.device("cuda")) or "available")
 PY
 }
 
-step_tests() {  # every test that needs a GPU (CI's CPU leaves them uncollected)
-  $PYTHON -m pytest shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py shard/tests/test_gemv.py -q \
+step_tests() {  # every test that needs a GPU (CI's CPU leaves them uncollected); TESTS="FILE..."
+  # for some of them
+  $PYTHON -m pytest ${TESTS:-shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py shard/tests/test_gemv.py} -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 
@@ -234,17 +235,19 @@ step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 
 }
 
 step_small_batch() {  # batch 1 of both shapes with --gemv and --pdl on, and both off
+  # (SMALL=on for the first alone)
   local gemv
-  for gemv in on off; do
+  for gemv in ${SMALL:-on off}; do
     offline 8b-b1-gemv-$gemv $M8 $B1 --gemv $gemv --pdl $gemv
     offline 1b-b1-gemv-$gemv $M1 $B1 --repeat 3 --gemv $gemv --pdl $gemv
   done
 }
 
 step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --gemv and --pdl
-  # both on (then the batch-1 step's kernels), --gemv alone, neither
+  # both on (then the batch-1 step's kernels), --gemv alone, neither (CURVE="on:on on:off" for
+  # some of them)
   local variant gemv pdl name
-  for variant in on:on on:off off:off; do
+  for variant in ${CURVE:-on:on on:off off:off}; do
     gemv=${variant%:*} pdl=${variant#*:} name=8b-curve-gemv-${variant%:*}-pdl-${variant#*:}
     echo "== 8B decode steps, --gemv $gemv --pdl $pdl"
     timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \

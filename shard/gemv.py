@@ -8,10 +8,19 @@ weights at ~3.0 TB/s, but QKV and down through split-K plus a reduction kernel a
 next layer's residual add and RMSNorm. Here each program owns BLOCK_N output features over the
 whole of K, so nothing is reduced afterwards; the gate/up product applies SiLU(gate) x up to
 its float32 accumulators before it stores (a program owns the gate and the up rows of the same
-features); and `normed_product` adds the residual and applies the RMSNorm that precede QKV and
-gate/up while it reads its input (the norm is linear after the sum of squares, so the scale
-comes last), writing the new residual once; and `qkv_rotary` follows the QKV product with
-rotary and the K/V cache write in the same kernel.
+features); and `qkv_rotary` follows the QKV product with rotary and the K/V cache write in the
+same kernel.
+
+The norms between the products (two per layer, each a kernel of ~2.9 µs and a gap on the
+H100: 0.19 ms of the 8B's 5.6 ms step at batch 1) go inside them. RMSNorm(s) * g read by a
+product W is (s W'^T) / rms(s) with W' = W * g: so the model folds each norm's weight into
+the product after it (LlamaForCausalLM.fold_norms), the product before the norm adds the
+residual and sums each row's squares as it stores (`summed_product`), and the product after
+it scales its accumulators by 1 / rms (`product(..., squares=)`), reading nothing more than a
+plain product. The squares are summed per program, then by the last program to finish, in a
+fixed order: the same from run to run. (A first form, the whole norm inside the product that
+reads it, had every program of QKV and gate/up read the residual and the norm's weight too:
+2.5 and 8.6 µs slower than plain on the H100, more than the separate norm.)
 
 One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
@@ -19,9 +28,8 @@ rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows maske
 Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
 inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
 75.8 vs 85.7 without, down 40.1 vs 43.2); at 2-16 rows within ~5% of it either way. Whole
-steps with the norms inside at one row (since taken out: NORMED_MAX_ROWS): the 8B at batch 1
-6.34 -> 5.92 ms, the 1B 1.41 -> 1.31, the 8B at 2-16 rows 2-5% faster. Off by default until a
-step with this tree's kernels measures so too (issue 24).
+steps, norms separate: the 8B at batch 1 6.36 -> 5.68 ms, at 2-16 rows 5-6% faster (the
+curve in docs/benchmarks.md). Off by default until the summed form is measured too (issue 24).
 """
 
 from __future__ import annotations
@@ -39,13 +47,10 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
-# Steps whose norms run inside the product (normed_product): none, as measured on the H100
-# (benchmarks/gemv.py, 8B shape). At one row the norm inside added 2.5 µs to QKV and 8.6 µs to
-# gate/up (each program reads x, the residual and the norm's weight for its two features),
-# more than the separate norm kernels cost (2.8 µs each and ~0.3 µs of gap); at 2-16 rows the
-# normed dot path spilled registers and took 4.5x the plain one (summed per row since, not yet
-# timed). The kernel stays tested at every row count for when a tile makes it pay.
-NORMED_MAX_ROWS = 0
+# Partial sums of squares the last program of a summed product adds up per pass: 1,024 at one
+# row, 64 a row at 16 (a small [ROWS, chunk] tile: the branch's registers count for every
+# program of the kernel).
+SUM_CHUNK = 1024
 
 
 @triton.jit
@@ -55,27 +60,6 @@ def _load(pointers, mask, MASKED: tl.constexpr):
     if MASKED:
         return tl.load(pointers, mask=mask, other=0.0)
     return tl.load(pointers)
-
-
-@triton.jit
-def _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, offsets, mask, k, k_mask,
-                store_residual, MASKED: tl.constexpr, K_MASKED: tl.constexpr,
-                NORM: tl.constexpr):
-    """One tile of the product's input in float32, and its squares (NORM: the input is
-    x + residual, rounded as the residual stream is and stored once as the new residual,
-    times the norm's weight; the caller scales by the reciprocal RMS once the row is summed)."""
-    x = _load(x_ptr + offsets, mask, MASKED)
-    if NORM:
-        summed = x + _load(res_ptr + offsets, mask, MASKED)
-        if store_residual:
-            tl.store(res_out_ptr + offsets, summed, mask=mask)
-        summed = summed.to(tl.float32)
-        x = summed * _load(norm_ptr + k, k_mask, K_MASKED).to(tl.float32)
-        squares = summed * summed
-    else:
-        x = x.to(tl.float32)
-        squares = x  # unread without NORM (the compiler drops it)
-    return x, squares
 
 
 @triton.jit
@@ -104,55 +88,84 @@ def _weight_tile(gate_rows, up_rows, k, w_ok, GATED: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
-def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, res_ptr,
-              res_out_ptr, norm_ptr, k, k_ok, store_residual, GATED: tl.constexpr,
-              NORM: tl.constexpr, EVEN: tl.constexpr):
-    """One row, one tile along K: partial products summed later, squares of the input."""
-    x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr, k, k_ok, k, k_ok,
-                        store_residual, not EVEN, not EVEN, NORM)
+def _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k, k_ok,
+              GATED: tl.constexpr, EVEN: tl.constexpr):
+    """One row, one tile along K: partial products, summed along K at the end."""
+    x = _load(x_ptr + k, k_ok, not EVEN).to(tl.float32)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok[None, :], GATED,
                             not EVEN)
     acc += gate.to(tl.float32) * x[None, :]
     if GATED:
         acc_up += up.to(tl.float32) * x[None, :]
-    if NORM:
-        squares += sq
-    return acc, acc_up, squares
+    return acc, acc_up
 
 
 @triton.jit
-def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, res_ptr, res_out_ptr,
-              norm_ptr, row, row_ok, stride_x, k, K, store_residual, GATED: tl.constexpr,
-              NORM: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot; squares summed per row (a [ROWS, BLOCK_K]
-    float32 accumulator spilled registers: the normed products at 2-16 rows took 4.5x the
-    plain ones on the H100)."""
+def _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x, k, K,
+              GATED: tl.constexpr, EVEN: tl.constexpr):
+    """ROWS rows, one tile along K, through tl.dot."""
     k_ok = (k < K)[None, :]
-    x, sq = _input_tile(x_ptr, res_ptr, res_out_ptr, norm_ptr,
-                        row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok,
-                        k[None, :], k_ok, store_residual, True, not EVEN, NORM)
+    x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
-    x = x.to(gate.dtype)
     y = tl.dot(x, tl.trans(gate), y)
     if GATED:
         up_y = tl.dot(x, tl.trans(up), up_y)
-    if NORM:
-        squares += tl.sum(sq, axis=1)
-    return y, up_y, squares
+    return y, up_y
+
+
+@triton.jit
+def _norm_scale(squares_ptr, eps, row, rows, K):
+    """[ROWS, 1]: RMSNorm's 1 / RMS of each row, from its sum of squares over K inputs."""
+    squares = tl.load(squares_ptr + row, mask=row < rows, other=0.0)
+    return tl.rsqrt(squares / K + eps)[:, None]
+
+
+@triton.jit
+def _add_and_sum(y, res_ptr, out_ptr, partial_ptr, ticket_ptr, sums_ptr, row, features,
+                 feature_ok, rows, N, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """out = residual + y, rounded as the separate add rounds it; and each row's sum of
+    squares of out over all N features into sums: each program stores its share, and the
+    last to finish (a ticket) adds the shares up in a fixed order, so the sum is the same
+    from run to run (atomic float adds would not be), and sets the ticket back to 0."""
+    row_ok = row < rows
+    at = row[:, None] * N + features[None, :]
+    ok = row_ok[:, None] & feature_ok[None, :]
+    out_type = out_ptr.dtype.element_ty
+    summed = (tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+              + y.to(out_type).to(tl.float32)).to(out_type)
+    tl.store(out_ptr + at, summed, mask=ok)
+    summed = summed.to(tl.float32)
+    pid = tl.program_id(0)
+    count = tl.num_programs(0)
+    tl.store(partial_ptr + row * count + pid, tl.sum(summed * summed, axis=1), mask=row_ok)
+    tl.debug_barrier()  # every thread's share stored before the ticket releases them
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == count - 1:
+        part = tl.arange(0, CHUNK)
+        total = tl.zeros([ROWS, CHUNK], tl.float32)
+        for start in range(0, count, CHUNK):
+            i = start + part
+            total += tl.load(partial_ptr + row[:, None] * count + i[None, :],
+                             mask=row_ok[:, None] & (i < count)[None, :], other=0.0,
+                             cache_modifier=".cg")
+        tl.store(sums_ptr + row, tl.sum(total, axis=1), mask=row_ok)
+        tl.store(ticket_ptr, 0)
 
 
 # The row count varies from step to step; one compiled kernel serves 2-16 of them.
 @triton.jit(do_not_specialize=["rows"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, rows, N, K,
-                 stride_x, stride_w, stride_out, GATED: tl.constexpr, NORM: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, squares_ptr, eps, res_ptr, partial_ptr, ticket_ptr,
+                 sums_ptr, rows, N, K, stride_x, stride_w, GATED: tl.constexpr,
+                 SCALED: tl.constexpr, SUMMED: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                 CHUNK: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
-    SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). NORM: x is first
-    RMSNorm(x + residual) * norm weight, and program 0 writes x + residual to res_out (the
-    residual stream past this norm; res_ptr's rows stride as x's). EVEN: the tiles divide N
-    and K, so nothing along them is masked. PDL (shard/pdl.py): launched early, the program asks
-    for its first tile of weights before it waits for the previous kernel."""
+    SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). SCALED: the
+    products are those of x scaled by RMSNorm's 1 / RMS, from the rows' sums of squares
+    (squares_ptr; the norm's weight is folded into w). SUMMED: out = residual + the product,
+    and its rows' sums of squares go to sums_ptr (_add_and_sum). out is [rows, N]
+    contiguous. EVEN: the tiles divide N and K, so nothing along them is masked. PDL
+    (shard/pdl.py): launched early, the program asks for its first tile of weights before it
+    waits for the previous kernel."""
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,7 +173,6 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
     up_rows = gate_rows + N * stride_w
-    store_residual = pid == 0
     if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
         _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
         if GATED:
@@ -169,52 +181,48 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, res_out_ptr, norm_ptr, eps, row
     if ROWS == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        squares = tl.zeros([BLOCK_K], tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + inner
-            k_ok = k < K
-            acc, acc_up, squares = _row_step(acc, acc_up, squares, gate_rows, up_rows,
-                                             feature_ok, x_ptr, res_ptr, res_out_ptr, norm_ptr,
-                                             k, k_ok, store_residual, GATED, NORM, EVEN)
+            acc, acc_up = _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k,
+                                    k < K, GATED, EVEN)
         y = tl.sum(acc, axis=1)[None, :]
         up_y = tl.sum(acc_up, axis=1)[None, :]
-        if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-            y = y * scale
-            up_y = up_y * scale
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
-            k = start + inner
-            y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr,
-                                         res_ptr, res_out_ptr, norm_ptr, row, row_ok, stride_x,
-                                         k, K, store_residual, GATED, NORM, EVEN)
-        if NORM:
-            scale = tl.rsqrt(squares / K + eps)[:, None]
-            y = y * scale
-            up_y = up_y * scale
+            y, up_y = _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
+                                stride_x, start + inner, K, GATED, EVEN)
+    out_row = tl.arange(0, ROWS)
+    if SCALED:
+        scale = _norm_scale(squares_ptr, eps, out_row, rows, K)
+        y = y * scale
+        up_y = up_y * scale
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
-    out_row = tl.arange(0, ROWS)
-    tl.store(out_ptr + out_row[:, None] * stride_out + features[None, :],
-             y.to(out_ptr.dtype.element_ty),
-             mask=(out_row < rows)[:, None] & feature_ok[None, :])
+    if SUMMED:
+        _add_and_sum(y, res_ptr, out_ptr, partial_ptr, ticket_ptr, sums_ptr, out_row, features,
+                     feature_ok, rows, N, ROWS, CHUNK)
+    else:
+        tl.store(out_ptr + out_row[:, None] * N + features[None, :],
+                 y.to(out_ptr.dtype.element_ty),
+                 mask=(out_row < rows)[:, None] & feature_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["rows"])
 def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                       rows, K, stride_x, stride_w, stride_slot, num_heads, num_kv_heads,
-                       ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HALF: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+                       squares_ptr, eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
+                       num_kv_heads, ROWS: tl.constexpr, PAIRS: tl.constexpr,
+                       BLOCK_K: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr,
+                       EVEN: tl.constexpr, PDL: tl.constexpr):
     """The QKV product, rotary and the cache write in one: this program's PAIRS pairs of
     features (j, j + HALF) of one head (HALF % PAIRS == 0), the two halves accumulated as the
     gated product's gate and up rows. Each pair is rounded as the product's output is, then
     rotated in float32 as shard/rotary_cache.py does (query and key heads); queries go to q
-    ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches."""
+    ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches. SCALED: x
+    scaled by RMSNorm's 1 / RMS first, as in _gemv_kernel."""
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     head = pid * PAIRS // HALF
@@ -232,9 +240,8 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
         acc_second = tl.zeros([PAIRS, BLOCK_K], tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + inner
-            acc, acc_second, _ = _row_step(acc, acc_second, acc, first_rows, second_rows,
-                                           feature_ok, x_ptr, x_ptr, x_ptr, x_ptr, k, k < K,
-                                           False, True, False, EVEN)
+            acc, acc_second = _row_step(acc, acc_second, first_rows, second_rows, feature_ok,
+                                        x_ptr, k, k < K, True, EVEN)
         y1 = tl.sum(acc, axis=1)[None, :]
         y2 = tl.sum(acc_second, axis=1)[None, :]
     else:
@@ -242,13 +249,16 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
         y1 = tl.zeros([ROWS, PAIRS], tl.float32)
         y2 = tl.zeros([ROWS, PAIRS], tl.float32)
         for start in range(0, K, BLOCK_K):
-            y1, y2, _ = _dot_step(y1, y2, y1, first_rows, second_rows, feature_ok, x_ptr,
-                                  x_ptr, x_ptr, x_ptr, row, row < rows, stride_x,
-                                  start + inner, K, False, True, False, EVEN)
+            y1, y2 = _dot_step(y1, y2, first_rows, second_rows, feature_ok, x_ptr, row,
+                               row < rows, stride_x, start + inner, K, True, EVEN)
+    token = tl.arange(0, ROWS)
+    if SCALED:
+        scale = _norm_scale(squares_ptr, eps, token, rows, K)
+        y1 = y1 * scale
+        y2 = y2 * scale
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
     y2 = y2.to(out_type).to(tl.float32)
-    token = tl.arange(0, ROWS)
     token_ok = (token < rows)[:, None]
     dims = 2 * HALF
     if head < num_heads + num_kv_heads:  # queries and keys rotate
@@ -290,47 +300,69 @@ def takes(rows: int) -> bool:
     return 1 <= rows <= MAX_ROWS
 
 
-def takes_norm(rows: int) -> bool:
-    """Whether it also runs the norms before QKV and gate/up inside them (normed_product)."""
-    return 1 <= rows <= NORMED_MAX_ROWS
-
-
-def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, **tuning) -> torch.Tensor:
+def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,
+            squares: torch.Tensor | None = None, eps: float = 0.0, **tuning) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
-    2-D x of 1..MAX_ROWS rows with a unit stride along K. `tuning` (benchmarks): `block`
-    (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel for one
-    row too), `use_pdl` in place of pdl.enabled."""
-    return _launch(x, weight, gated, None, **tuning)
+    2-D x of 1..MAX_ROWS rows with a unit stride along K. With `squares` (each row's sum of
+    squares of x, float32, as summed_product gives them), the product of RMSNorm(x) instead:
+    x scaled by 1 / sqrt(squares / K + eps), the norm's weight folded into `weight`
+    (LlamaForCausalLM.fold_norms). `tuning` (benchmarks): `block` (BLOCK_N, BLOCK_K, warps,
+    stages) in place of `config`'s, `dot` (tl.dot's kernel for one row too), `use_pdl` in
+    place of pdl.enabled."""
+    out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+    _launch(x, weight, out, gated, squares, eps, None, **tuning)
+    return out
 
 
-def normed_product(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                   eps: float, weight: torch.Tensor, gated: bool, **tuning
+def scaled_product(x: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor, eps: float,
+                   gated: bool) -> torch.Tensor:
+    """product(x, weight, gated, squares=sums, eps=eps): Ops.scaled_linear."""
+    return product(x, weight, gated, squares=sums, eps=eps)
+
+
+def summed_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, **tuning
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """product(RMSNorm(x + residual) * norm_weight, weight, gated), and x + residual (the new
-    residual), in one kernel: an RMSNorm and the product that reads it (the residual add, the
-    norm and the QKV or gate/up product), for contiguous x and residual of 1..MAX_ROWS rows."""
-    new_residual = torch.empty_like(x)
-    return _launch(x, weight, gated, (residual, new_residual, norm_weight, eps), **tuning
-                   ), new_residual
+    """(residual + x W^T, rounded as adding the separate product rounds it; each row's sum of
+    squares of that, float32 [rows]): the O or down product with the residual add after it
+    and what the next RMSNorm needs of it, in one kernel, for contiguous residual
+    [rows, N]. The sums are the same from run to run (_add_and_sum)."""
+    rows, features = x.shape[0], weight.shape[0]
+    assert residual.shape == (rows, features) and residual.is_contiguous()
+    out = torch.empty_like(residual)
+    sums = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _launch(x, weight, out, False, None, 0.0, (residual, sums), **tuning)
+    return out, sums
 
 
-def _launch(x, weight, gated, norm, block=None, dot=None, use_pdl=None) -> torch.Tensor:
+@functools.cache
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The summed products' counter of finished programs on `device`, 0 between kernels (the
+    last program sets it back). One serves them all: a kernel on the stream starts counting
+    only once the one before it has finished (PDL included: each waits first). Made by
+    warm_up before graphs capture."""
+    return torch.zeros(1, device=device, dtype=torch.int32)
+
+
+def _launch(x, weight, out, gated, squares, eps, summed, block=None, dot=None, use_pdl=None):
     rows, inner = x.shape
-    features = weight.shape[0] // 2 if gated else weight.shape[0]
+    features = out.shape[1]
     block_n, block_k, warps, stages = block or config(rows, inner, gated)
     if dot is None:
         dot = rows > 1
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device)
-    residual, new_residual, norm_weight, eps = norm or (x, x, x, 0.0)
-    out = x.new_empty(rows, features)
-    _gemv_kernel[(triton.cdiv(features, block_n),)](
-        x, weight, out, residual, new_residual, norm_weight, eps, rows, features, inner,
-        x.stride(0), weight.stride(0), out.stride(0), GATED=gated, NORM=norm is not None,
-        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl,
-        num_warps=warps, num_stages=stages, **pdl.launch_options(use_pdl))
-    return out
+    programs = triton.cdiv(features, block_n)
+    row_tile = DOT_ROWS if dot else 1
+    residual, sums = summed or (x, x)
+    partial = (x.new_empty(rows, programs, dtype=torch.float32) if summed is not None
+               else x)
+    _gemv_kernel[(programs,)](
+        x, weight, out, x if squares is None else squares, eps, residual, partial,
+        _ticket(x.device), sums, rows, features, inner, x.stride(0), weight.stride(0),
+        GATED=gated, SCALED=squares is not None, SUMMED=summed is not None, ROWS=row_tile,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=features % block_n == 0 and inner % block_k == 0,
+        CHUNK=max(1, SUM_CHUNK // row_tile), PDL=use_pdl, num_warps=warps, num_stages=stages,
+        **pdl.launch_options(use_pdl))
 
 
 def _pairs(rows: int, head_dim: int) -> int:
@@ -349,10 +381,12 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
+               squares: torch.Tensor | None = None, eps: float = 0.0,
                use_pdl: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] rotated (into `out` if given); keys rotated and values in their cache
     slots: the QKV product x W^T (weight [(Hq + 2 Hkv) D, hidden]) followed by
-    rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows."""
+    rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows. `squares`,
+    `eps`: of RMSNorm(x), as in `product`."""
     rows, inner = x.shape
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
@@ -364,9 +398,10 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
-        x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping, rows, inner,
-        x.stride(0), weight.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
-        ROWS=1 if rows == 1 else DOT_ROWS, PAIRS=pairs, BLOCK_K=block_k, HALF=half,
+        x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
+        x if squares is None else squares, eps, rows, inner, x.stride(0), weight.stride(0),
+        k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
+        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=squares is not None,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q
@@ -391,23 +426,29 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
-            rotary: tuple | None = None) -> None:
-    """Compile every kernel a step may launch (one row and the dot path; plain, gated, at the
-    row counts takes_norm serves normed, and with `rotary` = (QKV weight, cos, sin, heads,
-    kv heads, head dim) qkv_rotary) before graphs capture: Triton compiles on a first call,
-    seconds mid-serving."""
+            rotary: tuple | None = None, summed: bool = False) -> None:
+    """Compile every kernel a step may launch (one row and the dot path; plain and gated;
+    with `summed` (the model's norms folded, LlamaForCausalLM.fold_norms) also scaled and
+    summed; and with `rotary` = (QKV weight, cos, sin, heads, kv heads, head dim)
+    qkv_rotary) before graphs capture: Triton compiles on a first call, seconds
+    mid-serving."""
     for rows in (1, 2):
         for weight, is_gated in [(w, False) for w in weights] + [(gated, True)] * (
                 gated is not None):
             x = weight.new_zeros(rows, weight.shape[1])
             product(x, weight, is_gated)
-            if takes_norm(rows):
-                normed_product(x, x, weight.new_ones(weight.shape[1]), 1e-5, weight, is_gated)
+            if summed:
+                sums = torch.ones(rows, device=x.device, dtype=torch.float32)
+                product(x, weight, is_gated, squares=sums, eps=1e-5)
+                if not is_gated:
+                    summed_product(x, weight, x.new_zeros(rows, weight.shape[0]))
         if rotary is not None and takes_rotary(rows, rotary[5]):
             weight, cos, sin, heads, kv_heads, head_dim = rotary
             cache = weight.new_zeros(1, rows, kv_heads, head_dim)
             # int64 positions and slots, as a step's batch carries them (Triton specializes
             # on the pointers' types).
             where = torch.zeros(rows, dtype=torch.int64, device=weight.device)
-            qkv_rotary(weight.new_zeros(rows, weight.shape[1]), weight, where, cos, sin, cache,
-                       cache.clone(), where, heads, kv_heads, head_dim)
+            for squares in [None] + [torch.ones(rows, device=weight.device)] * summed:
+                qkv_rotary(weight.new_zeros(rows, weight.shape[1]), weight, where, cos, sin,
+                           cache, cache.clone(), where, heads, kv_heads, head_dim,
+                           squares=squares, eps=1e-5)

@@ -107,7 +107,9 @@ def build(config: ShardConfig, group: Group, device: torch.device) -> Built:
              f"in quack's narrow tiles at {shard_decode_gemm.MIN_ROWS}-"
              f"{shard_decode_gemm.MAX_ROWS} rows (shard/decode_gemm.py)"
              if decode_gemm else "on cuBLAS",
-             ", at 1-16 rows in Triton matrix-vector kernels (shard/gemv.py)" if gemv else "")
+             ", at 1-16 rows in Triton matrix-vector kernels (shard/gemv.py)%s" % (
+                 ", the residual adds and norms inside them (norms folded)"
+                 if loaded.model.layers[0].sums_norms else "") if gemv else "")
     peak = 0
     if device.type == "cuda":
         peak = budgets.profile_peak_bytes(loaded.model, attention, config, dtype, device)
@@ -148,7 +150,7 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         from shard import gemv as shard_gemv  # imports Triton: CUDA only
         rotary = ((attn.qkv_proj.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
                    attn.num_kv_heads, attn.head_dim) if attn.fuses_rotary else None)
-        shard_gemv.warm_up(products, gated, rotary)
+        shard_gemv.warm_up(products, gated, rotary, summed=model.layers[0].sums_norms)
     graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +38,14 @@ class Activations:
     residual: torch.Tensor | None = None  # [T, hidden]
     hidden: torch.Tensor | None = None  # [T, hidden]: after the final norm
     static: bool = False
+
+
+class Squares(NamedTuple):
+    """What a norm reads in place of its input x when the product before it already added x to
+    the residual stream (LlamaDecoderLayer.after_attention, norms folded): each row's sum of
+    squares of the stream, float32 [T]. The stream itself goes on as the residual."""
+
+    sums: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -134,17 +143,22 @@ class LlamaAttention(nn.Module):
         return (self.ops.qkv_rotary is not None and qkv_proj.weight is not None
                 and qkv_proj.bias is None)
 
-    def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None):
+    def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None, norm=None):
         """q [T, Hq, D] of the normed hidden states h, rotated (into q_out if given); their keys
         (rotated) and values go to their cache slots. One kernel where it fuses the rotary and
-        takes the step, else the QKV product, then rotate."""
+        takes the step, else the QKV product, then rotate. norm = (Squares, eps): h is the
+        stream itself, and the products scale it by RMSNorm's 1 / RMS (the norm's weight is
+        folded into QKV's)."""
+        squares, eps = (norm[0].sums, norm[1]) if norm else (None, 0.0)
         if (self.fuses_rotary and h.dim() == 2 and h.stride(1) == 1
                 and self.ops.qkv_rotary_rows(h.shape[0], self.head_dim)):
             return self.ops.qkv_rotary(h, self.qkv_proj.weight, positions, rotary.cos,
                                        rotary.sin, kv_cache[0], kv_cache[1], slot_mapping,
                                        self.num_heads, self.num_kv_heads, self.head_dim,
-                                       out=q_out)
-        return self.rotate(self.qkv_proj(h), positions, rotary, kv_cache, slot_mapping, q_out)
+                                       out=q_out, squares=squares, eps=eps)
+        qkv = (self.qkv_proj(h) if norm is None
+               else self.ops.scaled_linear(h, self.qkv_proj.weight, squares, eps, False))
+        return self.rotate(qkv, positions, rotary, kv_cache, slot_mapping, q_out)
 
     def rotate(self, qkv, positions, rotary, kv_cache, slot_mapping, q_out=None):
         """q [T, Hq, D] of the step's tokens from their QKV product, rotated (into q_out if
@@ -191,44 +205,63 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, tp, backend, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = LlamaMLP(config, tp, ops)
+        self.sums_norms = False  # fold_norms
 
     # The two halves around attention: the model's pieces (LlamaForCausalLM.piece) join them.
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping,
                          q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
-        (q, residual); q in q_out if given."""
-        qkv_proj = self.self_attn.qkv_proj
-        normed = self._normed(self.input_layernorm, x, residual, qkv_proj, gated=False)
-        if normed is None:
-            h, residual = self.input_layernorm(x, residual)
-            return self.self_attn.project(h, positions, rotary, kv_cache, slot_mapping,
-                                          q_out), residual
-        qkv, residual = normed
-        return self.self_attn.rotate(qkv, positions, rotary, kv_cache, slot_mapping,
-                                     q_out), residual
+        (q, residual); q in q_out if given. x is Squares where after_attention made it so:
+        the residual is then the stream already, and the norm a scale in the QKV product."""
+        attn = self.self_attn
+        if isinstance(x, Squares):
+            return attn.project(residual, positions, rotary, kv_cache, slot_mapping, q_out,
+                                norm=(x, self.input_layernorm.eps)), residual
+        h, residual = self.input_layernorm(x, residual)
+        return attn.project(h, positions, rotary, kv_cache, slot_mapping, q_out), residual
 
-    def after_attention(self, attended, residual):
-        o = self.self_attn.output(attended)
-        mlp = self.mlp
-        normed = self._normed(self.post_attention_layernorm, o, residual, mlp.gate_up_proj,
-                              gated=True)
-        if normed is None:
-            h, residual = self.post_attention_layernorm(o, residual)
+    def after_attention(self, attended, residual, then_layer: bool = False):
+        """Output projection, norm and MLP: (x, residual) for the next norm to add and
+        normalize. With the norms folded (LlamaForCausalLM.fold_norms), a step of the rows
+        ops.summed_rows takes runs the residual adds inside the O and down products, which
+        also sum the squares the next norms need (shard/gemv.py's summed_product), and the
+        post-attention norm as a scale inside gate/up; then_layer (a layer's input norm, not
+        the final one, reads the result): x is then Squares and the residual the stream."""
+        attn, mlp = self.self_attn, self.mlp
+        ops = mlp.ops
+        if not (self.sums_norms and ops.summed_rows(attended.shape[0])
+                and residual.is_contiguous()):
+            h, residual = self.post_attention_layernorm(attn.output(attended), residual)
             return mlp(h), residual
-        gated, residual = normed
-        return mlp.down_proj(gated), residual
+        heads = attended.reshape(-1, attn.num_heads * attn.head_dim)
+        stream, sums = ops.summed_linear(heads, attn.o_proj.weight, residual)
+        gated = ops.scaled_linear(stream, mlp.gate_up_proj.weight, sums,
+                                  self.post_attention_layernorm.eps, True)
+        if then_layer:
+            stream, sums = ops.summed_linear(gated, mlp.down_proj.weight, stream)
+            return Squares(sums), stream
+        return mlp.down_proj(gated), stream
 
-    @staticmethod
-    def _normed(norm: RMSNorm, x, residual, linear: ColumnParallelLinear, gated: bool):
-        """(linear's product of norm(x + residual), SiLU x up applied if gated; x + residual)
-        in one kernel (ops.normed_linear, --gemv) where it takes the step: rows it serves, a
-        residual to add, contiguous rows, a plain weight without bias. Else None."""
-        ops = norm.ops
-        if (ops.normed_linear is None or residual is None or linear.weight is None
-                or linear.bias is not None or not ops.normed_rows(x.shape[0])
-                or not (x.is_contiguous() and residual.is_contiguous())):
-            return None
-        return ops.normed_linear(x, residual, norm.weight, norm.eps, linear.weight, gated)
+    def folds_norms(self) -> bool:
+        """Whether fold_norms can: the summed products built (--gemv), one rank (the O and
+        down products' sums are whole only unsplit), plain weights without bias."""
+        projections = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj,
+                       self.mlp.down_proj)
+        return (self.mlp.ops.summed_linear is not None
+                and all(p.tp.world_size == 1 and p.weight is not None and p.bias is None
+                        for p in projections))
+
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Each norm's weight into the product that reads the norm (QKV's and gate/up's input
+        columns: W[:, k] g[k], rounded once), the norms left as 1 / RMS alone (weight 1), for
+        every step: what after_attention's summed steps need."""
+        for norm, proj in ((self.input_layernorm, self.self_attn.qkv_proj),
+                           (self.post_attention_layernorm, self.mlp.gate_up_proj)):
+            weight = proj.weight
+            weight.copy_((weight.float() * norm.weight.float()).to(weight.dtype))
+            norm.weight.fill_(1)
+        self.sums_norms = True
 
 
 class LlamaForCausalLM(nn.Module):
@@ -299,7 +332,8 @@ class LlamaForCausalLM(nn.Module):
         if index == 0:
             x, residual = self.embed_tokens(a.input_ids), None
         else:
-            x, residual = layers[index - 1].after_attention(a.attended, a.residual)
+            x, residual = layers[index - 1].after_attention(a.attended, a.residual,
+                                                            then_layer=index < len(layers))
         if index == len(layers):
             hidden = self.norm(x, residual)[0]
             a.hidden = a.hidden.copy_(hidden) if a.static else hidden
@@ -354,3 +388,6 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "finish_loading"):
                 module.finish_loading()
+        if all(layer.folds_norms() for layer in self.layers):
+            for layer in self.layers:
+                layer.fold_norms()

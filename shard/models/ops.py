@@ -87,11 +87,13 @@ class Ops:
     swiglu_rows: Callable[[int], bool] = quack_mlp.fuses
     # F.linear's signature: what the QKV, O, gate/up and down products call.
     linear: Callable = F.linear
-    # (x, residual, norm weight, eps, weight, gated) -> (product of RMSNorm(x + residual),
-    # x + residual): a layer's residual add and norm in the product that reads them, for steps
-    # whose row count normed_rows takes; None: the norm, then the product.
-    normed_linear: Callable | None = None
-    normed_rows: Callable[[int], bool] = bool
+    # With the norms folded into the products after them (LlamaForCausalLM.load_weights),
+    # for steps whose row count summed_rows takes: (x, weight, residual) -> (residual + x W^T,
+    # its rows' sums of squares), the O and down products; (x, weight, sums, eps, gated) ->
+    # the product of RMSNorm(x), QKV and gate/up. None: norms stay separate.
+    summed_linear: Callable | None = None
+    scaled_linear: Callable | None = None
+    summed_rows: Callable[[int], bool] = bool
     # (x, QKV weight, positions, cos, sin, k cache, v cache, slots, heads, kv heads, head dim,
     # out=) -> q: the QKV product and rotary_into_cache in one kernel, for steps that
     # qkv_rotary_rows(rows, head_dim) takes; None: the product, then rotary_into_cache.
@@ -107,8 +109,8 @@ class Ops:
         Hopper). decode_gemm: decode batches' products in quack's narrow tiles where
         shard/decode_gemm.py's `takes` says so (Hopper). gemv: products of 1-16 rows in Triton
         matrix-vector kernels, the gate/up one with SiLU × up applied, the QKV one (with
-        fused_rotary) with rotary and the cache write, and the norms before QKV and gate/up
-        able to go inside those products (shard/gemv.py, CUDA)."""
+        fused_rotary) with rotary and the cache write, and the residual adds and norms able
+        to go inside the products around them (shard/gemv.py, CUDA)."""
         stage = compile_stage if compiled else (lambda fn: fn)
         if fused_rotary:
             from shard.rotary_cache import rotary_into_cache  # imports Triton: CUDA only
@@ -124,16 +126,18 @@ class Ops:
         linear = F.linear
         if decode_gemm:
             from shard.decode_gemm import linear
-        normed = {}
+        small_ops = {}
         if gemv:
             linear = small.small_rows(linear)
-            normed = dict(normed_linear=small.normed_product, normed_rows=small.takes_norm)
+            small_ops = dict(summed_linear=small.summed_product,
+                             scaled_linear=small.scaled_product,
+                             summed_rows=small.takes)
             if fused_rotary:  # --fused-rotary off keeps rotary a stage of its own
-                normed.update(qkv_rotary=small.qkv_rotary, qkv_rotary_rows=small.takes_rotary)
+                small_ops.update(qkv_rotary=small.qkv_rotary, qkv_rotary_rows=small.takes_rotary)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,
                    compiled=compiled, fused_rotary=fused_rotary, fused_mlp=fused_mlp,
                    decode_gemm=decode_gemm, gemv=gemv, swiglu_linear=swiglu_linear,
-                   swiglu_rows=swiglu_rows, linear=linear, **normed)
+                   swiglu_rows=swiglu_rows, linear=linear, **small_ops)
 
 
 def _first_of(routes: list[tuple[Callable, Callable]]) -> tuple[Callable, Callable | None]:

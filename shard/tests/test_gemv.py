@@ -12,16 +12,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from shard import fused_mlp, gemv
+from shard import fused_mlp, gemv, loader
 from shard.attention import TorchAttention
-from shard.models.llama import LlamaForCausalLM, LlamaMLP
+from shard.loader import _default_dtype
+from shard.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from shard.models.ops import Ops
 from shard.parallel import TensorParallel
+from shard.source import ModelSource
 from shard.tests.test_llama_matches_transformers import paged_logits
-from shard.tests.tiny_model import tiny_config
+from shard.tests.tiny_model import tiny_config, write_tiny_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -60,25 +63,55 @@ def test_kernel_matches_float64_at_every_row_count_it_serves(rows, shape, gated)
     assert error < TOLERANCE, error
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
-def test_normed_kernel_is_the_residual_add_and_rmsnorm_then_the_product(rows, shape, gated):
-    """The new residual is x + residual exactly as the separate add rounds it; the product is
-    that of RMSNorm(x + residual) * norm weight, to one rounding of the output."""
+def test_scaled_kernel_is_the_product_of_each_row_times_its_norms_scale(rows, shape, gated):
+    """With the rows' sums of squares, the product of x / sqrt(sums / K + eps) (RMSNorm, its
+    weight folded into W), to one rounding of the output."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 1)
-    x, residual = (torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
-    norm_weight = (1 + torch.rand(inner, generator=gen)).to(DEVICE, DTYPE)
+    x = torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
-    got, new_residual = gemv.normed_product(x, residual, norm_weight, 1e-5, weight, gated)
-    assert torch.equal(new_residual, x + residual)
-    summed = (x + residual).double()
-    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
-    expected = reference(normed, weight, gated)
+    # Sums unlike x's own: the kernel must take them, not sum x again.
+    sums = (inner * (0.5 + torch.rand(rows, generator=gen))).to(DEVICE)
+    got = gemv.product(x, weight, gated, squares=sums, eps=1e-5)
+    scale = torch.rsqrt(sums.double() / inner + 1e-5)[:, None]
+    expected = reference(x.double() * scale, weight, gated)
     assert got.shape == expected.shape and got.dtype == DTYPE
-    error = ((got.double() - expected).norm() / expected.norm()).item()
-    assert error < TOLERANCE, error
+    assert relative_error(got, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("chunk", [gemv.SUM_CHUNK, 2], ids=["chunk", "chunk-2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("rows", ROWS)
+def test_summed_kernel_adds_the_residual_and_sums_each_rows_squares(rows, shape, chunk,
+                                                                   monkeypatch):
+    """The stream is residual + the product, rounded as adding the separate product rounds
+    it; each row's sum of squares of the stream is whole (every program's share, the last
+    program's passes over them: chunk-2 takes several), the same on a second run, and the
+    ticket is back at 0 for the next summed product."""
+    monkeypatch.setattr(gemv, "SUM_CHUNK", chunk)
+    features, inner = shape
+    gen = torch.Generator().manual_seed(rows * 1000 + features + 2)
+    x = torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE)
+    weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
+    residual = torch.randn(rows, features, generator=gen).to(DEVICE, DTYPE)
+    stream, sums = gemv.summed_product(x, weight, residual)
+    product = reference(x, weight, False)
+    assert stream.dtype == DTYPE and sums.dtype == torch.float32 and sums.shape == (rows,)
+    assert relative_error(stream, residual.double() + product) < TOLERANCE
+    # Bit for bit the plain kernel's product (the same sums), then the separate add.
+    assert torch.equal(stream, residual + gemv.product(x, weight, False))
+    expected = stream.double().pow(2).sum(1)
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
+    assert gemv._ticket(x.device).item() == 0
+    again = gemv.summed_product(x, weight, residual)
+    assert torch.equal(again[0], stream) and torch.equal(again[1], sums)
 
 
 # (query heads, key/value heads, head dim, hidden): a small GQA model; on the GPU the 8B's and
@@ -86,12 +119,14 @@ def test_normed_kernel_is_the_residual_add_and_rmsnorm_then_the_product(rows, sh
 ATTENTION = [(4, 2, 32, 96)] + ([(32, 8, 128, 4096), (32, 8, 64, 2048)] if ON_GPU else [])
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
 @pytest.mark.parametrize("shape", ATTENTION, ids=[f"{h}-{kv}-d{d}" for h, kv, d, _ in ATTENTION])
 @pytest.mark.parametrize("rows", ROWS)
-def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape):
+def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     """q rotated, keys rotated and values into their (scattered) cache slots, every other
     slot untouched: the QKV product rounded to the output's type, then rotate-half in float32
-    as shard/rotary_cache.py does."""
+    as shard/rotary_cache.py does. scaled: of each row times its norm's scale, as in the
+    scaled product."""
     heads, kv_heads, dim, hidden = shape
     assert gemv.takes_rotary(rows, dim)
     gen = torch.Generator().manual_seed(rows * 100 + dim)
@@ -105,9 +140,11 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape):
     cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
     k_cache, v_cache = (torch.zeros(blocks, page, kv_heads, dim, device=DEVICE, dtype=DTYPE)
                         for _ in range(2))
+    sums = (hidden * (0.5 + torch.rand(rows, generator=gen))).to(DEVICE) if scaled else None
     q = gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                        kv_heads, dim)
-    qkv = reference(x, weight, False).to(DTYPE).float().view(rows, -1, dim)
+                        kv_heads, dim, squares=sums, eps=1e-5)
+    normed = x.double() * (torch.rsqrt(sums.double() / hidden + 1e-5)[:, None] if scaled else 1)
+    qkv = reference(normed, weight, False).to(DTYPE).float().view(rows, -1, dim)
     c, s_ = cos[positions][:, None, :], sin[positions][:, None, :]
     first, second = qkv[..., :half], qkv[..., half:]
     rotated = torch.cat([first * c - second * s_, second * c + first * s_], -1).to(DTYPE)
@@ -123,7 +160,8 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape):
     assert not v_cache.view(-1, kv_heads, dim)[untouched].any()
     out = torch.empty(rows, heads, dim, device=DEVICE, dtype=DTYPE)
     assert gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                           kv_heads, dim, out=out) is out and torch.equal(out, q)
+                           kv_heads, dim, out=out, squares=sums, eps=1e-5) is out
+    assert torch.equal(out, q)
 
 
 def test_qkv_rotary_takes_1_to_16_rows_and_at_2_to_16_a_half_head_of_16_or_more():
@@ -171,13 +209,23 @@ def test_small_rows_take_1_to_16_rows_and_pass_the_rest_on(monkeypatch):
     assert calls == [] and larger_calls == [((4, 32), True), ((2, 4, 32), False), ((4, 32), False)]
 
 
+def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
+    """To float32's rounding on the CPU; on the GPU, where the models run in bfloat16 and
+    the kernels' sums round differently from cuBLAS's, to bfloat16's."""
+    if ON_GPU:
+        assert relative_error(got, want.double()) < 2e-2
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _mlps(**built) -> tuple[LlamaMLP, LlamaMLP]:
     config = tiny_config()
     torch.manual_seed(0)
-    separate = LlamaMLP(config, TensorParallel(), Ops.build(compiled=False))
-    for p in separate.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    other = LlamaMLP(config, TensorParallel(), Ops.build(compiled=False, **built))
+    with torch.device(DEVICE), _default_dtype(DTYPE):
+        separate = LlamaMLP(config, TensorParallel(), Ops.build(compiled=False))
+        for p in separate.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        other = LlamaMLP(config, TensorParallel(), Ops.build(compiled=False, **built))
     other.load_state_dict(separate.state_dict())
     return separate, other
 
@@ -188,10 +236,10 @@ def test_the_mlp_of_1_to_16_rows_is_the_gated_kernel_then_down_through_it():
     separate, small = _mlps(gemv=True)
     assert small.fuses_gate and small.ops.gemv and not separate.fuses_gate
     for rows in (1, 5, 16, 17, 40):
-        x = torch.randn(rows, 32)
+        x = torch.randn(rows, 32, device=DEVICE, dtype=DTYPE)
         got, want = small(x), separate(x)
         if rows <= gemv.MAX_ROWS:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert_near(got, want)
         else:
             assert torch.equal(got, want), rows
 
@@ -212,77 +260,130 @@ def test_with_the_fused_mlp_too_each_step_takes_the_product_for_its_rows(monkeyp
     monkeypatch.setattr(fused_mlp, "swiglu_linear", route("quack"))
     separate, both = _mlps(gemv=True, fused_mlp=True)
     for rows in (1, 16, 17, fused_mlp.MIN_ROWS - 1, fused_mlp.MIN_ROWS, fused_mlp.MIN_TOKENS):
-        x = torch.randn(rows, 32)
-        torch.testing.assert_close(both(x), separate(x), rtol=1e-4, atol=1e-4)
+        x = torch.randn(rows, 32, device=DEVICE, dtype=DTYPE)
+        assert_near(both(x), separate(x))
     assert taken == [("gemv", 1), ("gemv", 16), ("quack", fused_mlp.MIN_ROWS),
                      ("quack", fused_mlp.MIN_TOKENS)]
 
 
-def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(monkeypatch):
-    """Prefill chunks and decodes of 1-16 rows go through the kernels (every product but the
-    LM head; with norms inside at one row, each norm but the first layer's and the final one
-    inside the product that reads it); the logits are the plain model's to float32 rounding,
-    and a 17-row step is the plain model's bit for bit."""
-    assert not gemv.takes_norm(1)  # as measured: the norms stay separate (gemv.py)
-    monkeypatch.setattr(gemv, "NORMED_MAX_ROWS", 1)
-    config = tiny_config(num_layers=2, max_position_embeddings=512)
+# A small GQA model whose half head (16) takes qkv_rotary at 2-16 rows too.
+MODEL = dict(num_layers=2, hidden_size=96, intermediate_size=64, head_dim=32, num_heads=4,
+             num_kv_heads=2, max_position_embeddings=512)
+
+
+def _models(ops: Ops, fold: bool) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """A plain model with random weights (the norms' too), and one on `ops` with the same
+    weights, its norms folded if `fold` (as load_weights folds them)."""
+    config = tiny_config(**MODEL)
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(config, TensorParallel(), TorchAttention(), Ops.build(compiled=False))
-    for p in plain.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    ops = Ops.build(compiled=False, gemv=True)
-    normed = []
+    with torch.device(DEVICE), _default_dtype(DTYPE):
+        plain = LlamaForCausalLM(config, TensorParallel(), TorchAttention(),
+                                 Ops.build(compiled=False))
+        for p in plain.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        other = LlamaForCausalLM(config, TensorParallel(), TorchAttention(), ops)
+    other.load_state_dict(plain.state_dict())
+    if fold:
+        assert all(layer.folds_norms() for layer in other.layers)
+        for layer in other.layers:
+            layer.fold_norms()
+    return plain, other
 
-    def normed_linear(x, residual, norm_weight, eps, weight, gated):
-        normed.append((x.shape[0], gated))
-        return ops.normed_linear(x, residual, norm_weight, eps, weight, gated)
 
-    small = LlamaForCausalLM(config, TensorParallel(), TorchAttention(),
-                             dataclasses.replace(ops, normed_linear=normed_linear))
-    small.load_state_dict(plain.state_dict())
+def _logits(model, prompt: torch.Tensor, decodes: list[int], chunk: int) -> torch.Tensor:
+    return paged_logits(model, prompt, decodes, block_size=16, max_prefill_tokens=chunk,
+                        device=DEVICE)
+
+
+PROMPT = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
+
+
+def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
+    """Norms separate (not folded): prefill chunks and decodes of 1-16 rows go through the
+    kernels (every product but the LM head); the logits are the plain model's to rounding,
+    and a 17-row step is the plain model's bit for bit."""
+    plain, small = _models(Ops.build(compiled=False, gemv=True), fold=False)
     steps = []
     small.register_forward_pre_hook(lambda module, args: steps.append(args[0].shape[0]))
-    prompt = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
-    decodes = [5, 9, 13]
-    got = paged_logits(small, prompt, decodes, block_size=16, max_prefill_tokens=7)
-    want = paged_logits(plain, prompt, decodes, block_size=16, max_prefill_tokens=7)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = _logits(small, PROMPT, [5, 9, 13], 7)
+    want = _logits(plain, PROMPT, [5, 9, 13], 7)
+    assert_near(got, want)
     assert not torch.equal(got, want)  # the kernels did run: their sums round differently
-    # Per step: layer 0's post-attention norm (gate/up), layer 1's input (QKV) and
-    # post-attention ones; layer 0's input norm has no residual yet.
     assert steps == [7, 7, 7, 1, 1, 1]
-    assert normed == [(n, gated) for n in steps if gemv.takes_norm(n)
-                      for gated in (True, False, True)]
-    assert gemv.takes_norm(1) and not gemv.takes_norm(2)
-    normed.clear()
-    got = paged_logits(small, prompt[:17], [], block_size=16, max_prefill_tokens=17)
-    assert torch.equal(got, paged_logits(plain, prompt[:17], [], block_size=16,
-                                         max_prefill_tokens=17))
-    assert normed == []
+    assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
-def test_a_model_with_gemv_and_fused_rotary_runs_qkv_rotary_and_cache_in_one_kernel():
-    """With --fused-rotary too, every layer's QKV product of a 1-16-row step is qkv_rotary
-    (prefill chunks of 7 rows: tl.dot's path; decodes: one row), reading the cache it wrote;
-    the logits are the plain model's to float32 rounding."""
-    config = tiny_config(num_layers=2, hidden_size=96, intermediate_size=64, head_dim=32,
-                         num_heads=4, num_kv_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    plain = LlamaForCausalLM(config, TensorParallel(), TorchAttention(), Ops.build(compiled=False))
-    for p in plain.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    ops = Ops.build(compiled=False, gemv=True, fused_rotary=True)
-    fused = []
+@pytest.mark.parametrize("fused_rotary", [False, True], ids=["qkv", "qkv-rotary"])
+def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fused_rotary):
+    """Norms folded: in a step of 1-16 rows each layer's O and down products add the residual
+    and sum the squares (not the last layer's down: the final norm stays a norm), and
+    gate/up and the next layer's QKV take the norm as a scale (the first layer's QKV reads
+    its norm: no residual yet). The logits are the plain model's to rounding, and so are a
+    17-row step's, which runs the norms separately (their weight 1: folded)."""
+    ops = Ops.build(compiled=False, gemv=True, fused_rotary=fused_rotary)
+    calls = []
 
-    def qkv_rotary(x, *args, **kwargs):
-        fused.append(x.shape[0])
-        return ops.qkv_rotary(x, *args, **kwargs)
+    def summed_linear(x, weight, residual):
+        calls.append(("summed", x.shape[0], weight.shape[1]))
+        return ops.summed_linear(x, weight, residual)
 
-    small = LlamaForCausalLM(config, TensorParallel(), TorchAttention(),
-                             dataclasses.replace(ops, qkv_rotary=qkv_rotary))
-    small.load_state_dict(plain.state_dict())
-    prompt = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
-    got = paged_logits(small, prompt, [5, 9, 13], block_size=16, max_prefill_tokens=7)
-    want = paged_logits(plain, prompt, [5, 9, 13], block_size=16, max_prefill_tokens=7)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert fused == [7] * 6 + [1] * 6
+    def scaled_linear(x, weight, sums, eps, gated):
+        calls.append(("scaled", x.shape[0], "gate/up" if gated else "qkv"))
+        return ops.scaled_linear(x, weight, sums, eps, gated)
+
+    def qkv_rotary(x, *args, squares=None, **kwargs):
+        calls.append(("qkv_rotary", x.shape[0], squares is not None))
+        return ops.qkv_rotary(x, *args, squares=squares, **kwargs)
+
+    plain, small = _models(dataclasses.replace(
+        ops, summed_linear=summed_linear, scaled_linear=scaled_linear,
+        qkv_rotary=qkv_rotary if fused_rotary else None), fold=True)
+    assert all(torch.equal(layer.input_layernorm.weight, torch.ones_like(
+        layer.input_layernorm.weight)) for layer in small.layers)
+    got = _logits(small, PROMPT, [5, 9, 13], 7)
+    assert_near(got, _logits(plain, PROMPT, [5, 9, 13], 7))
+    o_inputs, down_inputs = 4 * 32, 64
+
+    def step(n: int) -> list:
+        first_qkv = [("qkv_rotary", n, False)] if fused_rotary else []
+        qkv = [("qkv_rotary", n, True)] if fused_rotary else [("scaled", n, "qkv")]
+        return first_qkv + [("summed", n, o_inputs), ("scaled", n, "gate/up"),
+                            ("summed", n, down_inputs)] + qkv + [
+            ("summed", n, o_inputs), ("scaled", n, "gate/up")]
+
+    assert calls == [c for n in (7, 7, 7, 1, 1, 1) for c in step(n)]
+    calls.clear()
+    assert_near(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
+    assert calls == []
+
+
+def test_load_weights_folds_the_norms_with_gemv_on_one_rank_only(tmp_path):
+    """load_weights folds each norm's weight into QKV's and gate/up's input columns (rounded
+    once) where the summed products can serve: --gemv, one rank, no bias (Qwen2's QKV has
+    one)."""
+    folder = write_tiny_model(tmp_path / "llama")
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    for name, tensor in tensors.items():  # norms of weight 1 would fold to nothing
+        if name.endswith("layernorm.weight"):
+            tensor.uniform_(0.5, 1.5)
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = {gemv_on: loader.load(ModelSource("tiny", folder), TensorParallel(), DEVICE, DTYPE,
+                                   TorchAttention(), gemv=gemv_on).model
+              for gemv_on in (False, True)}
+    for plain, folded in zip(loaded[False].layers, loaded[True].layers):
+        assert folded.sums_norms and not plain.sums_norms
+        for norm, proj in (("input_layernorm", "self_attn.qkv_proj"),
+                           ("post_attention_layernorm", "mlp.gate_up_proj")):
+            weight = plain.get_submodule(proj).weight
+            scale = plain.get_submodule(norm).weight
+            assert not torch.equal(scale, torch.ones_like(scale))
+            assert torch.equal(folded.get_submodule(proj).weight,
+                               (weight.float() * scale.float()).to(DTYPE))
+            assert torch.equal(folded.get_submodule(norm).weight, torch.ones_like(scale))
+    qwen = loader.load(ModelSource("qwen", write_tiny_model(tmp_path / "qwen", "qwen2")),
+                       TensorParallel(), DEVICE, DTYPE, TorchAttention(), gemv=True).model
+    assert not any(layer.sums_norms for layer in qwen.layers)
+    with torch.device(DEVICE):
+        split = LlamaDecoderLayer(tiny_config(), TensorParallel(0, 2), TorchAttention(),
+                                  Ops.build(compiled=False, gemv=True))
+    assert not split.folds_norms()

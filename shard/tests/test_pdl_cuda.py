@@ -28,28 +28,29 @@ def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(rows):
-    """Six products, each reading the previous one's output (every other one normed, its
-    residual the previous normed one's), captured in a CUDA graph and replayed on new inputs:
-    with PDL every kernel starts before its predecessor ends, so a read before the wait would
-    see the previous replay's values. Equal, bit for bit, to the same chain without PDL."""
+    """Six products, each reading the previous one's output: every other one summed (the
+    residual add and the rows' sums of squares, whose last program reads every program's
+    share), the ones between scaled by those sums. Captured in a CUDA graph and replayed on
+    new inputs: with PDL every kernel starts before its predecessor ends, so a read before
+    the wait would see the previous replay's values. Equal, bit for bit, to the same chain
+    without PDL."""
     assert pdl.enabled(CUDA), "the lent GPUs are Hopper"
     inner = 4096
     gen = torch.Generator(device=CUDA).manual_seed(rows)
     weights = [(torch.randn(inner, inner, device=CUDA, generator=gen) / inner ** 0.5
                 ).to(torch.bfloat16) for _ in range(6)]
-    norm_weight = (1 + torch.rand(inner, device=CUDA, generator=gen)).to(torch.bfloat16)
     x = torch.empty(rows, inner, device=CUDA, dtype=torch.bfloat16)
     residual = torch.empty_like(x)
 
     def chain(use_pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        y, res = x, residual
+        y, stream, sums = x, residual, None
         for i, weight in enumerate(weights):
             if i % 2:
-                y, res = gemv.normed_product(y, res, norm_weight, 1e-5, weight, False,
-                                             use_pdl=use_pdl)
+                stream, sums = gemv.summed_product(y, weight, stream, use_pdl=use_pdl)
+                y = stream
             else:
-                y = gemv.product(y, weight, False, use_pdl=use_pdl)
-        return y, res
+                y = gemv.product(y, weight, False, squares=sums, eps=1e-5, use_pdl=use_pdl)
+        return y, sums
 
     outputs, graphs = {}, {}
     x.normal_(generator=gen), residual.normal_(generator=gen)
