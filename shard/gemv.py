@@ -300,6 +300,20 @@ def takes(rows: int) -> bool:
     return 1 <= rows <= MAX_ROWS
 
 
+# The fewest rows whose steps run the norms inside the products (summed_product and the
+# scaled ones; norms folded). On the H100 (8B shape, gpu.sh curve) that took 0.06-0.08 ms off
+# steps of 2-16 rows, but added 0.03-0.05 ms at one row, where the summed products' 2,048
+# programs each take a ticket (a GPU-scope atomic, ordered after the program's stores) and the
+# last one adds 2,048 shares: one-row steps keep the norms separate.
+SUMMED_MIN_ROWS = 2
+
+
+def takes_summed(rows: int) -> bool:
+    """Whether a step of `rows` rows runs its norms inside the products (models whose norms
+    are folded)."""
+    return SUMMED_MIN_ROWS <= rows <= MAX_ROWS
+
+
 def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,
             squares: torch.Tensor | None = None, eps: float = 0.0, **tuning) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
@@ -350,7 +364,7 @@ def _launch(x, weight, out, gated, squares, eps, summed, block=None, dot=None, u
     if dot is None:
         dot = rows > 1
     if use_pdl is None:
-        use_pdl = pdl.enabled(x.device)
+        use_pdl = pdl.enabled(x.device, rows)
     programs = triton.cdiv(features, block_n)
     row_tile = DOT_ROWS if dot else 1
     residual, sums = summed or (x, x)
@@ -394,7 +408,7 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     block_n, block_k, warps, stages = config(rows, inner, gated=True)
     pairs = _pairs(rows, head_dim)
     if use_pdl is None:
-        use_pdl = pdl.enabled(x.device)
+        use_pdl = pdl.enabled(x.device, rows)
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](

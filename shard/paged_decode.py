@@ -151,7 +151,7 @@ class PagedDecode:
         # 4 warps, the 1B's d=64 at 3.85 with 2 against 3.45 with 4 (decode_attention.py
         # --triton at batches 120 and 224).
         warps = self.num_warps or (2 if dim <= 64 else 4)
-        use_pdl = pdl.enabled(q.device)
+        use_pdl = pdl.enabled(q.device, batch)
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

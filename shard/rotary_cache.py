@@ -78,7 +78,7 @@ def rotary_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     half = head_dim // 2
-    use_pdl = pdl.enabled(qkv.device)
+    use_pdl = pdl.enabled(qkv.device, tokens)
     _rotary_cache_kernel[(tokens,)](
         qkv, positions, cos, sin, slot_mapping, q, k_slots, v_slots,
         qkv.stride(0), k_slots.stride(0), num_heads, num_kv_heads,

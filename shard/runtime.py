@@ -337,7 +337,8 @@ def _configure_pdl(setting: str, device: torch.device) -> None:
         raise ValueError("--pdl on needs a CUDA device of compute capability 9.0 or later "
                          "(and Triton 3.4+)")
     pdl.configure(setting != "off" and pdl.capable(device))
-    log.info("programmatic dependent launch: %s", "on" if pdl.enabled(device) else "off")
+    log.info("programmatic dependent launch: %s", "on, for steps of %d row(s)" % pdl.MAX_ROWS
+             if pdl.enabled(device) else "off")
 
 
 def _quack_wanted(flag: str, setting: str, device: torch.device, dtype: torch.dtype,

@@ -131,7 +131,7 @@ class Ops:
             linear = small.small_rows(linear)
             small_ops = dict(summed_linear=small.summed_product,
                              scaled_linear=small.scaled_product,
-                             summed_rows=small.takes)
+                             summed_rows=small.takes_summed)
             if fused_rotary:  # --fused-rotary off keeps rotary a stage of its own
                 small_ops.update(qkv_rotary=small.qkv_rotary, qkv_rotary_rows=small.takes_rotary)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,

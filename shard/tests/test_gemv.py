@@ -315,11 +315,11 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
 
 @pytest.mark.parametrize("fused_rotary", [False, True], ids=["qkv", "qkv-rotary"])
 def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fused_rotary):
-    """Norms folded: in a step of 1-16 rows each layer's O and down products add the residual
+    """Norms folded: in a step of 2-16 rows each layer's O and down products add the residual
     and sum the squares (not the last layer's down: the final norm stays a norm), and
     gate/up and the next layer's QKV take the norm as a scale (the first layer's QKV reads
-    its norm: no residual yet). The logits are the plain model's to rounding, and so are a
-    17-row step's, which runs the norms separately (their weight 1: folded)."""
+    its norm: no residual yet). The logits are the plain model's to rounding, and so are those
+    of steps of one row and of 17, which run the norms separately (their weight 1: folded)."""
     ops = Ops.build(compiled=False, gemv=True, fused_rotary=fused_rotary)
     calls = []
 
@@ -345,6 +345,8 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
     o_inputs, down_inputs = 4 * 32, 64
 
     def step(n: int) -> list:
+        if not gemv.takes_summed(n):  # one row: norms separate (SUMMED_MIN_ROWS)
+            return [("qkv_rotary", n, False)] * 2 if fused_rotary else []
         first_qkv = [("qkv_rotary", n, False)] if fused_rotary else []
         qkv = [("qkv_rotary", n, True)] if fused_rotary else [("scaled", n, "qkv")]
         return first_qkv + [("summed", n, o_inputs), ("scaled", n, "gate/up"),
@@ -352,6 +354,7 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
             ("summed", n, o_inputs), ("scaled", n, "gate/up")]
 
     assert calls == [c for n in (7, 7, 7, 1, 1, 1) for c in step(n)]
+    assert [gemv.takes_summed(n) for n in (1, 2, 16, 17)] == [False, True, True, False]
     calls.clear()
     assert_near(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
     assert calls == []

@@ -21,6 +21,7 @@ def pdl_on():
 
 def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
     assert pdl.enabled(CUDA) == (torch.cuda.get_device_capability() >= (9, 0))
+    assert not pdl.enabled(CUDA, pdl.MAX_ROWS + 1)  # measured slower at 2-16 rows
     assert not pdl.enabled(torch.device("cpu"))
     pdl.configure(False)
     assert not pdl.enabled(CUDA)
