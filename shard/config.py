@@ -149,15 +149,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemv", default="off", choices=["auto", "on", "off"],
                         help="run products of 1-16 rows (small decode batches) through Triton "
                              "matrix-vector kernels, the gate/up one with SiLU x up applied, "
-                             "instead of cuBLAS; on needs cuda; auto: on cuda only. Off by "
-                             "default until this tree's kernels measure faster in a whole step "
-                             "(shard/gemv.py)")
+                             "instead of cuBLAS; on one rank the norms' weights are folded "
+                             "into the products after them and steps of 2-16 rows run the "
+                             "residual adds and norms inside the products; on needs cuda; "
+                             "auto: on cuda only. Off by default until the GPU suite has run "
+                             "with it on (shard/gemv.py)")
     parser.add_argument("--pdl", default="off", choices=["auto", "on", "off"],
-                        help="launch the decode step's Triton kernels (small-batch products, "
-                             "rotary with the cache write, decode attention) with programmatic "
-                             "dependent launch, each starting while the one before ends "
-                             "(shard/pdl.py); on needs cuda with compute capability 9.0+; "
-                             "auto: on where that holds. Off by default until measured")
+                        help="launch a one-row decode step's Triton kernels (small-batch "
+                             "products, rotary with the cache write, decode attention) with "
+                             "programmatic dependent launch, each starting while the one "
+                             "before ends (shard/pdl.py; measured slower at 2-16 rows); on "
+                             "needs cuda with compute capability 9.0+; auto: on where that "
+                             "holds. Off by default, as --gemv")
     parser.add_argument("--last-layer-rows", default="sampled", choices=["sampled", "all"],
                         help="which of a step's rows go through the last layer's output "
                              "projection and MLP: sampled, only those whose logits the step "
