@@ -39,7 +39,7 @@ def start(argv: list[str], name: str) -> tuple[Child, str]:
     """A `python -m sluice ...` child (it dies with this script) and its ready line's address."""
     child = Child(name, [sys.executable, "-m", "sluice", *argv])
     try:
-        return child, child.wait_ready(STARTUP_TIMEOUT_S)
+        return child, child.wait_ready(STARTUP_TIMEOUT_S)["address"]
     except RuntimeError:
         child.stop(60)
         raise

@@ -34,7 +34,7 @@ def start(shard_argv: list[str], ranks: int) -> tuple[Child, str]:
     child = Child(f"shard at {ranks} rank(s)", [sys.executable, "-m", "sluice", "shard", "--port",
                                                 "0", "--num-shard", str(ranks), *shard_argv])
     try:
-        return child, child.wait_ready(STARTUP_TIMEOUT_S)
+        return child, child.wait_ready(STARTUP_TIMEOUT_S)["address"]
     except RuntimeError as exc:
         child.stop(120)
         raise SystemExit(str(exc)) from exc

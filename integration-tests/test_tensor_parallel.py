@@ -22,7 +22,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import TEST_BUDGET, Service, free_port, shard_info, sluice, start_shard
+from conftest import TEST_BUDGET, Service, shard_info, sluice, start_shard
 from shard.tests.tiny_model import write_tiny_model
 from sluice.v1 import generate_pb2 as pb
 from sluice.v1 import generate_pb2_grpc as pb_grpc
@@ -102,14 +102,14 @@ class Endpoint:
 @pytest.fixture(scope="module")
 def smollm2():
     """The embedded SmolLM2 as one rank (`sluice shard`), and as three behind a router
-    (`sluice serve --num-shard 3`, its shard's gRPC and metrics ports fixed here)."""
-    shard_port, metrics_port = free_port(), free_port()
+    (`sluice serve --num-shard 3`; its shard's gRPC and metrics ports are the ones the shard
+    bound, from serve's ready line: ports picked here could be taken first by another test
+    process)."""
     one, serve = started_together(
         lambda: start_shard(None),
-        lambda: Service(sluice("serve", "--port", "0", "--num-shard", "3", "--shard-port",
-                               str(shard_port), "--metrics-port", str(metrics_port),
-                               *TEST_BUDGET)))
-    yield one, serve, Endpoint(f"127.0.0.1:{shard_port}"), f"127.0.0.1:{metrics_port}"
+        lambda: Service(sluice("serve", "--port", "0", "--num-shard", "3", "--shard-port", "0",
+                               "--metrics-port", "0", *TEST_BUDGET)))
+    yield one, serve, Endpoint(serve.ready["shard_address"]), serve.ready["metrics_address"]
     assert serve.stop() == 0
     one.stop()
 

@@ -1,7 +1,10 @@
 """`sluice serve`: a shard group and a router as child processes of one supervisor.
 
 It starts the shard, waits for it to listen, starts the router against it, waits until the
-router's /health is green, and then prints {"event": "ready", "service": "serve", "address"}.
+router's /health is green, and then prints {"event": "ready", "service": "serve", "address"},
+with the shard's gRPC address ("shard_address") and, with --metrics-port, its metrics address
+("metrics_address"): the ports each bound, which --shard-port 0 and --metrics-port 0 leave to
+the system.
 On SIGINT or SIGTERM it stops the router first (so in-flight requests end), then the shard.
 Children also get SIGTERM from the kernel if the supervisor dies, so none is orphaned.
 """
@@ -62,8 +65,8 @@ class Child:
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1,
                                         preexec_fn=_die_with_parent)
 
-    def wait_ready(self, timeout_s: float) -> str:
-        """The address from the part's ready line; then its stdout is passed through."""
+    def wait_ready(self, timeout_s: float) -> dict:
+        """The part's ready line (its "address", ...); then its stdout is passed through."""
         deadline = time.monotonic() + timeout_s
         for line in self.process.stdout:  # ends when the child exits
             try:
@@ -72,7 +75,7 @@ class Child:
                 event = None
             if isinstance(event, dict) and event.get("event") == "ready":
                 threading.Thread(target=self._pass_through, daemon=True).start()
-                return event["address"]
+                return event
             sys.stdout.write(line)
             if time.monotonic() > deadline:
                 break
@@ -149,15 +152,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                       + _forwarded(args, shard_config.add_arguments)
                       + _forwarded(args, _common_arguments))
         children.append(shard)
-        shard_address = shard.wait_ready(args.startup_timeout)
+        shard_ready = shard.wait_ready(args.startup_timeout)
+        shard_address = shard_ready["address"]
         router = Child("router", python + ["router", "--host", args.host, "--port",
                                            str(args.port), "--shard-uri", shard_address]
                        + _forwarded(args, router_config.add_arguments)
                        + _forwarded(args, _common_arguments))
         children.append(router)
-        address = router.wait_ready(args.startup_timeout)
+        address = router.wait_ready(args.startup_timeout)["address"]
         _wait_healthy(address, args.startup_timeout, router)
-        print(json.dumps({"event": "ready", "service": "serve", "address": address}), flush=True)
+        ready = {"event": "ready", "service": "serve", "address": address,
+                 "shard_address": shard_address}
+        if "metrics_address" in shard_ready:
+            ready["metrics_address"] = shard_ready["metrics_address"]
+        print(json.dumps(ready), flush=True)
         print(f"sluice: serving on http://{address} (Ctrl-C stops)", file=sys.stderr, flush=True)
         while not stop.wait(0.2):
             for child in children:
