@@ -88,15 +88,20 @@ def main() -> None:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        cases = sorted({(c, gated) for rows in rows_list for c in configs(rows)
-                        for gated in (False, True)})
+        # (tiles, gated, summed): summed_product's kernel is a variant of the plain one's.
+        cases = sorted({(c, gated, summed) for rows in rows_list for c in configs(rows)
+                        for gated, summed in ((False, False), (True, False), (False, True))})
         w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
-        for c, gated in cases[part::parts]:
+        for c, gated, summed in cases[part::parts]:
             x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                gemv.product(x, w, gated, block=c[:4], dot=c[4])
+                if summed:
+                    gemv.summed_product(x, w, x.new_zeros(x.shape[0], w.shape[0]),
+                                        block=c[:4], dot=c[4])
+                else:
+                    gemv.product(x, w, gated, block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
-                print(f"{c} gated={gated}: {type(exc).__name__}")
+                print(f"{c} gated={gated} summed={summed}: {type(exc).__name__}")
         torch.cuda.synchronize()
         return
     shapes, weights = chain_weights(args.config)
@@ -119,13 +124,22 @@ def main() -> None:
                 return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
 
             cublas = timed(lambda w: F.linear(x, w))
-            def sweep() -> str:
+            residual = torch.randn(rows, layer_weights[0].shape[0], dtype=x.dtype,
+                                   device=x.device)
+
+            def sweep(summed: bool = False) -> str:
                 """The --top fastest configurations ('µs GB/s config; ...'), and how many
-                failed with the first failure's exception."""
+                failed with the first failure's exception. summed: summed_product's (the
+                residual add and the rows' sums of squares in the epilogue)."""
                 results, failed = [], []
                 want = reference(x, layer_weights[0], gated).float()
+                if summed:
+                    want = want + residual.float()
                 for c in configs(rows):
                     def call(w, c=c):
+                        if summed:
+                            return gemv.summed_product(x, w, residual, block=c[:4],
+                                                       dot=c[4])[0]
                         return gemv.product(x, w, gated, block=c[:4], dot=c[4])
                     try:
                         got = call(layer_weights[0]).float()
@@ -153,8 +167,6 @@ def main() -> None:
                 scaled = timed(lambda w: gemv.product(x, w, gated, squares=sums, eps=1e-5))
                 chosen += f", {scaled:.2f} µs scaled by the norm"
             else:
-                residual = torch.randn(rows, layer_weights[0].shape[0], dtype=x.dtype,
-                                       device=x.device)
                 summed = timed(lambda w: gemv.summed_product(x, w, residual))
                 chosen += f", {summed:.2f} µs with the residual add and sums of squares"
             if name == "qkv":
@@ -163,6 +175,9 @@ def main() -> None:
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
                   f"best: {sweep()}")
+            if name in ("o", "down"):
+                print(f"rows {rows:2d} {name:7s} with the residual add and sums of squares, "
+                      f"best: {sweep(summed=True)}")
 
 
 if __name__ == "__main__":
