@@ -28,8 +28,9 @@ rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows maske
 Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
 inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
 75.8 vs 85.7 without, down 40.1 vs 43.2); at 2-16 rows within ~5% of it either way. Whole
-steps, norms separate: the 8B at batch 1 6.36 -> 5.68 ms, at 2-16 rows 5-6% faster (the
-curve in docs/benchmarks.md). Off by default until the summed form is measured too (issue 24).
+steps (with `--pdl` at one row, the norms inside at 2-16 rows): the 8B at batch 1 6.36 ->
+5.66 ms, at 2-16 rows 7% faster (docs/benchmarks.md). Off by default until the whole GPU suite
+has run with it on (issue 24).
 """
 
 from __future__ import annotations
@@ -151,6 +152,45 @@ def _add_and_sum(y, res_ptr, out_ptr, partial_ptr, ticket_ptr, sums_ptr, row, fe
         tl.store(ticket_ptr, 0)
 
 
+@triton.jit
+def _products(x_ptr, gate_rows, up_rows, feature_ok, squares_ptr, eps, rows, K, stride_x,
+              GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+              PDL: tl.constexpr):
+    """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
+    up_rows if GATED), over all K inputs; SCALED: each row's times RMSNorm's 1 / RMS, from the
+    rows' sums of squares. PDL: the first tile of weights is asked of L2 before the wait for
+    the previous kernel."""
+    if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
+        _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
+        if GATED:
+            _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
+    pdl.wait(PDL)
+    inner = tl.arange(0, BLOCK_K)
+    if ROWS == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + inner
+            acc, acc_up = _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k,
+                                    k < K, GATED, EVEN)
+        y = tl.sum(acc, axis=1)[None, :]
+        up_y = tl.sum(acc_up, axis=1)[None, :]
+    else:
+        row = tl.arange(0, ROWS)
+        row_ok = row < rows
+        y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            y, up_y = _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
+                                stride_x, start + inner, K, GATED, EVEN)
+    if SCALED:
+        scale = _norm_scale(squares_ptr, eps, tl.arange(0, ROWS), rows, K)
+        y = y * scale
+        up_y = up_y * scale
+    return y, up_y
+
+
 # The row count varies from step to step; one compiled kernel serves 2-16 of them.
 @triton.jit(do_not_specialize=["rows"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, squares_ptr, eps, res_ptr, partial_ptr, ticket_ptr,
@@ -169,37 +209,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, squares_ptr, eps, res_ptr, partial_ptr, 
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
-    up_rows = gate_rows + N * stride_w
-    if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
-        _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
-        if GATED:
-            _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
-    pdl.wait(PDL)
-    if ROWS == 1:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k = start + inner
-            acc, acc_up = _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k,
-                                    k < K, GATED, EVEN)
-        y = tl.sum(acc, axis=1)[None, :]
-        up_y = tl.sum(acc_up, axis=1)[None, :]
-    else:
-        row = tl.arange(0, ROWS)
-        row_ok = row < rows
-        y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            y, up_y = _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
-                                stride_x, start + inner, K, GATED, EVEN)
+    y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, squares_ptr,
+                        eps, rows, K, stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
     out_row = tl.arange(0, ROWS)
-    if SCALED:
-        scale = _norm_scale(squares_ptr, eps, out_row, rows, K)
-        y = y * scale
-        up_y = up_y * scale
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
     if SUMMED:
@@ -228,34 +242,11 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     head = pid * PAIRS // HALF
     j = pid * PAIRS % HALF + tl.arange(0, PAIRS)
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
-    second_rows = first_rows + HALF * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
-    inner = tl.arange(0, BLOCK_K)
-    if PDL:
-        _prefetch_l2(first_rows, feature_ok, K, BLOCK_K)
-        _prefetch_l2(second_rows, feature_ok, K, BLOCK_K)
-    pdl.wait(PDL)
-    if ROWS == 1:
-        acc = tl.zeros([PAIRS, BLOCK_K], tl.float32)
-        acc_second = tl.zeros([PAIRS, BLOCK_K], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k = start + inner
-            acc, acc_second = _row_step(acc, acc_second, first_rows, second_rows, feature_ok,
-                                        x_ptr, k, k < K, True, EVEN)
-        y1 = tl.sum(acc, axis=1)[None, :]
-        y2 = tl.sum(acc_second, axis=1)[None, :]
-    else:
-        row = tl.arange(0, ROWS)
-        y1 = tl.zeros([ROWS, PAIRS], tl.float32)
-        y2 = tl.zeros([ROWS, PAIRS], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            y1, y2 = _dot_step(y1, y2, first_rows, second_rows, feature_ok, x_ptr, row,
-                               row < rows, stride_x, start + inner, K, True, EVEN)
+    y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok,
+                       squares_ptr, eps, rows, K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K,
+                       EVEN, PDL)
     token = tl.arange(0, ROWS)
-    if SCALED:
-        scale = _norm_scale(squares_ptr, eps, token, rows, K)
-        y1 = y1 * scale
-        y2 = y2 * scale
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
     y2 = y2.to(out_type).to(tl.float32)
