@@ -74,6 +74,23 @@ def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model
         return f", with rotary failed: {repr(exc)[:200]}"
 
 
+# A product's forms: plain; as a step with the norms folded runs QKV and gate/up (of
+# RMSNorm(x)); as it runs O and down (with the residual add).
+FORMS = ("plain", "normed", "added")
+
+
+def product_in_form(x, w, gated: bool, form: str, residual, **tuning):
+    """gemv's product of x and w in one of FORMS (residual: the added form's)."""
+    if form == "added":
+        return gemv.added_product(x, w, residual, **tuning)
+    return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None, **tuning)
+
+
+def folded_form(name: str) -> str:
+    """The form a step with the norms folded runs projection `name` in."""
+    return "added" if name in ("o", "down") else "normed"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="benchmarks/configs/llama-3.1-8b")
@@ -88,20 +105,18 @@ def main() -> None:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        # (tiles, gated, summed): summed_product's kernel is a variant of the plain one's.
-        cases = sorted({(c, gated, summed) for rows in rows_list for c in configs(rows)
-                        for gated, summed in ((False, False), (True, False), (False, True))})
+        # (tiles, gated, form): the folded forms are variants of the plain kernel.
+        cases = sorted({(c, gated, form) for rows in rows_list for c in configs(rows)
+                        for gated in (False, True) for form in FORMS
+                        if not (gated and form == "added")})
         w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
-        for c, gated, summed in cases[part::parts]:
+        for c, gated, form in cases[part::parts]:
             x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                if summed:
-                    gemv.summed_product(x, w, x.new_zeros(x.shape[0], w.shape[0]),
-                                        block=c[:4], dot=c[4])
-                else:
-                    gemv.product(x, w, gated, block=c[:4], dot=c[4])
+                product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
+                                block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
-                print(f"{c} gated={gated} summed={summed}: {type(exc).__name__}")
+                print(f"{c} gated={gated} {form}: {type(exc).__name__}")
         torch.cuda.synchronize()
         return
     shapes, weights = chain_weights(args.config)
@@ -127,20 +142,21 @@ def main() -> None:
             residual = torch.randn(rows, layer_weights[0].shape[0], dtype=x.dtype,
                                    device=x.device)
 
-            def sweep(summed: bool = False) -> str:
-                """The --top fastest configurations ('µs GB/s config; ...'), and how many
-                failed with the first failure's exception. summed: summed_product's (the
-                residual add and the rows' sums of squares in the epilogue)."""
+            def sweep(form: str = "plain") -> str:
+                """The --top fastest configurations ('µs GB/s config; ...') of the product in
+                `form`, and how many failed with the first failure's exception."""
                 results, failed = [], []
-                want = reference(x, layer_weights[0], gated).float()
-                if summed:
+                if form == "normed":
+                    normed = x.float() * x.float().pow(2).mean(1, keepdim=True).add(1e-5).rsqrt()
+                    want = reference(normed, layer_weights[0].float(), gated)
+                else:
+                    want = reference(x, layer_weights[0], gated).float()
+                if form == "added":
                     want = want + residual.float()
                 for c in configs(rows):
                     def call(w, c=c):
-                        if summed:
-                            return gemv.summed_product(x, w, residual, block=c[:4],
-                                                       dot=c[4])[0]
-                        return gemv.product(x, w, gated, block=c[:4], dot=c[4])
+                        return product_in_form(x, w, gated, form, residual, block=c[:4],
+                                               dot=c[4])
                     try:
                         got = call(layer_weights[0]).float()
                         err = (got - want).abs().max().item() / want.abs().max().item()
@@ -157,27 +173,20 @@ def main() -> None:
 
             # The shard's own tiles (gemv.config), with programmatic dependent launch (the
             # shard's choice on Hopper) and without; and as a step with the norms folded runs
-            # them: QKV and gate/up scaled by the norm, O and down with the residual add and
-            # the sums of squares (summed_product).
+            # them: QKV and gate/up of RMSNorm(x), O and down with the residual add.
             chosen = (f"{timed(lambda w: gemv.product(x, w, gated)):.2f} µs, "
                       f"{timed(lambda w: gemv.product(x, w, gated, use_pdl=False)):.2f} "
                       f"without PDL")
-            if name in ("qkv", "gate_up"):
-                sums = torch.full((rows,), float(x.shape[1]), device=x.device)
-                scaled = timed(lambda w: gemv.product(x, w, gated, squares=sums, eps=1e-5))
-                chosen += f", {scaled:.2f} µs scaled by the norm"
-            else:
-                summed = timed(lambda w: gemv.summed_product(x, w, residual))
-                chosen += f", {summed:.2f} µs with the residual add and sums of squares"
+            form = folded_form(name)
+            folded = timed(lambda w: product_in_form(x, w, gated, form, residual))
+            chosen += f", {folded:.2f} µs {form}"
             if name == "qkv":
                 chosen += with_rotary(x, layer_weights, timed, model)
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "
                   f"best: {sweep()}")
-            if name in ("o", "down"):
-                print(f"rows {rows:2d} {name:7s} with the residual add and sums of squares, "
-                      f"best: {sweep(summed=True)}")
+            print(f"rows {rows:2d} {name:7s} {form}, best: {sweep(form)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
-# studies (PDL at 2-16 rows and the norms inside one-row products, each against the tree's
+# studies (the norms apart from the products, and PDL at 2-16 rows, each against the tree's
 # choice), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
@@ -261,19 +261,20 @@ step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --g
   done
 }
 
-step_studies() {  # what this tree's choices rest on, for the next change to them: PDL at 2-16
-  # rows (pdl.MAX_ROWS, then a batch-2 timeline) and the norms inside one-row products
-  # (gemv.SUMMED_MIN_ROWS)
-  local name=8b-curve-pdl-every-row
+step_studies() {  # what this tree's choices rest on, for the next change to them: the norms
+  # kept apart from the products (gemv.FOLDED_MIN_ROWS past 16), and PDL at 2-16 rows
+  # (pdl.MAX_ROWS, then a batch-2 timeline)
+  local name=8b-curve-norms-apart
+  timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --gemv on \
+    --pdl on --folded-min-rows 17 > "$OUT/$name.txt" 2>&1
+  grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+  grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
+  name=8b-curve-pdl-every-row
   timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --gemv on \
     --pdl on --pdl-max-rows 16 --batch 2 --timeline > "$OUT/$name.txt" 2>&1
   grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
   grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
   grep -A25 -- "-- timeline" "$OUT/$name.txt"
-  name=8b-curve-summed-one-row
-  timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2 --steps 30 --gemv on \
-    --pdl on --summed-min-rows 1 > "$OUT/$name.txt" 2>&1
-  grep -E "^!!|Traceback|Error|batch +[0-9]+:" "$OUT/$name.txt"
 }
 
 step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: kernels and gaps

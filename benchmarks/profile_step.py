@@ -113,16 +113,16 @@ def main() -> None:
     parser.add_argument("--pdl-max-rows", type=int, default=None, metavar="N",
                         help="study: launch with PDL (--pdl on) the kernels of steps of up to N "
                              "rows, in place of pdl.MAX_ROWS")
-    parser.add_argument("--summed-min-rows", type=int, default=None, metavar="N",
+    parser.add_argument("--folded-min-rows", type=int, default=None, metavar="N",
                         help="study: run the norms inside the products (--gemv on) from N rows, "
-                             "in place of gemv.SUMMED_MIN_ROWS")
+                             "in place of gemv.FOLDED_MIN_ROWS (17: never)")
     args, shard_argv = parser.parse_known_args()
     if args.pdl_max_rows is not None:
         from shard import pdl
         pdl.MAX_ROWS = args.pdl_max_rows
-    if args.summed_min_rows is not None:
+    if args.folded_min_rows is not None:
         from shard import gemv
-        gemv.SUMMED_MIN_ROWS = args.summed_min_rows
+        gemv.FOLDED_MIN_ROWS = args.folded_min_rows
     config = shard_config.parse(shard_argv, os.environ)
     started = shard_server.start(config, shard_argv)
     device = started.built.device

@@ -15,12 +15,14 @@ The norms between the products (two per layer, each a kernel of ~2.9 µs and a g
 H100: 0.19 ms of the 8B's 5.6 ms step at batch 1) go inside them. RMSNorm(s) * g read by a
 product W is (s W'^T) / rms(s) with W' = W * g: so the model folds each norm's weight into
 the product after it (LlamaForCausalLM.fold_norms), the product before the norm adds the
-residual and sums each row's squares as it stores (`summed_product`), and the product after
-it scales its accumulators by 1 / rms (`product(..., squares=)`), reading nothing more than a
-plain product. The squares are summed per program, then by the last program to finish, in a
-fixed order: the same from run to run. (A first form, the whole norm inside the product that
-reads it, had every program of QKV and gate/up read the residual and the norm's weight too:
-2.5 and 8.6 µs slower than plain on the H100, more than the separate norm.)
+residual as it stores (`added_product`), and the product after it sums the squares of the
+inputs it reads anyway and scales its accumulators by 1 / rms (`product(..., norm_eps=)`):
+no bytes beyond a plain product's, and every program sums the same inputs in the same order,
+so the result repeats. Two first forms were slower on the H100: the whole norm inside the
+product that reads it (its programs read the residual and the norm's weight too: 2.5 and 8.6
+µs over plain for the 8B's QKV and gate/up), and the product before the norm summing the
+squares of what it stores, the last of its programs adding every program's share (a
+GPU-scope atomic ticket per program: at one row, 2,048 of them, slower than the norm).
 
 One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
@@ -48,10 +50,6 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
-# Partial sums of squares the last program of a summed product adds up per pass: 1,024 at one
-# row, 64 a row at 16 (a small [ROWS, chunk] tile: the branch's registers count for every
-# program of the kernel).
-SUM_CHUNK = 1024
 
 
 @triton.jit
@@ -89,78 +87,47 @@ def _weight_tile(gate_rows, up_rows, k, w_ok, GATED: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
-def _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k, k_ok,
-              GATED: tl.constexpr, EVEN: tl.constexpr):
-    """One row, one tile along K: partial products, summed along K at the end."""
+def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_ok,
+              GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
+    """One row, one tile along K: partial products (and the row's squares if SCALED), summed
+    along K at the end."""
     x = _load(x_ptr + k, k_ok, not EVEN).to(tl.float32)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok[None, :], GATED,
                             not EVEN)
     acc += gate.to(tl.float32) * x[None, :]
     if GATED:
         acc_up += up.to(tl.float32) * x[None, :]
-    return acc, acc_up
+    if SCALED:
+        squares += x * x
+    return acc, acc_up, squares
 
 
 @triton.jit
-def _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x, k, K,
-              GATED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot."""
+def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
+              k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
+    """ROWS rows, one tile along K, through tl.dot (and the rows' squares if SCALED)."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
     y = tl.dot(x, tl.trans(gate), y)
     if GATED:
         up_y = tl.dot(x, tl.trans(up), up_y)
-    return y, up_y
+    if SCALED:
+        wide = x.to(tl.float32)
+        squares += wide * wide
+    return y, up_y, squares
 
 
 @triton.jit
-def _norm_scale(squares_ptr, eps, row, rows, K):
-    """[ROWS, 1]: RMSNorm's 1 / RMS of each row, from its sum of squares over K inputs."""
-    squares = tl.load(squares_ptr + row, mask=row < rows, other=0.0)
-    return tl.rsqrt(squares / K + eps)[:, None]
-
-
-@triton.jit
-def _add_and_sum(y, res_ptr, out_ptr, partial_ptr, ticket_ptr, sums_ptr, row, features,
-                 feature_ok, rows, N, ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """out = residual + y, rounded as the separate add rounds it; and each row's sum of
-    squares of out over all N features into sums: each program stores its share, and the
-    last to finish (a ticket) adds the shares up in a fixed order, so the sum is the same
-    from run to run (atomic float adds would not be), and sets the ticket back to 0."""
-    row_ok = row < rows
-    at = row[:, None] * N + features[None, :]
-    ok = row_ok[:, None] & feature_ok[None, :]
-    out_type = out_ptr.dtype.element_ty
-    summed = (tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
-              + y.to(out_type).to(tl.float32)).to(out_type)
-    tl.store(out_ptr + at, summed, mask=ok)
-    summed = summed.to(tl.float32)
-    pid = tl.program_id(0)
-    count = tl.num_programs(0)
-    tl.store(partial_ptr + row * count + pid, tl.sum(summed * summed, axis=1), mask=row_ok)
-    tl.debug_barrier()  # every thread's share stored before the ticket releases them
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == count - 1:
-        part = tl.arange(0, CHUNK)
-        total = tl.zeros([ROWS, CHUNK], tl.float32)
-        for start in range(0, count, CHUNK):
-            i = start + part
-            total += tl.load(partial_ptr + row[:, None] * count + i[None, :],
-                             mask=row_ok[:, None] & (i < count)[None, :], other=0.0,
-                             cache_modifier=".cg")
-        tl.store(sums_ptr + row, tl.sum(total, axis=1), mask=row_ok)
-        tl.store(ticket_ptr, 0)
-
-
-@triton.jit
-def _products(x_ptr, gate_rows, up_rows, feature_ok, squares_ptr, eps, rows, K, stride_x,
+def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
               GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
               PDL: tl.constexpr):
     """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs; SCALED: each row's times RMSNorm's 1 / RMS, from the
-    rows' sums of squares. PDL: the first tile of weights is asked of L2 before the wait for
-    the previous kernel."""
+    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
+    weight rows): each row's products times 1 / RMS of the row, from the squares of the
+    inputs the products read anyway, so no other kernel sums them. PDL: the first tile of
+    weights is asked of L2 before the wait for the previous kernel."""
     if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
         _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
         if GATED:
@@ -170,22 +137,27 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, squares_ptr, eps, rows, K, 
     if ROWS == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + inner
-            acc, acc_up = _row_step(acc, acc_up, gate_rows, up_rows, feature_ok, x_ptr, k,
-                                    k < K, GATED, EVEN)
+            acc, acc_up, squares = _row_step(acc, acc_up, squares, gate_rows, up_rows,
+                                             feature_ok, x_ptr, k, k < K, GATED, SCALED, EVEN)
         y = tl.sum(acc, axis=1)[None, :]
         up_y = tl.sum(acc_up, axis=1)[None, :]
+        sums = tl.sum(squares, axis=0)
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
         for start in range(0, K, BLOCK_K):
-            y, up_y = _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
-                                stride_x, start + inner, K, GATED, EVEN)
-    if SCALED:
-        scale = _norm_scale(squares_ptr, eps, tl.arange(0, ROWS), rows, K)
+            y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
+                                         x_ptr, row, row_ok, stride_x, start + inner, K,
+                                         GATED, SCALED, EVEN)
+        sums = tl.sum(squares, axis=1)[:, None]
+    if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
+        scale = tl.rsqrt(sums / K + eps)
         y = y * scale
         up_y = up_y * scale
     return y, up_y
@@ -193,41 +165,39 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, squares_ptr, eps, rows, K, 
 
 # The row count varies from step to step; one compiled kernel serves 2-16 of them.
 @triton.jit(do_not_specialize=["rows"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, squares_ptr, eps, res_ptr, partial_ptr, ticket_ptr,
-                 sums_ptr, rows, N, K, stride_x, stride_w, GATED: tl.constexpr,
-                 SCALED: tl.constexpr, SUMMED: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                 CHUNK: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stride_w,
+                 GATED: tl.constexpr, SCALED: tl.constexpr, ADDED: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
     SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). SCALED: the
-    products are those of x scaled by RMSNorm's 1 / RMS, from the rows' sums of squares
-    (squares_ptr; the norm's weight is folded into w). SUMMED: out = residual + the product,
-    and its rows' sums of squares go to sums_ptr (_add_and_sum). out is [rows, N]
-    contiguous. EVEN: the tiles divide N and K, so nothing along them is masked. PDL
-    (shard/pdl.py): launched early, the program asks for its first tile of weights before it
-    waits for the previous kernel."""
+    products of RMSNorm(x) (_products). ADDED: out = residual + the product, rounded as the
+    separate add rounds it. out (and the residual) [rows, N] contiguous. EVEN: the tiles
+    divide N and K, so nothing along them is masked. PDL (shard/pdl.py): launched early, the
+    program asks for its first tile of weights before it waits for the previous kernel."""
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
-    y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, squares_ptr,
-                        eps, rows, K, stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
+    y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, eps, rows, K,
+                        stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
     out_row = tl.arange(0, ROWS)
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
-    if SUMMED:
-        _add_and_sum(y, res_ptr, out_ptr, partial_ptr, ticket_ptr, sums_ptr, out_row, features,
-                     feature_ok, rows, N, ROWS, CHUNK)
-    else:
-        tl.store(out_ptr + out_row[:, None] * N + features[None, :],
-                 y.to(out_ptr.dtype.element_ty),
-                 mask=(out_row < rows)[:, None] & feature_ok[None, :])
+    at = out_row[:, None] * N + features[None, :]
+    ok = (out_row < rows)[:, None] & feature_ok[None, :]
+    out_type = out_ptr.dtype.element_ty
+    y = y.to(out_type)
+    if ADDED:
+        y = (tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+             + y.to(tl.float32)).to(out_type)
+    tl.store(out_ptr + at, y, mask=ok)
 
 
 @triton.jit(do_not_specialize=["rows"])
 def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                       squares_ptr, eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
+                       eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
                        num_kv_heads, ROWS: tl.constexpr, PAIRS: tl.constexpr,
                        BLOCK_K: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr,
                        EVEN: tl.constexpr, PDL: tl.constexpr):
@@ -235,17 +205,16 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     features (j, j + HALF) of one head (HALF % PAIRS == 0), the two halves accumulated as the
     gated product's gate and up rows. Each pair is rounded as the product's output is, then
     rotated in float32 as shard/rotary_cache.py does (query and key heads); queries go to q
-    ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches. SCALED: x
-    scaled by RMSNorm's 1 / RMS first, as in _gemv_kernel."""
+    ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches. SCALED: of
+    RMSNorm(x), as in _gemv_kernel."""
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     head = pid * PAIRS // HALF
     j = pid * PAIRS % HALF + tl.arange(0, PAIRS)
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
-    y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok,
-                       squares_ptr, eps, rows, K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K,
-                       EVEN, PDL)
+    y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok, eps, rows,
+                       K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K, EVEN, PDL)
     token = tl.arange(0, ROWS)
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
@@ -291,64 +260,51 @@ def takes(rows: int) -> bool:
     return 1 <= rows <= MAX_ROWS
 
 
-# The fewest rows whose steps run the norms inside the products (summed_product and the
-# scaled ones; norms folded). On the H100 (8B shape, gpu.sh curve) that took 0.06-0.08 ms off
-# steps of 2-16 rows, but added 0.03-0.05 ms at one row, where the summed products' 2,048
-# programs each take a ticket (a GPU-scope atomic, ordered after the program's stores) and the
-# last one adds 2,048 shares: one-row steps keep the norms separate.
-SUMMED_MIN_ROWS = 2
+# The fewest rows whose steps run the norms inside the products (added_product and the scaled
+# ones; norms folded). A ticket-summed first form (the O and down products summing the squares,
+# the last of their programs adding the shares) was slower than the separate norms at one row
+# on the H100; each product now sums its own input's squares. FOLDED_MIN_ROWS is kept for the
+# benchmarks that weigh it (profile_step.py --folded-min-rows).
+FOLDED_MIN_ROWS = 1
 
 
-def takes_summed(rows: int) -> bool:
+def takes_folded(rows: int) -> bool:
     """Whether a step of `rows` rows runs its norms inside the products (models whose norms
     are folded)."""
-    return SUMMED_MIN_ROWS <= rows <= MAX_ROWS
+    return FOLDED_MIN_ROWS <= rows <= MAX_ROWS
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, gated: bool,
-            squares: torch.Tensor | None = None, eps: float = 0.0, **tuning) -> torch.Tensor:
+def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float | None = None,
+            **tuning) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
-    2-D x of 1..MAX_ROWS rows with a unit stride along K. With `squares` (each row's sum of
-    squares of x, float32, as summed_product gives them), the product of RMSNorm(x) instead:
-    x scaled by 1 / sqrt(squares / K + eps), the norm's weight folded into `weight`
-    (LlamaForCausalLM.fold_norms). `tuning` (benchmarks): `block` (BLOCK_N, BLOCK_K, warps,
-    stages) in place of `config`'s, `dot` (tl.dot's kernel for one row too), `use_pdl` in
-    place of pdl.enabled."""
+    2-D x of 1..MAX_ROWS rows with a unit stride along K. With `norm_eps`, the product of
+    RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
+    norm's weight folded into `weight` (LlamaForCausalLM.fold_norms). `tuning` (benchmarks):
+    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel
+    for one row too), `use_pdl` in place of pdl.enabled."""
     out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
-    _launch(x, weight, out, gated, squares, eps, None, **tuning)
+    _launch(x, weight, out, gated, norm_eps, None, **tuning)
     return out
 
 
-def scaled_product(x: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor, eps: float,
-                   gated: bool) -> torch.Tensor:
-    """product(x, weight, gated, squares=sums, eps=eps): Ops.scaled_linear."""
-    return product(x, weight, gated, squares=sums, eps=eps)
+def scaled_product(x: torch.Tensor, weight: torch.Tensor, eps: float, gated: bool
+                   ) -> torch.Tensor:
+    """product(x, weight, gated, norm_eps=eps): Ops.scaled_linear."""
+    return product(x, weight, gated, norm_eps=eps)
 
 
-def summed_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, **tuning
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + x W^T, rounded as adding the separate product rounds it; each row's sum of
-    squares of that, float32 [rows]): the O or down product with the residual add after it
-    and what the next RMSNorm needs of it, in one kernel, for contiguous residual
-    [rows, N]. The sums are the same from run to run (_add_and_sum)."""
-    rows, features = x.shape[0], weight.shape[0]
-    assert residual.shape == (rows, features) and residual.is_contiguous()
+def added_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, **tuning
+                  ) -> torch.Tensor:
+    """residual + x W^T, rounded as adding the separate product rounds it, for contiguous
+    residual [rows, N]: the O or down product with the residual add after it, in one kernel
+    (the next norm is a scale inside the products that read the result)."""
+    assert residual.shape == (x.shape[0], weight.shape[0]) and residual.is_contiguous()
     out = torch.empty_like(residual)
-    sums = torch.empty(rows, device=x.device, dtype=torch.float32)
-    _launch(x, weight, out, False, None, 0.0, (residual, sums), **tuning)
-    return out, sums
+    _launch(x, weight, out, False, None, residual, **tuning)
+    return out
 
 
-@functools.cache
-def _ticket(device: torch.device) -> torch.Tensor:
-    """The summed products' counter of finished programs on `device`, 0 between kernels (the
-    last program sets it back). One serves them all: a kernel on the stream starts counting
-    only once the one before it has finished (PDL included: each waits first). Made by
-    warm_up before graphs capture."""
-    return torch.zeros(1, device=device, dtype=torch.int32)
-
-
-def _launch(x, weight, out, gated, squares, eps, summed, block=None, dot=None, use_pdl=None):
+def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None):
     rows, inner = x.shape
     features = out.shape[1]
     block_n, block_k, warps, stages = block or config(rows, inner, gated)
@@ -356,18 +312,13 @@ def _launch(x, weight, out, gated, squares, eps, summed, block=None, dot=None, u
         dot = rows > 1
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
-    programs = triton.cdiv(features, block_n)
-    row_tile = DOT_ROWS if dot else 1
-    residual, sums = summed or (x, x)
-    partial = (x.new_empty(rows, programs, dtype=torch.float32) if summed is not None
-               else x)
-    _gemv_kernel[(programs,)](
-        x, weight, out, x if squares is None else squares, eps, residual, partial,
-        _ticket(x.device), sums, rows, features, inner, x.stride(0), weight.stride(0),
-        GATED=gated, SCALED=squares is not None, SUMMED=summed is not None, ROWS=row_tile,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=features % block_n == 0 and inner % block_k == 0,
-        CHUNK=max(1, SUM_CHUNK // row_tile), PDL=use_pdl, num_warps=warps, num_stages=stages,
-        **pdl.launch_options(use_pdl))
+    _gemv_kernel[(triton.cdiv(features, block_n),)](
+        x, weight, out, x if residual is None else residual,
+        0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
+        weight.stride(0), GATED=gated, SCALED=norm_eps is not None, ADDED=residual is not None,
+        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
+        num_stages=stages, **pdl.launch_options(use_pdl))
 
 
 def _pairs(rows: int, head_dim: int) -> int:
@@ -386,12 +337,11 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
-               squares: torch.Tensor | None = None, eps: float = 0.0,
-               use_pdl: bool | None = None) -> torch.Tensor:
+               norm_eps: float | None = None, use_pdl: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] rotated (into `out` if given); keys rotated and values in their cache
     slots: the QKV product x W^T (weight [(Hq + 2 Hkv) D, hidden]) followed by
-    rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows. `squares`,
-    `eps`: of RMSNorm(x), as in `product`."""
+    rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows. `norm_eps`: of
+    RMSNorm(x), as in `product`."""
     rows, inner = x.shape
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
@@ -404,9 +354,9 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
-        x if squares is None else squares, eps, rows, inner, x.stride(0), weight.stride(0),
+        0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
         k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
-        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=squares is not None,
+        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q
@@ -431,29 +381,27 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
-            rotary: tuple | None = None, summed: bool = False) -> None:
+            rotary: tuple | None = None, folded: bool = False) -> None:
     """Compile every kernel a step may launch (one row and the dot path; plain and gated;
-    with `summed` (the model's norms folded, LlamaForCausalLM.fold_norms) also scaled and
-    summed; and with `rotary` = (QKV weight, cos, sin, heads, kv heads, head dim)
-    qkv_rotary) before graphs capture: Triton compiles on a first call, seconds
-    mid-serving."""
+    with `folded` (the model's norms folded, LlamaForCausalLM.fold_norms) also scaled and
+    added; and with `rotary` = (QKV weight, cos, sin, heads, kv heads, head dim) qkv_rotary)
+    before graphs capture: Triton compiles on a first call, seconds mid-serving."""
     for rows in (1, 2):
         for weight, is_gated in [(w, False) for w in weights] + [(gated, True)] * (
                 gated is not None):
             x = weight.new_zeros(rows, weight.shape[1])
             product(x, weight, is_gated)
-            if summed:
-                sums = torch.ones(rows, device=x.device, dtype=torch.float32)
-                product(x, weight, is_gated, squares=sums, eps=1e-5)
+            if folded:
+                product(x, weight, is_gated, norm_eps=1e-5)
                 if not is_gated:
-                    summed_product(x, weight, x.new_zeros(rows, weight.shape[0]))
+                    added_product(x, weight, x.new_zeros(rows, weight.shape[0]))
         if rotary is not None and takes_rotary(rows, rotary[5]):
             weight, cos, sin, heads, kv_heads, head_dim = rotary
             cache = weight.new_zeros(1, rows, kv_heads, head_dim)
             # int64 positions and slots, as a step's batch carries them (Triton specializes
             # on the pointers' types).
             where = torch.zeros(rows, dtype=torch.int64, device=weight.device)
-            for squares in [None] + [torch.ones(rows, device=weight.device)] * summed:
+            for norm_eps in [None] + [1e-5] * folded:
                 qkv_rotary(weight.new_zeros(rows, weight.shape[1]), weight, where, cos, sin,
                            cache, cache.clone(), where, heads, kv_heads, head_dim,
-                           squares=squares, eps=1e-5)
+                           norm_eps=norm_eps)

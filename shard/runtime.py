@@ -109,7 +109,7 @@ def build(config: ShardConfig, group: Group, device: torch.device) -> Built:
              if decode_gemm else "on cuBLAS",
              ", at 1-16 rows in Triton matrix-vector kernels (shard/gemv.py)%s" % (
                  ", the residual adds and norms inside them (norms folded)"
-                 if loaded.model.layers[0].sums_norms else "") if gemv else "")
+                 if loaded.model.layers[0].folded_norms else "") if gemv else "")
     peak = 0
     if device.type == "cuda":
         peak = budgets.profile_peak_bytes(loaded.model, attention, config, dtype, device)
@@ -150,7 +150,7 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         from shard import gemv as shard_gemv  # imports Triton: CUDA only
         rotary = ((attn.qkv_proj.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
                    attn.num_kv_heads, attn.head_dim) if attn.fuses_rotary else None)
-        shard_gemv.warm_up(products, gated, rotary, summed=model.layers[0].sums_norms)
+        shard_gemv.warm_up(products, gated, rotary, folded=model.layers[0].folded_norms)
     graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:

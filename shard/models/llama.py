@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,12 +39,14 @@ class Activations:
     static: bool = False
 
 
-class Squares(NamedTuple):
-    """What a norm reads in place of its input x when the product before it already added x to
-    the residual stream (LlamaDecoderLayer.after_attention, norms folded): each row's sum of
-    squares of the stream, float32 [T]. The stream itself goes on as the residual."""
+class _Added:
+    """The type of ADDED."""
 
-    sums: torch.Tensor
+
+# What a norm gets in place of its input x when the product before it already added x to the
+# residual stream (LlamaDecoderLayer.after_attention, norms folded): the stream goes on as
+# the residual, and the products after the norm take it as a scale of their own.
+ADDED = _Added()
 
 
 class RMSNorm(nn.Module):
@@ -143,21 +144,21 @@ class LlamaAttention(nn.Module):
         return (self.ops.qkv_rotary is not None and qkv_proj.weight is not None
                 and qkv_proj.bias is None)
 
-    def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None, norm=None):
+    def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None,
+                norm_eps=None):
         """q [T, Hq, D] of the normed hidden states h, rotated (into q_out if given); their keys
         (rotated) and values go to their cache slots. One kernel where it fuses the rotary and
-        takes the step, else the QKV product, then rotate. norm = (Squares, eps): h is the
-        stream itself, and the products scale it by RMSNorm's 1 / RMS (the norm's weight is
-        folded into QKV's)."""
-        squares, eps = (norm[0].sums, norm[1]) if norm else (None, 0.0)
+        takes the step, else the QKV product, then rotate. With norm_eps, h is the stream
+        itself and the product is of RMSNorm(h) with that eps (the norm's weight folded into
+        QKV's)."""
         if (self.fuses_rotary and h.dim() == 2 and h.stride(1) == 1
                 and self.ops.qkv_rotary_rows(h.shape[0], self.head_dim)):
             return self.ops.qkv_rotary(h, self.qkv_proj.weight, positions, rotary.cos,
                                        rotary.sin, kv_cache[0], kv_cache[1], slot_mapping,
                                        self.num_heads, self.num_kv_heads, self.head_dim,
-                                       out=q_out, squares=squares, eps=eps)
-        qkv = (self.qkv_proj(h) if norm is None
-               else self.ops.scaled_linear(h, self.qkv_proj.weight, squares, eps, False))
+                                       out=q_out, norm_eps=norm_eps)
+        qkv = (self.qkv_proj(h) if norm_eps is None
+               else self.ops.scaled_linear(h, self.qkv_proj.weight, norm_eps, False))
         return self.rotate(qkv, positions, rotary, kv_cache, slot_mapping, q_out)
 
     def rotate(self, qkv, positions, rotary, kv_cache, slot_mapping, q_out=None):
@@ -205,49 +206,49 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, tp, backend, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = LlamaMLP(config, tp, ops)
-        self.sums_norms = False  # fold_norms
+        self.folded_norms = False  # fold_norms
 
     # The two halves around attention: the model's pieces (LlamaForCausalLM.piece) join them.
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping,
                          q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
-        (q, residual); q in q_out if given. x is Squares where after_attention made it so:
-        the residual is then the stream already, and the norm a scale in the QKV product."""
+        (q, residual); q in q_out if given. x is ADDED where after_attention made it so: the
+        residual is then the stream already, and the norm a scale in the QKV product."""
         attn = self.self_attn
-        if isinstance(x, Squares):
+        if x is ADDED:
             return attn.project(residual, positions, rotary, kv_cache, slot_mapping, q_out,
-                                norm=(x, self.input_layernorm.eps)), residual
+                                norm_eps=self.input_layernorm.eps), residual
         h, residual = self.input_layernorm(x, residual)
         return attn.project(h, positions, rotary, kv_cache, slot_mapping, q_out), residual
 
     def after_attention(self, attended, residual, then_layer: bool = False):
         """Output projection, norm and MLP: (x, residual) for the next norm to add and
         normalize. With the norms folded (LlamaForCausalLM.fold_norms), a step of the rows
-        ops.summed_rows takes runs the residual adds inside the O and down products, which
-        also sum the squares the next norms need (shard/gemv.py's summed_product), and the
-        post-attention norm as a scale inside gate/up; then_layer (a layer's input norm, not
-        the final one, reads the result): x is then Squares and the residual the stream."""
+        ops.folded_rows takes runs the residual adds inside the O and down products
+        (shard/gemv.py's added_product) and the post-attention norm inside gate/up (a
+        product of RMSNorm(x)); then_layer (a layer's input norm, not the final one, reads the
+        result): x is then ADDED and the residual the stream."""
         attn, mlp = self.self_attn, self.mlp
         ops = mlp.ops
-        if not (self.sums_norms and ops.summed_rows(attended.shape[0])
+        if not (self.folded_norms and ops.folded_rows(attended.shape[0])
                 and residual.is_contiguous()):
             h, residual = self.post_attention_layernorm(attn.output(attended), residual)
             return mlp(h), residual
         heads = attended.reshape(-1, attn.num_heads * attn.head_dim)
-        stream, sums = ops.summed_linear(heads, attn.o_proj.weight, residual)
-        gated = ops.scaled_linear(stream, mlp.gate_up_proj.weight, sums,
+        stream = ops.added_linear(heads, attn.o_proj.weight, residual)
+        gated = ops.scaled_linear(stream, mlp.gate_up_proj.weight,
                                   self.post_attention_layernorm.eps, True)
         if then_layer:
-            stream, sums = ops.summed_linear(gated, mlp.down_proj.weight, stream)
-            return Squares(sums), stream
+            return ADDED, ops.added_linear(gated, mlp.down_proj.weight, stream)
         return mlp.down_proj(gated), stream
 
     def folds_norms(self) -> bool:
-        """Whether fold_norms can: the summed products built (--gemv), one rank (the O and
-        down products' sums are whole only unsplit), plain weights without bias."""
+        """Whether fold_norms can: the folded products built (--gemv), one rank (a rank's
+        products see only its slice of the inputs whose squares the norm sums), plain weights
+        without bias."""
         projections = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj,
                        self.mlp.down_proj)
-        return (self.mlp.ops.summed_linear is not None
+        return (self.mlp.ops.added_linear is not None
                 and all(p.tp.world_size == 1 and p.weight is not None and p.bias is None
                         for p in projections))
 
@@ -255,13 +256,13 @@ class LlamaDecoderLayer(nn.Module):
     def fold_norms(self) -> None:
         """Each norm's weight into the product that reads the norm (QKV's and gate/up's input
         columns: W[:, k] g[k], rounded once), the norms left as 1 / RMS alone (weight 1), for
-        every step: what after_attention's summed steps need."""
+        every step: what after_attention's folded steps need."""
         for norm, proj in ((self.input_layernorm, self.self_attn.qkv_proj),
                            (self.post_attention_layernorm, self.mlp.gate_up_proj)):
             weight = proj.weight
             weight.copy_((weight.float() * norm.weight.float()).to(weight.dtype))
             norm.weight.fill_(1)
-        self.sums_norms = True
+        self.folded_norms = True
 
 
 class LlamaForCausalLM(nn.Module):

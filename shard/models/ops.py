@@ -88,12 +88,12 @@ class Ops:
     # F.linear's signature: what the QKV, O, gate/up and down products call.
     linear: Callable = F.linear
     # With the norms folded into the products after them (LlamaForCausalLM.load_weights),
-    # for steps whose row count summed_rows takes: (x, weight, residual) -> (residual + x W^T,
-    # its rows' sums of squares), the O and down products; (x, weight, sums, eps, gated) ->
-    # the product of RMSNorm(x), QKV and gate/up. None: norms stay separate.
-    summed_linear: Callable | None = None
+    # for steps whose row count folded_rows takes: (x, weight, residual) -> residual + x W^T,
+    # the O and down products; (x, weight, eps, gated) -> the product of RMSNorm(x), QKV and
+    # gate/up. None: norms stay separate.
+    added_linear: Callable | None = None
     scaled_linear: Callable | None = None
-    summed_rows: Callable[[int], bool] = bool
+    folded_rows: Callable[[int], bool] = bool
     # (x, QKV weight, positions, cos, sin, k cache, v cache, slots, heads, kv heads, head dim,
     # out=) -> q: the QKV product and rotary_into_cache in one kernel, for steps that
     # qkv_rotary_rows(rows, head_dim) takes; None: the product, then rotary_into_cache.
@@ -129,9 +129,9 @@ class Ops:
         small_ops = {}
         if gemv:
             linear = small.small_rows(linear)
-            small_ops = dict(summed_linear=small.summed_product,
+            small_ops = dict(added_linear=small.added_product,
                              scaled_linear=small.scaled_product,
-                             summed_rows=small.takes_summed)
+                             folded_rows=small.takes_folded)
             if fused_rotary:  # --fused-rotary off keeps rotary a stage of its own
                 small_ops.update(qkv_rotary=small.qkv_rotary, qkv_rotary_rows=small.takes_rotary)
         return cls(stage(rms_norm), stage(add_rms_norm), stage(silu_mul), rotary_into_cache,

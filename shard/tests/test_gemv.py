@@ -67,51 +67,47 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected).norm() / expected.norm()).item()
 
 
+def rms_normed(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm(x) in float64, weight 1 (folded into the product's weight)."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
-def test_scaled_kernel_is_the_product_of_each_row_times_its_norms_scale(rows, shape, gated):
-    """With the rows' sums of squares, the product of x / sqrt(sums / K + eps) (RMSNorm, its
-    weight folded into W), to one rounding of the output."""
+def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated):
+    """With norm_eps, the product of RMSNorm(x) (its weight folded into W): each row's own
+    1 / RMS, from the squares of that row alone (rows of very different sizes here), to one
+    rounding of the output; the same bits on a second run."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 1)
-    x = torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE)
+    sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)
+    x = (torch.randn(rows, inner, generator=gen) * sizes).to(DEVICE, DTYPE)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
-    # Sums unlike x's own: the kernel must take them, not sum x again.
-    sums = (inner * (0.5 + torch.rand(rows, generator=gen))).to(DEVICE)
-    got = gemv.product(x, weight, gated, squares=sums, eps=1e-5)
-    scale = torch.rsqrt(sums.double() / inner + 1e-5)[:, None]
-    expected = reference(x.double() * scale, weight, gated)
+    got = gemv.product(x, weight, gated, norm_eps=1e-5)
+    expected = reference(rms_normed(x), weight, gated)
     assert got.shape == expected.shape and got.dtype == DTYPE
     assert relative_error(got, expected) < TOLERANCE
+    for row in range(rows):
+        assert relative_error(got[row], expected[row]) < TOLERANCE, row
+    assert torch.equal(gemv.product(x, weight, gated, norm_eps=1e-5), got)
 
 
-@pytest.mark.parametrize("chunk", [gemv.SUM_CHUNK, 2], ids=["chunk", "chunk-2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
-def test_summed_kernel_adds_the_residual_and_sums_each_rows_squares(rows, shape, chunk,
-                                                                   monkeypatch):
-    """The stream is residual + the product, rounded as adding the separate product rounds
-    it; each row's sum of squares of the stream is whole (every program's share, the last
-    program's passes over them: chunk-2 takes several), the same on a second run, and the
-    ticket is back at 0 for the next summed product."""
-    monkeypatch.setattr(gemv, "SUM_CHUNK", chunk)
+def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shape):
+    """residual + the product: bit for bit the plain kernel's product, then the separate
+    add."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 2)
     x = torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
     residual = torch.randn(rows, features, generator=gen).to(DEVICE, DTYPE)
-    stream, sums = gemv.summed_product(x, weight, residual)
-    product = reference(x, weight, False)
-    assert stream.dtype == DTYPE and sums.dtype == torch.float32 and sums.shape == (rows,)
-    assert relative_error(stream, residual.double() + product) < TOLERANCE
-    # Bit for bit the plain kernel's product (the same sums), then the separate add.
+    stream = gemv.added_product(x, weight, residual)
+    assert stream.dtype == DTYPE and stream.shape == (rows, features)
+    assert relative_error(stream, residual.double() + reference(x, weight, False)) < TOLERANCE
     assert torch.equal(stream, residual + gemv.product(x, weight, False))
-    expected = stream.double().pow(2).sum(1)
-    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
-    assert gemv._ticket(x.device).item() == 0
-    again = gemv.summed_product(x, weight, residual)
-    assert torch.equal(again[0], stream) and torch.equal(again[1], sums)
 
 
 # (query heads, key/value heads, head dim, hidden): a small GQA model; on the GPU the 8B's and
@@ -125,12 +121,12 @@ ATTENTION = [(4, 2, 32, 96)] + ([(32, 8, 128, 4096), (32, 8, 64, 2048)] if ON_GP
 def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     """q rotated, keys rotated and values into their (scattered) cache slots, every other
     slot untouched: the QKV product rounded to the output's type, then rotate-half in float32
-    as shard/rotary_cache.py does. scaled: of each row times its norm's scale, as in the
-    scaled product."""
+    as shard/rotary_cache.py does. scaled: of RMSNorm(x), as in the scaled product."""
     heads, kv_heads, dim, hidden = shape
     assert gemv.takes_rotary(rows, dim)
     gen = torch.Generator().manual_seed(rows * 100 + dim)
-    x = torch.randn(rows, hidden, generator=gen).to(DEVICE, DTYPE)
+    sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)  # rows of very different RMS
+    x = (torch.randn(rows, hidden, generator=gen) * sizes).to(DEVICE, DTYPE)
     weight = (torch.randn((heads + 2 * kv_heads) * dim, hidden, generator=gen) / hidden ** 0.5
               ).to(DEVICE, DTYPE)
     blocks, page, half = 8, 4, dim // 2
@@ -140,10 +136,10 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
     k_cache, v_cache = (torch.zeros(blocks, page, kv_heads, dim, device=DEVICE, dtype=DTYPE)
                         for _ in range(2))
-    sums = (hidden * (0.5 + torch.rand(rows, generator=gen))).to(DEVICE) if scaled else None
+    norm_eps = 1e-5 if scaled else None
     q = gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                        kv_heads, dim, squares=sums, eps=1e-5)
-    normed = x.double() * (torch.rsqrt(sums.double() / hidden + 1e-5)[:, None] if scaled else 1)
+                        kv_heads, dim, norm_eps=norm_eps)
+    normed = rms_normed(x) if scaled else x.double()
     qkv = reference(normed, weight, False).to(DTYPE).float().view(rows, -1, dim)
     c, s_ = cos[positions][:, None, :], sin[positions][:, None, :]
     first, second = qkv[..., :half], qkv[..., half:]
@@ -160,7 +156,7 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     assert not v_cache.view(-1, kv_heads, dim)[untouched].any()
     out = torch.empty(rows, heads, dim, device=DEVICE, dtype=DTYPE)
     assert gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                           kv_heads, dim, out=out, squares=sums, eps=1e-5) is out
+                           kv_heads, dim, out=out, norm_eps=norm_eps) is out
     assert torch.equal(out, q)
 
 
@@ -315,28 +311,28 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
 
 @pytest.mark.parametrize("fused_rotary", [False, True], ids=["qkv", "qkv-rotary"])
 def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fused_rotary):
-    """Norms folded: in a step of 2-16 rows each layer's O and down products add the residual
-    and sum the squares (not the last layer's down: the final norm stays a norm), and
-    gate/up and the next layer's QKV take the norm as a scale (the first layer's QKV reads
-    its norm: no residual yet). The logits are the plain model's to rounding, and so are those
-    of steps of one row and of 17, which run the norms separately (their weight 1: folded)."""
+    """Norms folded: in a step of 1-16 rows each layer's O and down products add the residual
+    (not the last layer's down: the final norm stays a norm), and gate/up and the next
+    layer's QKV are products of RMSNorm(x) (the first layer's QKV reads its norm: no residual
+    yet). The logits are the plain model's to rounding, and so are those of a step of 17
+    rows, which runs the norms separately (their weight 1: folded)."""
     ops = Ops.build(compiled=False, gemv=True, fused_rotary=fused_rotary)
     calls = []
 
-    def summed_linear(x, weight, residual):
-        calls.append(("summed", x.shape[0], weight.shape[1]))
-        return ops.summed_linear(x, weight, residual)
+    def added_linear(x, weight, residual):
+        calls.append(("added", x.shape[0], weight.shape[1]))
+        return ops.added_linear(x, weight, residual)
 
-    def scaled_linear(x, weight, sums, eps, gated):
+    def scaled_linear(x, weight, eps, gated):
         calls.append(("scaled", x.shape[0], "gate/up" if gated else "qkv"))
-        return ops.scaled_linear(x, weight, sums, eps, gated)
+        return ops.scaled_linear(x, weight, eps, gated)
 
-    def qkv_rotary(x, *args, squares=None, **kwargs):
-        calls.append(("qkv_rotary", x.shape[0], squares is not None))
-        return ops.qkv_rotary(x, *args, squares=squares, **kwargs)
+    def qkv_rotary(x, *args, norm_eps=None, **kwargs):
+        calls.append(("qkv_rotary", x.shape[0], norm_eps is not None))
+        return ops.qkv_rotary(x, *args, norm_eps=norm_eps, **kwargs)
 
     plain, small = _models(dataclasses.replace(
-        ops, summed_linear=summed_linear, scaled_linear=scaled_linear,
+        ops, added_linear=added_linear, scaled_linear=scaled_linear,
         qkv_rotary=qkv_rotary if fused_rotary else None), fold=True)
     assert all(torch.equal(layer.input_layernorm.weight, torch.ones_like(
         layer.input_layernorm.weight)) for layer in small.layers)
@@ -344,17 +340,15 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
     assert_near(got, _logits(plain, PROMPT, [5, 9, 13], 7))
     o_inputs, down_inputs = 4 * 32, 64
 
-    def step(n: int) -> list:
-        if not gemv.takes_summed(n):  # one row: norms separate (SUMMED_MIN_ROWS)
-            return [("qkv_rotary", n, False)] * 2 if fused_rotary else []
+    def step(n: int) -> list:  # two layers
         first_qkv = [("qkv_rotary", n, False)] if fused_rotary else []
         qkv = [("qkv_rotary", n, True)] if fused_rotary else [("scaled", n, "qkv")]
-        return first_qkv + [("summed", n, o_inputs), ("scaled", n, "gate/up"),
-                            ("summed", n, down_inputs)] + qkv + [
-            ("summed", n, o_inputs), ("scaled", n, "gate/up")]
+        return first_qkv + [("added", n, o_inputs), ("scaled", n, "gate/up"),
+                            ("added", n, down_inputs)] + qkv + [
+            ("added", n, o_inputs), ("scaled", n, "gate/up")]
 
     assert calls == [c for n in (7, 7, 7, 1, 1, 1) for c in step(n)]
-    assert [gemv.takes_summed(n) for n in (1, 2, 16, 17)] == [False, True, True, False]
+    assert [gemv.takes_folded(n) for n in (1, 16, 17)] == [True, True, False]
     calls.clear()
     assert_near(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
     assert calls == []
@@ -362,7 +356,7 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
 
 def test_load_weights_folds_the_norms_with_gemv_on_one_rank_only(tmp_path):
     """load_weights folds each norm's weight into QKV's and gate/up's input columns (rounded
-    once) where the summed products can serve: --gemv, one rank, no bias (Qwen2's QKV has
+    once) where the folded products can serve: --gemv, one rank, no bias (Qwen2's QKV has
     one)."""
     folder = write_tiny_model(tmp_path / "llama")
     tensors = safetensors.torch.load_file(folder / "model.safetensors")
@@ -374,7 +368,7 @@ def test_load_weights_folds_the_norms_with_gemv_on_one_rank_only(tmp_path):
                                    TorchAttention(), gemv=gemv_on).model
               for gemv_on in (False, True)}
     for plain, folded in zip(loaded[False].layers, loaded[True].layers):
-        assert folded.sums_norms and not plain.sums_norms
+        assert folded.folded_norms and not plain.folded_norms
         for norm, proj in (("input_layernorm", "self_attn.qkv_proj"),
                            ("post_attention_layernorm", "mlp.gate_up_proj")):
             weight = plain.get_submodule(proj).weight
@@ -385,7 +379,7 @@ def test_load_weights_folds_the_norms_with_gemv_on_one_rank_only(tmp_path):
             assert torch.equal(folded.get_submodule(norm).weight, torch.ones_like(scale))
     qwen = loader.load(ModelSource("qwen", write_tiny_model(tmp_path / "qwen", "qwen2")),
                        TensorParallel(), DEVICE, DTYPE, TorchAttention(), gemv=True).model
-    assert not any(layer.sums_norms for layer in qwen.layers)
+    assert not any(layer.folded_norms for layer in qwen.layers)
     with torch.device(DEVICE):
         split = LlamaDecoderLayer(tiny_config(), TensorParallel(0, 2), TorchAttention(),
                                   Ops.build(compiled=False, gemv=True))

@@ -29,12 +29,11 @@ def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(rows):
-    """Six products, each reading the previous one's output: every other one summed (the
-    residual add and the rows' sums of squares, whose last program reads every program's
-    share), the ones between scaled by those sums. Captured in a CUDA graph and replayed on
-    new inputs: with PDL every kernel starts before its predecessor ends, so a read before
-    the wait would see the previous replay's values. Equal, bit for bit, to the same chain
-    without PDL."""
+    """Six products, each reading the previous one's output: every other one with the
+    residual add, the ones between of RMSNorm of their input (every program sums the squares
+    of all of it). Captured in a CUDA graph and replayed on new inputs: with PDL every
+    kernel starts before its predecessor ends, so a read before the wait would see the
+    previous replay's values. Equal, bit for bit, to the same chain without PDL."""
     assert pdl.enabled(CUDA), "the lent GPUs are Hopper"
     inner = 4096
     gen = torch.Generator(device=CUDA).manual_seed(rows)
@@ -43,15 +42,15 @@ def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(r
     x = torch.empty(rows, inner, device=CUDA, dtype=torch.bfloat16)
     residual = torch.empty_like(x)
 
-    def chain(use_pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        y, stream, sums = x, residual, None
+    def chain(use_pdl: bool) -> torch.Tensor:
+        y, stream = x, residual
         for i, weight in enumerate(weights):
             if i % 2:
-                stream, sums = gemv.summed_product(y, weight, stream, use_pdl=use_pdl)
-                y = stream
+                y = stream = gemv.added_product(y, weight, stream, use_pdl=use_pdl)
             else:
-                y = gemv.product(y, weight, False, squares=sums, eps=1e-5, use_pdl=use_pdl)
-        return y, sums
+                y = gemv.product(y, weight, False, norm_eps=1e-5 if i else None,
+                                 use_pdl=use_pdl)
+        return y
 
     outputs, graphs = {}, {}
     x.normal_(generator=gen), residual.normal_(generator=gen)
@@ -65,9 +64,8 @@ def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(r
         graphs[True].replay()
         graphs[False].replay()
         torch.cuda.synchronize()
-        assert torch.equal(outputs[True][0], outputs[False][0])
-        assert torch.equal(outputs[True][1], outputs[False][1])
-        assert torch.equal(outputs[False][0], chain(False)[0])  # the graphs replay this input
+        assert torch.equal(outputs[True], outputs[False])
+        assert torch.equal(outputs[False], chain(False))  # the graphs replay this input
 
 
 def test_attention_reads_the_cache_its_predecessor_wrote():
