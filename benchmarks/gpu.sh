@@ -224,13 +224,14 @@ step_clocks() {  # the 8B batch run: SM clock, power and throttle reasons while 
 }
 
 step_gemv() {  # shard/gemv.py's kernels in every configuration against cuBLAS, 8B and 1B shapes
+  # (GEMV_ROWS=1,2,... and GEMV_MODELS="llama-3.1-8b ..." for some of them)
   local i
   for i in $(seq 0 11); do  # Triton's compiles on 12 cores, then one process times
     $PYTHON benchmarks/gemv.py --compile-only $i/12 --rows "${GEMV_ROWS:-1,2,4,8,16}" \
       > "/tmp/gemv-compile-$i.log" 2>&1 &
   done
   wait
-  for m in llama-3.1-8b llama-3.2-1b; do
+  for m in ${GEMV_MODELS:-llama-3.1-8b llama-3.2-1b}; do
     timeout 300 $PYTHON benchmarks/gemv.py --config benchmarks/configs/$m \
       --rows "${GEMV_ROWS:-1,2,4,8,16}" 2>&1 | tee "$OUT/gemv-$m.txt"
   done

@@ -24,8 +24,9 @@ product that reads it (its programs read the residual and the norm's weight too:
 squares of what it stores, the last of its programs adding every program's share (a
 GPU-scope atomic ticket per program: at one row, 2,048 of them, slower than the norm).
 
-One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
-rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
+One row: products and a sum along K on the CUDA cores (no tensor cores: the weight's bytes are
+the cost). 2-16 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows
+masked to zero; or (benchmarks/gemv.py weighs it) the CUDA cores' form over 2, 4, 8 or 16.
 
 Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
 inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
@@ -103,6 +104,24 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 
 
 @triton.jit
+def _rows_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
+               stride_x, k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
+    """ROWS rows, one tile along K, as _row_step does one: [ROWS, BLOCK_N, BLOCK_K] partial
+    products on the CUDA cores, summed along K at the end."""
+    k_ok = k < K
+    x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok[None, :],
+              True).to(tl.float32)
+    gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok[None, :], GATED,
+                            not EVEN)
+    acc += gate.to(tl.float32)[None, :, :] * x[:, None, :]
+    if GATED:
+        acc_up += up.to(tl.float32)[None, :, :] * x[:, None, :]
+    if SCALED:
+        squares += x * x
+    return acc, acc_up, squares
+
+
+@triton.jit
 def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
     """ROWS rows, one tile along K, through tl.dot (and the rows' squares if SCALED)."""
@@ -121,10 +140,10 @@ def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_
 @triton.jit
 def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
               GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-              PDL: tl.constexpr):
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN: tl.constexpr, PDL: tl.constexpr):
     """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
+    up_rows if GATED), over all K inputs: through tl.dot if DOT, else on the CUDA cores. SCALED: of RMSNorm(x) (its weight folded into the
     weight rows): each row's products times 1 / RMS of the row, from the squares of the
     inputs the products read anyway, so no other kernel sums them. PDL: the first tile of
     weights is asked of L2 before the wait for the previous kernel."""
@@ -134,7 +153,7 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
             _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
     pdl.wait(PDL)
     inner = tl.arange(0, BLOCK_K)
-    if ROWS == 1:
+    if ROWS == 1 and not DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -145,6 +164,19 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
         y = tl.sum(acc, axis=1)[None, :]
         up_y = tl.sum(acc_up, axis=1)[None, :]
         sums = tl.sum(squares, axis=0)
+    elif not DOT:
+        row = tl.arange(0, ROWS)
+        row_ok = row < rows
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            acc, acc_up, squares = _rows_step(acc, acc_up, squares, gate_rows, up_rows,
+                                              feature_ok, x_ptr, row, row_ok, stride_x,
+                                              start + inner, K, GATED, SCALED, EVEN)
+        y = tl.sum(acc, axis=2)
+        up_y = tl.sum(acc_up, axis=2)
+        sums = tl.sum(squares, axis=1)[:, None]
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
@@ -167,8 +199,8 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
 @triton.jit(do_not_specialize=["rows"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stride_w,
                  GATED: tl.constexpr, SCALED: tl.constexpr, ADDED: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, PDL: tl.constexpr):
+                 ROWS: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
     SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). SCALED: the
     products of RMSNorm(x) (_products). ADDED: out = residual + the product, rounded as the
@@ -181,7 +213,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
     y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, eps, rows, K,
-                        stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
+                        stride_x, GATED, SCALED, ROWS, DOT, BLOCK_N, BLOCK_K, EVEN, PDL)
     out_row = tl.arange(0, ROWS)
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
@@ -198,7 +230,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
 @triton.jit(do_not_specialize=["rows"])
 def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
                        eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
-                       num_kv_heads, ROWS: tl.constexpr, PAIRS: tl.constexpr,
+                       num_kv_heads, ROWS: tl.constexpr, DOT: tl.constexpr,
+                       PAIRS: tl.constexpr,
                        BLOCK_K: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr,
                        EVEN: tl.constexpr, PDL: tl.constexpr):
     """The QKV product, rotary and the cache write in one: this program's PAIRS pairs of
@@ -214,7 +247,7 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
     y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok, eps, rows,
-                       K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K, EVEN, PDL)
+                       K, stride_x, True, SCALED, ROWS, DOT, PAIRS, BLOCK_K, EVEN, PDL)
     token = tl.arange(0, ROWS)
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
@@ -250,6 +283,11 @@ def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
     return _features(rows), 256, 4, 4
 
 
+def row_tile(rows: int, dot: bool) -> int:
+    """The kernel's tile of rows for `rows` rows: tl.dot's 16, else the next power of 2."""
+    return DOT_ROWS if dot else triton.next_power_of_2(rows)
+
+
 def _features(rows: int) -> int:
     """BLOCK_N, the output features per program, of `config`'s tiles."""
     return 2 if rows == 1 else 32
@@ -280,8 +318,9 @@ def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float 
     2-D x of 1..MAX_ROWS rows with a unit stride along K. With `norm_eps`, the product of
     RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
     norm's weight folded into `weight` (LlamaForCausalLM.fold_norms). `tuning` (benchmarks):
-    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel
-    for one row too), `use_pdl` in place of pdl.enabled."""
+    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (True: tl.dot's
+    kernel for one row too; False: the CUDA cores' for 2-16 rows too, their rows a power of
+    2), `use_pdl` in place of pdl.enabled."""
     out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
     _launch(x, weight, out, gated, norm_eps, None, **tuning)
     return out
@@ -316,7 +355,7 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
         x, weight, out, x if residual is None else residual,
         0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
         weight.stride(0), GATED=gated, SCALED=norm_eps is not None, ADDED=residual is not None,
-        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        ROWS=row_tile(rows, dot), DOT=dot, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
 
@@ -355,8 +394,8 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
         0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
-        k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
-        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
+        k_slots.stride(0), num_heads, num_kv_heads, ROWS=row_tile(rows, rows > 1),
+        DOT=rows > 1, PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q
