@@ -39,18 +39,8 @@ DOT = [(n, k, w, 4, True) for n, k, w in itertools.product((16, 32, 64), (64, 12
                                                                        (32, 512, 4, 3, True)]
 
 
-# 2-16 rows on the CUDA cores as one row runs (dot False): [row tile, BLOCK_N, BLOCK_K] float32
-# partial sums, within 8,192 for 4 warps and 16,384 for 8.
-FMA_TILES = [(2, 256), (2, 512), (2, 1024), (2, 2048), (4, 256), (4, 512), (4, 1024), (8, 256),
-             (8, 512)]
-
-
 def configs(rows: int) -> list[tuple]:
-    if rows == 1:
-        return ONE_ROW + DOT
-    tile = gemv.row_tile(rows, dot=False)
-    return DOT + [(n, k, w, 1, False) for (n, k), w in itertools.product(FMA_TILES, (4, 8))
-                  if tile * n * k <= 2048 * w]
+    return (ONE_ROW + DOT) if rows == 1 else DOT
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -115,13 +105,13 @@ def main() -> None:
         # Triton specializes on the tiles and on sizes' divisibility by 16, not on the sizes:
         # one small weight compiles what every projection of these shapes runs.
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        # (tiles, row tile, gated, form): the folded forms are variants of the plain kernel.
-        cases = sorted({(c, gemv.row_tile(rows, c[4]), gated, form) for rows in rows_list
-                        for c in configs(rows) for gated in (False, True) for form in FORMS
+        # (tiles, gated, form): the folded forms are variants of the plain kernel.
+        cases = sorted({(c, gated, form) for rows in rows_list for c in configs(rows)
+                        for gated in (False, True) for form in FORMS
                         if not (gated and form == "added")})
         w = torch.zeros(4096, 2048, dtype=torch.bfloat16, device="cuda")
-        for c, tile, gated, form in cases[part::parts]:
-            x = torch.zeros(tile, w.shape[1], dtype=w.dtype, device=w.device)
+        for c, gated, form in cases[part::parts]:
+            x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
                 product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
                                 block=c[:4], dot=c[4])

@@ -263,12 +263,12 @@ step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --g
 }
 
 step_studies() {  # what this tree's choices rest on, for the next change to them: the norms
-  # kept apart from the products (gemv.FOLDED_MIN_ROWS past 16), and PDL at 2-16 rows
+  # kept apart from the products (gemv.FOLDED_MAX_ROWS 0), and PDL at 2-16 rows
   # (pdl.MAX_ROWS, then a batch-2 timeline); STUDIES=apart or STUDIES=pdl for one of them
   local name=8b-curve-norms-apart
   if [[ ${STUDIES:-apart pdl} == *apart* ]]; then
     timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --gemv on \
-      --pdl on --folded-min-rows 17 > "$OUT/$name.txt" 2>&1
+      --pdl on --folded-max-rows 0 > "$OUT/$name.txt" 2>&1
     grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
     grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
   fi

@@ -95,7 +95,8 @@ class Workload:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # No abbreviations: the shard's own flags pass through (--pdl is not --pdl-max-rows).
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--phase", choices=["decode", "prefill", "mixed"], default="decode")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--input-len", type=int, default=512)
@@ -113,16 +114,16 @@ def main() -> None:
     parser.add_argument("--pdl-max-rows", type=int, default=None, metavar="N",
                         help="study: launch with PDL (--pdl on) the kernels of steps of up to N "
                              "rows, in place of pdl.MAX_ROWS")
-    parser.add_argument("--folded-min-rows", type=int, default=None, metavar="N",
-                        help="study: run the norms inside the products (--gemv on) from N rows, "
-                             "in place of gemv.FOLDED_MIN_ROWS (17: never)")
+    parser.add_argument("--folded-max-rows", type=int, default=None, metavar="N",
+                        help="study: run the norms inside the products (--gemv on) in steps of "
+                             "up to N rows, in place of gemv.FOLDED_MAX_ROWS (0: never)")
     args, shard_argv = parser.parse_known_args()
     if args.pdl_max_rows is not None:
         from shard import pdl
         pdl.MAX_ROWS = args.pdl_max_rows
-    if args.folded_min_rows is not None:
+    if args.folded_max_rows is not None:
         from shard import gemv
-        gemv.FOLDED_MIN_ROWS = args.folded_min_rows
+        gemv.FOLDED_MAX_ROWS = args.folded_max_rows
     config = shard_config.parse(shard_argv, os.environ)
     started = shard_server.start(config, shard_argv)
     device = started.built.device

@@ -24,9 +24,10 @@ product that reads it (its programs read the residual and the norm's weight too:
 squares of what it stores, the last of its programs adding every program's share (a
 GPU-scope atomic ticket per program: at one row, 2,048 of them, slower than the norm).
 
-One row: products and a sum along K on the CUDA cores (no tensor cores: the weight's bytes are
-the cost). 2-16 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows
-masked to zero; or (benchmarks/gemv.py weighs it) the CUDA cores' form over 2, 4, 8 or 16.
+One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
+rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
+(The one-row form over 2-16 rows, [rows, BLOCK_N, BLOCK_K] partial sums on the CUDA cores,
+was slower than tl.dot at 2 and 8 rows for every 8B projection on the H200.)
 
 Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
 inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
@@ -104,27 +105,12 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 
 
 @triton.jit
-def _rows_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
-               stride_x, k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, as _row_step does one: [ROWS, BLOCK_N, BLOCK_K] partial
-    products on the CUDA cores, summed along K at the end."""
-    k_ok = k < K
-    x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok[None, :],
-              True).to(tl.float32)
-    gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok[None, :], GATED,
-                            not EVEN)
-    acc += gate.to(tl.float32)[None, :, :] * x[:, None, :]
-    if GATED:
-        acc_up += up.to(tl.float32)[None, :, :] * x[:, None, :]
-    if SCALED:
-        squares += x * x
-    return acc, acc_up, squares
-
-
-@triton.jit
 def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot (and the rows' squares if SCALED)."""
+    """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, summed
+    per tile ([ROWS]: a [ROWS, BLOCK_K] accumulator held across the loop made the normed
+    products 1.1-3x slower than the plain ones on the H200, and x x^T through tl.dot spills
+    registers too)."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
@@ -133,17 +119,17 @@ def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_
         up_y = tl.dot(x, tl.trans(up), up_y)
     if SCALED:
         wide = x.to(tl.float32)
-        squares += wide * wide
+        squares += tl.sum(wide * wide, axis=1)
     return y, up_y, squares
 
 
 @triton.jit
 def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
               GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
-              DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN: tl.constexpr, PDL: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+              PDL: tl.constexpr):
     """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs: through tl.dot if DOT, else on the CUDA cores. SCALED: of RMSNorm(x) (its weight folded into the
+    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
     weight rows): each row's products times 1 / RMS of the row, from the squares of the
     inputs the products read anyway, so no other kernel sums them. PDL: the first tile of
     weights is asked of L2 before the wait for the previous kernel."""
@@ -153,7 +139,7 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
             _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
     pdl.wait(PDL)
     inner = tl.arange(0, BLOCK_K)
-    if ROWS == 1 and not DOT:
+    if ROWS == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -164,30 +150,17 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
         y = tl.sum(acc, axis=1)[None, :]
         up_y = tl.sum(acc_up, axis=1)[None, :]
         sums = tl.sum(squares, axis=0)
-    elif not DOT:
-        row = tl.arange(0, ROWS)
-        row_ok = row < rows
-        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            acc, acc_up, squares = _rows_step(acc, acc_up, squares, gate_rows, up_rows,
-                                              feature_ok, x_ptr, row, row_ok, stride_x,
-                                              start + inner, K, GATED, SCALED, EVEN)
-        y = tl.sum(acc, axis=2)
-        up_y = tl.sum(acc_up, axis=2)
-        sums = tl.sum(squares, axis=1)[:, None]
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        squares = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
             y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
-                                         x_ptr, row, row_ok, stride_x, start + inner, K,
-                                         GATED, SCALED, EVEN)
-        sums = tl.sum(squares, axis=1)[:, None]
+                                         x_ptr, row, row_ok, stride_x, start + inner, K, GATED,
+                                         SCALED, EVEN)
+        sums = squares[:, None]
     if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
         scale = tl.rsqrt(sums / K + eps)
         y = y * scale
@@ -199,8 +172,8 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
 @triton.jit(do_not_specialize=["rows"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stride_w,
                  GATED: tl.constexpr, SCALED: tl.constexpr, ADDED: tl.constexpr,
-                 ROWS: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
     SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). SCALED: the
     products of RMSNorm(x) (_products). ADDED: out = residual + the product, rounded as the
@@ -213,7 +186,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
     y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, eps, rows, K,
-                        stride_x, GATED, SCALED, ROWS, DOT, BLOCK_N, BLOCK_K, EVEN, PDL)
+                        stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
     out_row = tl.arange(0, ROWS)
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
@@ -230,8 +203,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
 @triton.jit(do_not_specialize=["rows"])
 def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
                        eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
-                       num_kv_heads, ROWS: tl.constexpr, DOT: tl.constexpr,
-                       PAIRS: tl.constexpr,
+                       num_kv_heads, ROWS: tl.constexpr, PAIRS: tl.constexpr,
                        BLOCK_K: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr,
                        EVEN: tl.constexpr, PDL: tl.constexpr):
     """The QKV product, rotary and the cache write in one: this program's PAIRS pairs of
@@ -247,7 +219,7 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
     y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok, eps, rows,
-                       K, stride_x, True, SCALED, ROWS, DOT, PAIRS, BLOCK_K, EVEN, PDL)
+                       K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K, EVEN, PDL)
     token = tl.arange(0, ROWS)
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
@@ -277,15 +249,13 @@ def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
     fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
-    best for the 8B's O, gate/up and down, not among the four best for its QKV)."""
+    best for the 8B's O, gate/up and down, not among the four best for its QKV). The gated
+    products of 2-16 rows (gate/up, QKV with rotary) take 64 inputs a tile: on the H200 the
+    8B's gate/up ran in 56.2 µs at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at
+    8), and at 256 the normed form (the rows' squares too) spilled registers."""
     if rows == 1:
         return _features(rows), min(2048, triton.next_power_of_2(inner)), 4 if gated else 8, 1
-    return _features(rows), 256, 4, 4
-
-
-def row_tile(rows: int, dot: bool) -> int:
-    """The kernel's tile of rows for `rows` rows: tl.dot's 16, else the next power of 2."""
-    return DOT_ROWS if dot else triton.next_power_of_2(rows)
+    return _features(rows), 64 if gated else 256, 4, 4
 
 
 def _features(rows: int) -> int:
@@ -303,18 +273,15 @@ def takes(rows: int) -> bool:
     return 1 <= rows <= MAX_ROWS
 
 
-# The fewest rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded). A ticket-summed first form (the O and down products summing the squares,
-# the last of their programs adding the shares) was slower than the separate norms at one row
-# on the H100; each product now sums its own input's squares. FOLDED_MIN_ROWS is kept for the
-# benchmarks that weigh it (profile_step.py --folded-min-rows).
-FOLDED_MIN_ROWS = 1
+# The most rows whose steps run the norms inside the products (added_product and the scaled
+# ones; norms folded): profile_step.py --folded-max-rows weighs it.
+FOLDED_MAX_ROWS = 16
 
 
 def takes_folded(rows: int) -> bool:
     """Whether a step of `rows` rows runs its norms inside the products (models whose norms
     are folded)."""
-    return FOLDED_MIN_ROWS <= rows <= MAX_ROWS
+    return 1 <= rows <= min(FOLDED_MAX_ROWS, MAX_ROWS)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float | None = None,
@@ -323,9 +290,8 @@ def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float 
     2-D x of 1..MAX_ROWS rows with a unit stride along K. With `norm_eps`, the product of
     RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
     norm's weight folded into `weight` (LlamaForCausalLM.fold_norms). `tuning` (benchmarks):
-    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (True: tl.dot's
-    kernel for one row too; False: the CUDA cores' for 2-16 rows too, their rows a power of
-    2), `use_pdl` in place of pdl.enabled."""
+    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel
+    for one row too), `use_pdl` in place of pdl.enabled."""
     out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
     _launch(x, weight, out, gated, norm_eps, None, **tuning)
     return out
@@ -360,7 +326,7 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
         x, weight, out, x if residual is None else residual,
         0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
         weight.stride(0), GATED=gated, SCALED=norm_eps is not None, ADDED=residual is not None,
-        ROWS=row_tile(rows, dot), DOT=dot, BLOCK_N=block_n, BLOCK_K=block_k,
+        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
 
@@ -399,8 +365,8 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
         0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
-        k_slots.stride(0), num_heads, num_kv_heads, ROWS=row_tile(rows, _dot(rows)),
-        DOT=_dot(rows), PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
+        k_slots.stride(0), num_heads, num_kv_heads, ROWS=DOT_ROWS if _dot(rows) else 1,
+        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q

@@ -67,28 +67,6 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-@pytest.mark.parametrize("rows", [r for r in ROWS if r > 1])
-def test_the_cuda_cores_form_of_2_to_16_rows_matches_float64(rows, shape, gated):
-    """dot=False (benchmarks/gemv.py weighs it against tl.dot): the rows in a power-of-2 tile
-    on the CUDA cores, plain, of RMSNorm(x), and with the residual add."""
-    features, inner = shape
-    gen = torch.Generator().manual_seed(rows * 1000 + features + 3)
-    x = (torch.randn(rows, inner, generator=gen) * (0.1 + 20 * torch.rand(rows, 1, generator=gen))
-         ).to(DEVICE, DTYPE)
-    weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
-    cores = dict(block=(2, 256, 4, 1), dot=False)
-    assert relative_error(gemv.product(x, weight, gated, **cores),
-                          reference(x, weight, gated)) < TOLERANCE
-    assert relative_error(gemv.product(x, weight, gated, norm_eps=1e-5, **cores),
-                          reference(rms_normed(x), weight, gated)) < TOLERANCE
-    if not gated:
-        residual = torch.randn(rows, features, generator=gen).to(DEVICE, DTYPE)
-        assert torch.equal(gemv.added_product(x, weight, residual, **cores),
-                           residual + gemv.product(x, weight, False, **cores))
-
-
 def rms_normed(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm(x) in float64, weight 1 (folded into the product's weight)."""
     x = x.double()
