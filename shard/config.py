@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run products of 1-16 rows (small decode batches) through Triton "
                              "matrix-vector kernels, the gate/up one with SiLU x up applied, "
                              "instead of cuBLAS; on one rank the norms' weights are folded "
-                             "into the products after them and steps of 2-16 rows run the "
+                             "into the products after them and one-row steps run the "
                              "residual adds and norms inside the products; on needs cuda; "
                              "auto: on cuda only. Off by default until the GPU suite has run "
                              "with it on (shard/gemv.py)")

@@ -12,7 +12,8 @@ features); and `qkv_rotary` follows the QKV product with rotary and the K/V cach
 same kernel.
 
 The norms between the products (two per layer, each a kernel of ~2.9 µs and a gap on the
-H100: 0.19 ms of the 8B's 5.6 ms step at batch 1) go inside them. RMSNorm(s) * g read by a
+H100: 0.19 ms of the 8B's 5.6 ms step at batch 1) go inside them (in the steps takes_folded
+takes: one row, until 2-16 are measured). RMSNorm(s) * g read by a
 product W is (s W'^T) / rms(s) with W' = W * g: so the model folds each norm's weight into
 the product after it (LlamaForCausalLM.fold_norms), the product before the norm adds the
 residual as it stores (`added_product`), and the product after it sums the squares of the
@@ -32,9 +33,9 @@ was slower than tl.dot at 2 and 8 rows for every 8B projection on the H200.)
 Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
 inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
 75.8 vs 85.7 without, down 40.1 vs 43.2); at 2-16 rows within ~5% of it either way. Whole
-steps (with `--pdl` at one row, the norms inside at 2-16 rows): the 8B at batch 1 6.36 ->
-5.66 ms, at 2-16 rows 7% faster (docs/benchmarks.md). Off by default until the whole GPU suite
-has run with it on (issue 24).
+steps (with `--pdl` at one row, norms apart): the 8B at batch 1 6.36 -> 5.66 ms, at 2-16 rows
+6% faster. On the H200 the 1B at batch 1 836 -> 898 tok/s, the 8B unchanged at ~206
+(docs/benchmarks.md). Off by default until the whole GPU suite has run with it on (issue 24).
 """
 
 from __future__ import annotations
@@ -274,8 +275,11 @@ def takes(rows: int) -> bool:
 
 
 # The most rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded): profile_step.py --folded-max-rows weighs it.
-FOLDED_MAX_ROWS = 16
+# ones; norms folded). At 2-16 rows the first form of the normed products (a [16, BLOCK_K]
+# accumulator of squares across the loop) ran 1.5-3x slower than plain ones on the H200; the
+# per-tile form that replaced it has not run on a GPU: `gpu.sh studies` weighs it
+# (profile_step.py --folded-max-rows 16) before this goes past one row.
+FOLDED_MAX_ROWS = 1
 
 
 def takes_folded(rows: int) -> bool:

@@ -309,13 +309,18 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
     assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
+@pytest.mark.parametrize("max_rows", [gemv.FOLDED_MAX_ROWS, gemv.MAX_ROWS],
+                         ids=["one-row", "1-16-rows"])
 @pytest.mark.parametrize("fused_rotary", [False, True], ids=["qkv", "qkv-rotary"])
-def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fused_rotary):
-    """Norms folded: in a step of 1-16 rows each layer's O and down products add the residual
-    (not the last layer's down: the final norm stays a norm), and gate/up and the next
-    layer's QKV are products of RMSNorm(x) (the first layer's QKV reads its norm: no residual
-    yet). The logits are the plain model's to rounding, and so are those of a step of 17
-    rows, which runs the norms separately (their weight 1: folded)."""
+def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(
+        fused_rotary, max_rows, monkeypatch):
+    """Norms folded: in a step of the rows takes_folded takes (one row as built, 1-16 where
+    gemv.FOLDED_MAX_ROWS says so) each layer's O and down products add the residual (not the
+    last layer's down: the final norm stays a norm), and gate/up and the next layer's QKV are
+    products of RMSNorm(x) (the first layer's QKV reads its norm: no residual yet). The
+    logits are the plain model's to rounding, and so are those of the other steps, which run
+    the norms separately (their weight 1: folded)."""
+    monkeypatch.setattr(gemv, "FOLDED_MAX_ROWS", max_rows)
     ops = Ops.build(compiled=False, gemv=True, fused_rotary=fused_rotary)
     calls = []
 
@@ -341,6 +346,8 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
     o_inputs, down_inputs = 4 * 32, 64
 
     def step(n: int) -> list:  # two layers
+        if not gemv.takes_folded(n):  # norms separate: only the fused QKV kernel is seen
+            return [("qkv_rotary", n, False)] * 2 if fused_rotary else []
         first_qkv = [("qkv_rotary", n, False)] if fused_rotary else []
         qkv = [("qkv_rotary", n, True)] if fused_rotary else [("scaled", n, "qkv")]
         return first_qkv + [("added", n, o_inputs), ("scaled", n, "gate/up"),
@@ -348,7 +355,8 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(fus
             ("added", n, o_inputs), ("scaled", n, "gate/up")]
 
     assert calls == [c for n in (7, 7, 7, 1, 1, 1) for c in step(n)]
-    assert [gemv.takes_folded(n) for n in (1, 16, 17)] == [True, True, False]
+    assert [gemv.takes_folded(n) for n in (1, 2, 16, 17)] == [True] + [max_rows == 16] * 2 + [
+        False]
     calls.clear()
     assert_near(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
     assert calls == []
