@@ -246,16 +246,20 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
 
 
 @functools.cache
-def config(rows: int, inner: int, gated: bool) -> tuple[int, int, int, int]:
+def config(rows: int, inner: int, gated: bool, rotary: bool = False
+           ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
     fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
     best for the 8B's O, gate/up and down, not among the four best for its QKV). The gated
-    products of 2-16 rows (gate/up, QKV with rotary) take 64 inputs a tile: on the H200 the
-    8B's gate/up ran in 56.2 µs at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at
-    8), and at 256 the normed form (the rows' squares too) spilled registers."""
+    product of 2-16 rows takes 64 inputs a tile: on the H200 the 8B's gate/up ran in 56.2 µs
+    at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8), and at 256 the normed
+    form (the rows' squares too) spilled registers. `rotary`: qkv_rotary's, whose one-row
+    kernel is the gated one's and whose 2-16-row one keeps 256 (QKV's best tiles on the H200
+    were 256 inputs wide)."""
     if rows == 1:
-        return _features(rows), min(2048, triton.next_power_of_2(inner)), 4 if gated else 8, 1
+        return (_features(rows), min(2048, triton.next_power_of_2(inner)),
+                4 if gated or rotary else 8, 1)
     return _features(rows), 64 if gated else 256, 4, 4
 
 
@@ -360,7 +364,7 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
     half = head_dim // 2
-    block_n, block_k, warps, stages = config(rows, inner, gated=True)
+    block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True)
     pairs = _pairs(rows, head_dim)
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
