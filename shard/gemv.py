@@ -268,11 +268,6 @@ def _features(rows: int) -> int:
     return 2 if rows == 1 else 32
 
 
-def _dot(rows: int) -> bool:
-    """Whether `config`'s kernel for `rows` rows is tl.dot's (else the CUDA cores')."""
-    return rows > 1
-
-
 def takes(rows: int) -> bool:
     """Whether a step of `rows` rows runs its products here."""
     return 1 <= rows <= MAX_ROWS
@@ -327,7 +322,7 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
     features = out.shape[1]
     block_n, block_k, warps, stages = block or config(rows, inner, gated)
     if dot is None:
-        dot = _dot(rows)
+        dot = rows > 1
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
     _gemv_kernel[(triton.cdiv(features, block_n),)](
@@ -347,8 +342,8 @@ def _pairs(rows: int, head_dim: int) -> int:
 
 def takes_rotary(rows: int, head_dim: int) -> bool:
     """Whether a step of `rows` rows runs its QKV product, rotary and cache write as one
-    kernel (qkv_rotary): the rows takes() serves, with pairs enough for tl.dot where it runs."""
-    return takes(rows) and (not _dot(rows) or _pairs(rows, head_dim) >= DOT_ROWS)
+    kernel (qkv_rotary): the rows takes() serves, and at 2-16 rows pairs enough for tl.dot."""
+    return takes(rows) and (rows == 1 or _pairs(rows, head_dim) >= DOT_ROWS)
 
 
 def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
@@ -373,7 +368,7 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
         0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
-        k_slots.stride(0), num_heads, num_kv_heads, ROWS=DOT_ROWS if _dot(rows) else 1,
+        k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
         PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
