@@ -246,7 +246,7 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
 
 
 @functools.cache
-def config(rows: int, inner: int, gated: bool, rotary: bool = False
+def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: bool = False
            ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
     fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
@@ -256,8 +256,12 @@ def config(rows: int, inner: int, gated: bool, rotary: bool = False
     at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8), and at 256 the normed
     form (the rows' squares too) spilled registers. `rotary`: qkv_rotary's, whose one-row
     kernel is the gated one's and whose 2-16-row one keeps 256 (QKV's best tiles on the H200
-    were 256 inputs wide)."""
+    were 256 inputs wide). `normed` (the product of RMSNorm(x)): the gated one of one row
+    takes 8 features x 1,024 inputs in 8 warps, 77.6 µs for the 8B's gate/up on the H100
+    against 84.2 in the plain product's tiles (which run the plain one in 74.8)."""
     if rows == 1:
+        if gated and normed:
+            return 8, min(1024, triton.next_power_of_2(inner)), 8, 1
         return (_features(rows), min(2048, triton.next_power_of_2(inner)),
                 4 if gated or rotary else 8, 1)
     return _features(rows), 64 if gated else 256, 4, 4
@@ -274,10 +278,9 @@ def takes(rows: int) -> bool:
 
 
 # The most rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded). At 2-16 rows the first form of the normed products (a [16, BLOCK_K]
-# accumulator of squares across the loop) ran 1.5-3x slower than plain ones on the H200; the
-# per-tile form that replaced it has not run on a GPU: `gpu.sh studies` weighs it
-# (profile_step.py --folded-max-rows 16) before this goes past one row.
+# ones; norms folded). At 2-16 rows the normed products lose: the 8B's steps on the H100 took
+# 6.74-7.11 ms with the norms inside against 5.94-6.41 apart (`gpu.sh studies`, 27755b9, the
+# squares summed per tile; the first form, a [16, BLOCK_K] accumulator, was worse still).
 FOLDED_MAX_ROWS = 1
 
 
@@ -320,7 +323,8 @@ def added_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None):
     rows, inner = x.shape
     features = out.shape[1]
-    block_n, block_k, warps, stages = block or config(rows, inner, gated)
+    block_n, block_k, warps, stages = block or config(rows, inner, gated,
+                                                      normed=norm_eps is not None)
     if dot is None:
         dot = rows > 1
     if use_pdl is None:
