@@ -32,8 +32,9 @@ DTYPE, TOLERANCE = (torch.bfloat16, 1e-2) if ON_GPU else (torch.float32, 1e-5)
 # Row counts: one (the reduction kernel), then tl.dot's over 16 rows with some masked.
 ROWS = list(range(1, gemv.MAX_ROWS + 1)) if ON_GPU else [1, 2, 7, 16]
 # (output features, input features): dividing the configured tiles (1,024 inputs: whole tiles
-# along K for both kernels) or not (40 x 200).
-SHAPES = [(64, 1024), (40, 200)]
+# along K for both kernels) or not (40 x 200; 24 x 2,304, past 2,048 inputs, where the gated
+# product of RMSNorm(x) takes other one-row tiles).
+SHAPES = [(64, 1024), (40, 200), (24, 2304)]
 if ON_GPU:  # Llama-3.1-8B's QKV, O, down and Llama-3.2-1B's QKV
     SHAPES += [(6144, 4096), (4096, 4096), (4096, 14336), (3072, 2048)]
 
