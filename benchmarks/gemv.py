@@ -32,8 +32,8 @@ from shard import gemv, pdl  # noqa: E402
 ONE_ROW = [(n, k, w, 1, False) for (n, k), w in itertools.product(
     [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024),
      (16, 256), (16, 512)], (4, 8))]
-# Stages: Triton pipelines none of these loops (no asynchronous copies in the code), so only
-# the tiles and warps matter.
+# Stages: Triton pipelines the tl.dot loops (asynchronous copies into shared memory, in as
+# many stages: benchmarks/gemv_resources.py shows them), not the one-row loops, which run in 1.
 DOT = [(n, k, w, 4, True) for n, k, w in itertools.product((16, 32, 64), (64, 128, 256),
                                                            (4, 8))] + [(16, 512, 4, 3, True),
                                                                        (32, 512, 4, 3, True)]

@@ -110,8 +110,8 @@ def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
     """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, summed
     per tile to [ROWS] (a [ROWS, BLOCK_K] accumulator held across the loop made the normed
-    products of the shard's tiles 1.8-3.1x slower than the plain ones on the H200; x x^T
-    through tl.dot spilled registers when compiled for sm_90)."""
+    products of the shard's tiles 1.8-3.1x slower than the plain ones on the H200). Both
+    read x from the shared-memory tile the pipeline fills (Triton 3.6 and 3.9, sm_90)."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
@@ -253,14 +253,14 @@ def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: boo
     inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
     best for the 8B's O, gate/up and down, not among the four best for its QKV). The gated
     product of 2-16 rows takes 64 inputs a tile: on the H200 the 8B's gate/up ran in 56.2 µs
-    at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8), and at 256 the normed
-    form (the rows' squares too) spilled registers. `rotary`: qkv_rotary's, whose one-row
-    kernel is the gated one's and whose 2-16-row one keeps 256 (QKV's best tiles on the H200
-    were 256 inputs wide). `normed` (the product of RMSNorm(x)): the gated one of one row
-    over more than 2,048 inputs takes 8 features x 1,024 inputs in 8 warps, 77.6 µs for the
-    8B's gate/up on the H100 against 84.2 in the plain product's tiles (which run the plain
-    one in 74.8); over up to 2,048, 4 x 2,048 in 4 warps, the 1B's fastest (23.8 µs; 8 x
-    1,024 was not among its four best, all 24.9 or slower)."""
+    at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8). `rotary`:
+    qkv_rotary's, whose one-row kernel is the gated one's and whose 2-16-row one keeps 256
+    (QKV's best tiles on the H200 were 256 inputs wide). `normed` (the product of
+    RMSNorm(x)): the gated one of one row over more than 2,048 inputs takes 8 features x
+    1,024 inputs in 8 warps, 77.6 µs for the 8B's gate/up on the H100 against 84.2 in the
+    plain product's tiles (which run the plain one in 74.8); over up to 2,048, 4 x 2,048 in
+    4 warps, the 1B's fastest (23.8 µs; 8 x 1,024 was not among its four best, all 24.9 or
+    slower)."""
     if rows == 1:
         if gated and normed:
             if inner > 2048:
