@@ -53,6 +53,7 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
+LANES: tl.constexpr = tl.constexpr(32)  # a warp's: _dot_step sums squares per lane
 
 
 @triton.jit
@@ -109,9 +110,12 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
     """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, summed
-    per tile to [ROWS] (a [ROWS, BLOCK_K] accumulator held across the loop made the normed
-    products of the shard's tiles 1.8-3.1x slower than the plain ones on the H200). Both
-    read x from the shared-memory tile the pipeline fills (Triton 3.6 and 3.9, sm_90)."""
+    per tile within each of LANES strips of inputs ([ROWS, LANES], no shuffles in the loop).
+    Normed products stay slower than plain ones whatever the sum's form: at 2 rows on the
+    H100 the 8B's QKV took 48.2 µs against 19.9 and gate/up 97.0 against 84.9 (summed per
+    tile to [ROWS]: 49.3 and 98.5; a [ROWS, BLOCK_K] accumulator, 1.8-3.1x on the H200),
+    with the registers, shared memory and pipelined loads of the plain ones
+    (benchmarks/gemv_resources.py), so gemv.FOLDED_MAX_ROWS keeps them to one row."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
@@ -120,7 +124,8 @@ def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_
         up_y = tl.dot(x, tl.trans(up), up_y)
     if SCALED:
         wide = x.to(tl.float32)
-        squares += tl.sum(wide * wide, axis=1)
+        squares += tl.sum(tl.reshape(wide * wide, (x.shape[0], LANES, x.shape[1] // LANES)),
+                          axis=2)
     return y, up_y, squares
 
 
@@ -156,12 +161,12 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS], tl.float32)
+        squares = tl.zeros([ROWS, LANES], tl.float32)
         for start in range(0, K, BLOCK_K):
             y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
                                          x_ptr, row, row_ok, stride_x, start + inner, K, GATED,
                                          SCALED, EVEN)
-        sums = squares[:, None]
+        sums = tl.sum(squares, axis=1)[:, None]
     if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
         scale = tl.rsqrt(sums / K + eps)
         y = y * scale
@@ -246,16 +251,16 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
 
 
 @functools.cache
-def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: bool = False
-           ) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs: the
-    fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features x up to 2,048
-    inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages, within 2% of the
-    best for the 8B's O, gate/up and down, not among the four best for its QKV). The gated
-    product of 2-16 rows takes 64 inputs a tile: on the H200 the 8B's gate/up ran in 56.2 µs
-    at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8). `rotary`:
-    qkv_rotary's, whose one-row kernel is the gated one's and whose 2-16-row one keeps 256
-    (QKV's best tiles on the H200 were 256 inputs wide). `normed` (the product of
+def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: bool = False,
+           gpu: str = "") -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs on the GPU
+    of that name: the fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features
+    x up to 2,048 inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages,
+    within 2% of the best for the 8B's O, gate/up and down, not among the four best for its
+    QKV). On an H200 the gated product of 2-16 rows takes 64 inputs a tile: there the 8B's
+    gate/up ran in 56.2 µs at 32 x 64 against 59.3 at 32 x 256 (2 rows; 56.8 and 59.4 at 8),
+    where the H100 took 84.9 against 80.2 (2 rows). `rotary`: qkv_rotary's, whose one-row
+    kernel is the gated one's and whose 2-16-row one keeps 256. `normed` (the product of
     RMSNorm(x)): the gated one of one row over more than 2,048 inputs takes 8 features x
     1,024 inputs in 8 warps, 77.6 µs for the 8B's gate/up on the H100 against 84.2 in the
     plain product's tiles (which run the plain one in 74.8); over up to 2,048, 4 x 2,048 in
@@ -268,7 +273,13 @@ def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: boo
             return 4, triton.next_power_of_2(inner), 4, 1
         return (_features(rows), min(2048, triton.next_power_of_2(inner)),
                 4 if gated or rotary else 8, 1)
-    return _features(rows), 64 if gated else 256, 4, 4
+    return _features(rows), 64 if gated and "H200" in gpu else 256, 4, 4
+
+
+@functools.cache
+def gpu_name(device: torch.device) -> str:
+    """The name `config` picks tiles by: the CUDA device's, else empty."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
 def _features(rows: int) -> int:
@@ -327,8 +338,8 @@ def added_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
 def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None):
     rows, inner = x.shape
     features = out.shape[1]
-    block_n, block_k, warps, stages = block or config(rows, inner, gated,
-                                                      normed=norm_eps is not None)
+    block_n, block_k, warps, stages = block or config(
+        rows, inner, gated, normed=norm_eps is not None, gpu=gpu_name(x.device))
     if dot is None:
         dot = rows > 1
     if use_pdl is None:
@@ -367,7 +378,8 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
     half = head_dim // 2
-    block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True)
+    block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True,
+                                             gpu=gpu_name(x.device))
     pairs = _pairs(rows, head_dim)
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)

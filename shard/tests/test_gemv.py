@@ -95,6 +95,31 @@ def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated):
     assert torch.equal(gemv.product(x, weight, gated, norm_eps=1e-5), got)
 
 
+def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
+    """On an H200 the gated product of 2-16 rows takes 64 inputs a tile, elsewhere 256 (each
+    GPU's fastest for the 8B's gate/up); the narrow tiles give float64's products too, plain
+    and of RMSNorm(x), wherever the tests run."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    assert gemv.config(2, 4096, True, gpu=h200) == gemv.config(16, 4096, True, gpu=h200) \
+        == (32, 64, 4, 4)
+    assert gemv.config(2, 4096, True, gpu=h100) == gemv.config(2, 4096, True) == (32, 256, 4, 4)
+    assert gemv.config(2, 4096, False, gpu=h200) == (32, 256, 4, 4)
+    features, inner = SHAPES[0]
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(5, inner, generator=gen) * 3).to(DEVICE, DTYPE)
+    weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
+    launched, config = [], gemv.config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemv, "gpu_name", lambda device: h200)
+        patch.setattr(gemv, "config", lambda *args, **kwargs: launched.append(
+            config(*args, **kwargs)) or launched[-1])
+        plain = gemv.product(x, weight, True)
+        normed = gemv.product(x, weight, True, norm_eps=1e-5)
+    assert launched == [(32, 64, 4, 4)] * 2
+    assert relative_error(plain, reference(x, weight, True)) < TOLERANCE
+    assert relative_error(normed, reference(rms_normed(x), weight, True)) < TOLERANCE
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
 def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shape):
