@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of shard/gemv.py's kernels as the shard launches them on
 an H100, read without a GPU: each kernel compiled by Triton for sm_90a, its PTX assembled by
-the ptxas that Triton ships (`ptxas -v`), and whether each 2-16-row loop's loads became
-asynchronous copies (Triton's software pipeline) in its TTGIR.
+the ptxas that Triton ships (`ptxas -v`), and from its TTGIR whether each 2-16-row loop's
+loads became asynchronous copies (Triton's software pipeline) into swizzled buffers.
 
     python benchmarks/gemv_resources.py --config benchmarks/configs/llama-3.1-8b
 
@@ -71,8 +71,20 @@ def assembled(ptx_text: str) -> str:
     return done.stderr
 
 
+def unswizzled_buffers(ttgir: str) -> int:
+    """The shared-memory buffers laid out without a swizzle (one phase): reading tl.dot's
+    operands from those conflicts on the banks. Triton picks that layout for a tile read in
+    two layouts (an operand of tl.dot and a sum on the CUDA cores)."""
+    flat = {name for name, phases in re.findall(
+        r"^(#shared\d*) = #ttg\.swizzled_shared<\{[^}]*maxPhase = (\d+)", ttgir, re.M)
+        if phases == "1"}
+    return sum(1 for line in ttgir.splitlines()
+               if "ttg.local_alloc" in line and any(f"{name}," in line for name in flat))
+
+
 def resources(kernel) -> str:
-    """ptxas's registers and spills, the shared memory, and the loop's asynchronous copies."""
+    """ptxas's registers and spills, the shared memory, the loop's asynchronous copies and the
+    unswizzled buffers."""
     report = assembled(kernel.asm["ptx"])
     used = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
@@ -80,7 +92,8 @@ def resources(kernel) -> str:
         return "ptxas: " + report.strip()[-300:]
     copies = kernel.asm["ttgir"].count("ttg.async_copy_global_to_local")
     return (f"{used[1]:>3} registers, {spills[1]:>4} B spilled, "
-            f"{kernel.metadata.shared:>6} B shared, {copies} async copies")
+            f"{kernel.metadata.shared:>6} B shared, {copies} async copies, "
+            f"{unswizzled_buffers(kernel.asm['ttgir'])} unswizzled buffers")
 
 
 def main() -> None:

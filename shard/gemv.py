@@ -53,7 +53,6 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
-LANES: tl.constexpr = tl.constexpr(32)  # a warp's: _dot_step sums squares per lane
 
 
 @triton.jit
@@ -109,13 +108,14 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 @triton.jit
 def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, summed
-    per tile within each of LANES strips of inputs ([ROWS, LANES], no shuffles in the loop).
-    Normed products stay slower than plain ones whatever the sum's form: at 2 rows on the
-    H100 the 8B's QKV took 48.2 µs against 19.9 and gate/up 97.0 against 84.9 (summed per
-    tile to [ROWS]: 49.3 and 98.5; a [ROWS, BLOCK_K] accumulator, 1.8-3.1x on the H200),
-    with the registers, shared memory and pipelined loads of the plain ones
-    (benchmarks/gemv_resources.py), so gemv.FOLDED_MAX_ROWS keeps them to one row."""
+    """ROWS rows, one tile along K, through tl.dot; SCALED: also x x^T into `squares`
+    ([ROWS, ROWS], each row's sum of squares on its diagonal; bf16 products are exact in
+    float32). As a second tl.dot it reads x's tile from shared memory as the product does.
+    Summed on the CUDA cores instead, the tile had two readers in two layouts and Triton left
+    its buffer unswizzled (benchmarks/gemv_resources.py), and the normed products ran 2.5x
+    (QKV, 48.2 µs against 19.9) and 1.14x (gate/up, 97.0 against 84.9) the plain ones at 2
+    rows on the H100, whether the squares were summed per tile, per lane, or (1.8-3.1x on
+    the H200) across the loop. This form has not yet been timed."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
@@ -123,9 +123,7 @@ def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_
     if GATED:
         up_y = tl.dot(x, tl.trans(up), up_y)
     if SCALED:
-        wide = x.to(tl.float32)
-        squares += tl.sum(tl.reshape(wide * wide, (x.shape[0], LANES, x.shape[1] // LANES)),
-                          axis=2)
+        squares = tl.dot(x, tl.trans(x), squares)
     return y, up_y, squares
 
 
@@ -161,12 +159,12 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS, LANES], tl.float32)
+        squares = tl.zeros([ROWS, ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
             y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
                                          x_ptr, row, row_ok, stride_x, start + inner, K, GATED,
                                          SCALED, EVEN)
-        sums = tl.sum(squares, axis=1)[:, None]
+        sums = tl.sum(tl.where(row[:, None] == row[None, :], squares, 0.0), axis=1)[:, None]
     if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
         scale = tl.rsqrt(sums / K + eps)
         y = y * scale
@@ -293,9 +291,10 @@ def takes(rows: int) -> bool:
 
 
 # The most rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded). At 2-16 rows the normed products lose: the 8B's steps on the H100 took
+# ones; norms folded). At 2-16 rows the normed products lost: the 8B's steps on the H100 took
 # 6.74-7.11 ms with the norms inside against 5.94-6.41 apart (`gpu.sh studies`, 27755b9, the
-# squares summed per tile; the first form, a [16, BLOCK_K] accumulator, was worse still).
+# squares summed per tile into a buffer left unswizzled). _dot_step's x x^T has not run on a
+# GPU: `gpu.sh studies` weighs it before this goes past one row.
 FOLDED_MAX_ROWS = 1
 
 
