@@ -79,11 +79,21 @@ def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model
 FORMS = ("plain", "normed", "added")
 
 
-def product_in_form(x, w, gated: bool, form: str, residual, **tuning):
-    """gemv's product of x and w in one of FORMS (residual: the added form's)."""
+# The ways a normed product of 2-16 rows may sum its rows' squares (gemv.SQUARES), by name.
+SQUARES = {"x x^T": gemv.SQUARES_BY_DOT.value, "reloaded": gemv.SQUARES_RELOADED.value}
+
+
+def product_in_form(x, w, gated: bool, form: str, residual, squares: int | None = None,
+                    **tuning):
+    """gemv's product of x and w in one of FORMS (residual: the added form's); `squares` in
+    place of gemv.SQUARES."""
     if form == "added":
         return gemv.added_product(x, w, residual, **tuning)
-    return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None, **tuning)
+    default, gemv.SQUARES = gemv.SQUARES, squares or gemv.SQUARES
+    try:
+        return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None, **tuning)
+    finally:
+        gemv.SQUARES = default
 
 
 def folded_form(name: str) -> str:
@@ -113,8 +123,9 @@ def main() -> None:
         for c, gated, form in cases[part::parts]:
             x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
-                                block=c[:4], dot=c[4])
+                for squares in SQUARES.values() if form == "normed" and c[4] else [None]:
+                    product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
+                                    squares, block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
                 print(f"{c} gated={gated} {form}: {type(exc).__name__}")
         torch.cuda.synchronize()
@@ -180,6 +191,10 @@ def main() -> None:
             form = folded_form(name)
             folded = timed(lambda w: product_in_form(x, w, gated, form, residual))
             chosen += f", {folded:.2f} µs {form}"
+            if form == "normed" and rows > 1:  # each way of summing the squares
+                chosen += "".join(
+                    f", {timed(lambda w: product_in_form(x, w, gated, form, residual, s)):.2f}"
+                    f" µs with the squares {label}" for label, s in SQUARES.items())
             if name == "qkv":
                 chosen += with_rotary(x, layer_weights, timed, model)
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"

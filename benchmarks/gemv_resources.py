@@ -103,31 +103,34 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.config)
     hidden, inner = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    products = [("qkv", hidden, False, True, False), ("o", hidden, False, False, True),
-                ("gate_up", hidden, True, True, False), ("down", inner, False, False, True)]
+    # (name, inputs, gated, its folded form); each in its plain form too.
+    products = [("qkv", hidden, False, "normed"), ("o", hidden, False, "added"),
+                ("gate_up", hidden, True, "normed"), ("down", inner, False, "added")]
     for rows in (1, 2):
-        for name, k, gated, normed, added in products:
-            for folded in (False, True):
-                if folded and not (normed or added):
-                    continue
+        # (form, SCALED): a normed product of 2-16 rows in each way of summing the squares.
+        normed = ([("normed", gemv.SQUARES_BY_DOT.value)] if rows == 1 else
+                  [("normed x x^T", gemv.SQUARES_BY_DOT.value),
+                   ("normed reloaded", gemv.SQUARES_RELOADED.value)])
+        for name, k, gated, folded in products:
+            forms = [("plain", 0)] + (normed if folded == "normed" else [("added", 0)])
+            for form, scaled in forms:
                 block_n, block_k, warps, stages = gemv.config(rows, k, gated,
-                                                              normed=folded and normed)
+                                                              normed=scaled > 0)
                 kernel = compiled(gemv._gemv_kernel, GEMV_ARGS, dict(
-                    GATED=gated, SCALED=folded and normed, ADDED=folded and added,
+                    GATED=gated, SCALED=scaled, ADDED=form == "added",
                     ROWS=1 if rows == 1 else gemv.DOT_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
                     EVEN=True, PDL=True), warps, stages)
-                form = "normed" if folded and normed else "added" if folded else "plain"
-                print(f"rows {'1' if rows == 1 else '2-16':>4} {name:8} {form:7} "
+                print(f"rows {'1' if rows == 1 else '2-16':>4} {name:8} {form:15} "
                       f"{block_n}x{block_k}, {warps} warps, {stages} stages: {resources(kernel)}")
-        for scaled in (False, True):
+        for form, scaled in [("plain", 0)] + normed:
             block_n, block_k, warps, stages = gemv.config(rows, hidden, False, rotary=True)
             kernel = compiled(gemv._qkv_rotary_kernel, ROTARY_ARGS, dict(
                 ROWS=1 if rows == 1 else gemv.DOT_ROWS, PAIRS=gemv._pairs(rows, head_dim),
                 BLOCK_K=block_k, HALF=head_dim // 2, SCALED=scaled, EVEN=True, PDL=True),
                 warps, stages)
-            print(f"rows {'1' if rows == 1 else '2-16':>4} {'rotary':8} "
-                  f"{'normed' if scaled else 'plain':7} {gemv._pairs(rows, head_dim)} pairs x "
-                  f"{block_k}, {warps} warps, {stages} stages: {resources(kernel)}")
+            print(f"rows {'1' if rows == 1 else '2-16':>4} {'rotary':8} {form:15} "
+                  f"{gemv._pairs(rows, head_dim)} pairs x {block_k}, {warps} warps, "
+                  f"{stages} stages: {resources(kernel)}")
 
 
 if __name__ == "__main__":

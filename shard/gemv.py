@@ -53,6 +53,12 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
+# How the products of RMSNorm(x) over 2-16 rows sum the rows' squares (the kernels' SCALED,
+# 0 for plain products): x x^T through a second tl.dot, or x loaded again for a sum on the
+# CUDA cores (_dot_step). Neither has been timed; benchmarks/gemv.py times both.
+SQUARES_BY_DOT: tl.constexpr = tl.constexpr(1)
+SQUARES_RELOADED: tl.constexpr = tl.constexpr(2)
+SQUARES = SQUARES_BY_DOT.value
 
 
 @triton.jit
@@ -108,22 +114,28 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 @triton.jit
 def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
               k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot; SCALED: also x x^T into `squares`
-    ([ROWS, ROWS], each row's sum of squares on its diagonal; bf16 products are exact in
-    float32). As a second tl.dot it reads x's tile from shared memory as the product does.
-    Summed on the CUDA cores instead, the tile had two readers in two layouts and Triton left
-    its buffer unswizzled (benchmarks/gemv_resources.py), and the normed products ran 2.5x
-    (QKV, 48.2 µs against 19.9) and 1.14x (gate/up, 97.0 against 84.9) the plain ones at 2
-    rows on the H100, whether the squares were summed per tile, per lane, or (1.8-3.1x on
-    the H200) across the loop. This form has not yet been timed."""
+    """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, as
+    SQUARES_BY_DOT x x^T into `squares` ([ROWS, ROWS], each row's sum on its diagonal; bf16
+    products are exact in float32), or SQUARES_RELOADED summed from x loaded a second time
+    ([ROWS]). Either way tl.dot is the only reader of x's pipelined tile in shared memory.
+    Summed from that tile on the CUDA cores, the tile had two readers in two layouts and
+    Triton left its buffer unswizzled (benchmarks/gemv_resources.py): the normed products
+    ran 2.5x (QKV, 48.2 µs against 19.9) and 1.14x (gate/up, 97.0 against 84.9) the plain
+    ones at 2 rows on the H100, whether the squares were summed per tile, per lane, or
+    (1.8-3.1x on the H200) across the loop."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
     y = tl.dot(x, tl.trans(gate), y)
     if GATED:
         up_y = tl.dot(x, tl.trans(up), up_y)
-    if SCALED:
+    if SCALED == SQUARES_BY_DOT:
         squares = tl.dot(x, tl.trans(x), squares)
+    elif SCALED:  # another eviction policy, so that the compiler does not merge the two loads
+        again = tl.load(x_ptr + row[:, None] * stride_x + k[None, :],
+                        mask=row_ok[:, None] & k_ok, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+        squares += tl.sum(again * again, axis=1)
     return y, up_y, squares
 
 
@@ -133,7 +145,8 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
               PDL: tl.constexpr):
     """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
+    up_rows if GATED), over all K inputs. SCALED (nonzero: SQUARES_BY_DOT or
+    SQUARES_RELOADED, how 2-16 rows sum the squares): of RMSNorm(x) (its weight folded into the
     weight rows): each row's products times 1 / RMS of the row, from the squares of the
     inputs the products read anyway, so no other kernel sums them. PDL: the first tile of
     weights is asked of L2 before the wait for the previous kernel."""
@@ -159,12 +172,17 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
         row_ok = row < rows
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        squares = tl.zeros([ROWS, ROWS], tl.float32)
+        if SCALED == SQUARES_BY_DOT:
+            squares = tl.zeros([ROWS, ROWS], tl.float32)
+        else:
+            squares = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
             y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
                                          x_ptr, row, row_ok, stride_x, start + inner, K, GATED,
                                          SCALED, EVEN)
-        sums = tl.sum(tl.where(row[:, None] == row[None, :], squares, 0.0), axis=1)[:, None]
+        if SCALED == SQUARES_BY_DOT:
+            squares = tl.sum(tl.where(row[:, None] == row[None, :], squares, 0.0), axis=1)
+        sums = squares[:, None]
     if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
         scale = tl.rsqrt(sums / K + eps)
         y = y * scale
@@ -293,8 +311,8 @@ def takes(rows: int) -> bool:
 # The most rows whose steps run the norms inside the products (added_product and the scaled
 # ones; norms folded). At 2-16 rows the normed products lost: the 8B's steps on the H100 took
 # 6.74-7.11 ms with the norms inside against 5.94-6.41 apart (`gpu.sh studies`, 27755b9, the
-# squares summed per tile into a buffer left unswizzled). _dot_step's x x^T has not run on a
-# GPU: `gpu.sh studies` weighs it before this goes past one row.
+# squares summed per tile from a buffer left unswizzled). Neither of SQUARES' ways has run on
+# a GPU: `gpu.sh gemv` times both, `gpu.sh studies` the fold, before this goes past one row.
 FOLDED_MAX_ROWS = 1
 
 
@@ -346,8 +364,8 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
     _gemv_kernel[(triton.cdiv(features, block_n),)](
         x, weight, out, x if residual is None else residual,
         0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
-        weight.stride(0), GATED=gated, SCALED=norm_eps is not None, ADDED=residual is not None,
-        ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        weight.stride(0), GATED=gated, SCALED=0 if norm_eps is None else SQUARES,
+        ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
 
@@ -388,7 +406,7 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
         0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
         k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
-        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
+        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=0 if norm_eps is None else SQUARES,
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q

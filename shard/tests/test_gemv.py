@@ -74,13 +74,24 @@ def rms_normed(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
 
 
+# The two ways 2-16-row products of RMSNorm(x) sum the squares (gemv.SQUARES).
+SQUARES = [gemv.SQUARES_BY_DOT.value, gemv.SQUARES_RELOADED.value]
+
+
+@pytest.fixture(params=SQUARES, ids=["squares-by-dot", "squares-reloaded"])
+def squares(request, monkeypatch):
+    monkeypatch.setattr(gemv, "SQUARES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
-def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated):
+def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated, squares):
     """With norm_eps, the product of RMSNorm(x) (its weight folded into W): each row's own
     1 / RMS, from the squares of that row alone (rows of very different sizes here), to one
-    rounding of the output; the same bits on a second run."""
+    rounding of the output; the same bits on a second run. Either way of summing the squares
+    (one row has one way)."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 1)
     sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)
@@ -141,13 +152,17 @@ def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shap
 ATTENTION = [(4, 2, 32, 96)] + ([(32, 8, 128, 4096), (32, 8, 64, 2048)] if ON_GPU else [])
 
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("scaled", [False] + SQUARES,
+                         ids=["plain", "scaled-squares-by-dot", "scaled-squares-reloaded"])
 @pytest.mark.parametrize("shape", ATTENTION, ids=[f"{h}-{kv}-d{d}" for h, kv, d, _ in ATTENTION])
 @pytest.mark.parametrize("rows", ROWS)
-def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
+def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled, monkeypatch):
     """q rotated, keys rotated and values into their (scattered) cache slots, every other
     slot untouched: the QKV product rounded to the output's type, then rotate-half in float32
-    as shard/rotary_cache.py does. scaled: of RMSNorm(x), as in the scaled product."""
+    as shard/rotary_cache.py does. scaled: of RMSNorm(x), as in the scaled product, with the
+    squares summed either way."""
+    if scaled:
+        monkeypatch.setattr(gemv, "SQUARES", scaled)
     heads, kv_heads, dim, hidden = shape
     assert gemv.takes_rotary(rows, dim)
     gen = torch.Generator().manual_seed(rows * 100 + dim)
