@@ -89,11 +89,8 @@ def product_in_form(x, w, gated: bool, form: str, residual, squares: int | None 
     place of gemv.SQUARES."""
     if form == "added":
         return gemv.added_product(x, w, residual, **tuning)
-    default, gemv.SQUARES = gemv.SQUARES, squares or gemv.SQUARES
-    try:
-        return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None, **tuning)
-    finally:
-        gemv.SQUARES = default
+    return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None,
+                        squares=squares, **tuning)
 
 
 def folded_form(name: str) -> str:

@@ -9,8 +9,8 @@
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
-# studies (the norms inside the products at no row count and at every one, and PDL at 2-16 rows, each against the tree's
-# choice), serving_1b (the router's share with a small
+# studies (the norms inside the products at no row count and at every one, and PDL at 2-16
+# rows, each against the tree's choice), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.

@@ -30,12 +30,12 @@ rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows maske
 (The one-row form over 2-16 rows, [rows, BLOCK_N, BLOCK_K] partial sums on the CUDA cores,
 was slower than tl.dot at 2 and 8 rows for every 8B projection on the H200.)
 
-Measured on the H100 (docs/benchmarks.md): per projection at one row, 2 features x 2,048
-inputs, 7-24% faster than cuBLAS (8B QKV 18.1 vs 20.5 µs, O 12.8 vs 15.3, gate/up with SiLU x up
-75.8 vs 85.7 without, down 40.1 vs 43.2); at 2-16 rows within ~5% of it either way. Whole
-steps (with `--pdl` at one row, norms apart): the 8B at batch 1 6.36 -> 5.66 ms, at 2-16 rows
-6% faster. On the H200 the 1B at batch 1 836 -> 898 tok/s, the 8B unchanged at ~206
-(docs/benchmarks.md). Off by default until the whole GPU suite has run with it on (issue 24).
+Measured on the H100 (docs/benchmarks.md): per projection at one row 5-15% faster than cuBLAS
+(8B QKV 18.7 vs 19.7 µs, O 13.1 vs 15.3, gate/up with SiLU x up 74.8 vs 77.2 without, down
+38.7 vs 41.9); at 2-16 rows within ~5% of it either way. Whole steps (`--pdl` and the norms
+inside at one row): the 8B at batch 1 6.07 -> 5.46 ms, at 2-16 rows ~7% faster. On the H200
+the 1B at batch 1 836 -> 898 tok/s, the 8B unchanged at ~206. Off by default until the whole
+GPU suite has run with it on (issue 24).
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float 
     RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
     norm's weight folded into `weight` (LlamaForCausalLM.fold_norms). `tuning` (benchmarks):
     `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel
-    for one row too), `use_pdl` in place of pdl.enabled."""
+    for one row too), `use_pdl` in place of pdl.enabled, `squares` in place of SQUARES."""
     out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
     _launch(x, weight, out, gated, norm_eps, None, **tuning)
     return out
@@ -352,7 +352,8 @@ def added_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
     return out
 
 
-def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None):
+def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None,
+            squares=None):
     rows, inner = x.shape
     features = out.shape[1]
     block_n, block_k, warps, stages = block or config(
@@ -364,7 +365,7 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
     _gemv_kernel[(triton.cdiv(features, block_n),)](
         x, weight, out, x if residual is None else residual,
         0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
-        weight.stride(0), GATED=gated, SCALED=0 if norm_eps is None else SQUARES,
+        weight.stride(0), GATED=gated, SCALED=0 if norm_eps is None else squares or SQUARES,
         ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
