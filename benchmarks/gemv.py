@@ -51,8 +51,10 @@ def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tenso
     return y
 
 
-def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model: dict) -> str:
-    """The QKV product with rotary and the cache write in one kernel (gemv.qkv_rotary) against
+def with_rotary(x: torch.Tensor, squares, layer_weights: list[torch.Tensor], timed,
+                model: dict) -> str:
+    """The QKV product with rotary and the cache write in one kernel (gemv.qkv_rotary), also
+    of RMSNorm(x) as a step with the norms folded runs it (squares: squares_of(x)), against
     the product, then shard/rotary_cache.py's kernel, where the shard would take it."""
     from shard.rotary_cache import rotary_into_cache
 
@@ -68,8 +70,10 @@ def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model
                                         device=x.device) for _ in range(2))
         rest = (where, cos, sin, k_cache, v_cache, where, heads, kv_heads, head_dim)
         fused = timed(lambda w: gemv.qkv_rotary(x, w, *rest))
+        normed = timed(lambda w: gemv.qkv_rotary(x, w, *rest, norm_eps=1e-5, squares=squares))
         apart = timed(lambda w: rotary_into_cache(gemv.product(x, w, False), *rest))
-        return f", {fused:.2f} µs with rotary and the cache write ({apart:.2f} as two kernels)"
+        return (f", {fused:.2f} µs with rotary and the cache write ({normed:.2f} normed,"
+                f" {apart:.2f} as two kernels)")
     except Exception as exc:  # the sweep's other figures still print
         return f", with rotary failed: {repr(exc)[:200]}"
 
@@ -79,18 +83,21 @@ def with_rotary(x: torch.Tensor, layer_weights: list[torch.Tensor], timed, model
 FORMS = ("plain", "normed", "added")
 
 
-# The ways a normed product of 2-16 rows may sum its rows' squares (gemv.SQUARES), by name.
-SQUARES = {"x x^T": gemv.SQUARES_BY_DOT.value, "reloaded": gemv.SQUARES_RELOADED.value}
+def squares_of(x):
+    """The squares added_product returns with a stream equal to x (x plus a zero product),
+    what a normed product of x's rows takes through tl.dot's kernel."""
+    zero = x.new_zeros(x.shape[0], 16)
+    return gemv.added_product(zero, x.new_zeros(x.shape[1], 16), x.contiguous(), dot=True)[1]
 
 
-def product_in_form(x, w, gated: bool, form: str, residual, squares: int | None = None,
-                    **tuning):
-    """gemv's product of x and w in one of FORMS (residual: the added form's); `squares` in
-    place of gemv.SQUARES."""
+def product_in_form(x, w, gated: bool, form: str, residual, squares=None, **tuning):
+    """gemv's product of x and w in one of FORMS (residual: the added form's; squares: the
+    normed one's, squares_of(x))."""
     if form == "added":
-        return gemv.added_product(x, w, residual, **tuning)
-    return gemv.product(x, w, gated, norm_eps=1e-5 if form == "normed" else None,
-                        squares=squares, **tuning)
+        return gemv.added_product(x, w, residual, **tuning)[0]
+    if form == "normed":
+        return gemv.product(x, w, gated, norm_eps=1e-5, squares=squares, **tuning)
+    return gemv.product(x, w, gated, **tuning)
 
 
 def folded_form(name: str) -> str:
@@ -120,9 +127,8 @@ def main() -> None:
         for c, gated, form in cases[part::parts]:
             x = torch.zeros(16 if c[4] else 1, w.shape[1], dtype=w.dtype, device=w.device)
             try:
-                for squares in SQUARES.values() if form == "normed" and c[4] else [None]:
-                    product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
-                                    squares, block=c[:4], dot=c[4])
+                product_in_form(x, w, gated, form, x.new_zeros(x.shape[0], w.shape[0]),
+                                squares_of(x), block=c[:4], dot=c[4])
             except Exception as exc:  # e.g. tiles past shared memory: timing skips it too
                 print(f"{c} gated={gated} {form}: {type(exc).__name__}")
         torch.cuda.synchronize()
@@ -147,6 +153,7 @@ def main() -> None:
                 return timed_us(every_layer, calls=2, replays=args.replays) / len(weights)
 
             cublas = timed(lambda w: F.linear(x, w))
+            squares = squares_of(x)
             residual = torch.randn(rows, layer_weights[0].shape[0], dtype=x.dtype,
                                    device=x.device)
 
@@ -163,8 +170,8 @@ def main() -> None:
                     want = want + residual.float()
                 for c in configs(rows):
                     def call(w, c=c):
-                        return product_in_form(x, w, gated, form, residual, block=c[:4],
-                                               dot=c[4])
+                        return product_in_form(x, w, gated, form, residual, squares,
+                                               block=c[:4], dot=c[4])
                     try:
                         got = call(layer_weights[0]).float()
                         err = (got - want).abs().max().item() / want.abs().max().item()
@@ -186,14 +193,10 @@ def main() -> None:
                       f"{timed(lambda w: gemv.product(x, w, gated, use_pdl=False)):.2f} "
                       f"without PDL")
             form = folded_form(name)
-            folded = timed(lambda w: product_in_form(x, w, gated, form, residual))
+            folded = timed(lambda w: product_in_form(x, w, gated, form, residual, squares))
             chosen += f", {folded:.2f} µs {form}"
-            if form == "normed" and rows > 1:  # each way of summing the squares
-                chosen += "".join(
-                    f", {timed(lambda w: product_in_form(x, w, gated, form, residual, s)):.2f}"
-                    f" µs with the squares {label}" for label, s in SQUARES.items())
             if name == "qkv":
-                chosen += with_rotary(x, layer_weights, timed, model)
+                chosen += with_rotary(x, squares, layer_weights, timed, model)
             print(f"rows {rows:2d} {name:7s} floor {floor_us:6.2f} µs | cuBLAS"
                   f"{' (no SiLU)' if gated else ''} {cublas:6.2f} µs "
                   f"{nbytes / cublas / 1e3:4.0f} GB/s | ours (the shard's tiles): {chosen} | "

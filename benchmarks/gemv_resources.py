@@ -35,14 +35,16 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 # The arguments of each kernel in order, with their types; the launcher marks pointers and
 # integers divisible by 16 as such (the shapes of Llama models are).
 GEMV_ARGS = [("x_ptr", "*bf16"), ("w_ptr", "*bf16"), ("out_ptr", "*bf16"), ("res_ptr", "*bf16"),
-             ("eps", "fp32"), ("rows", "i32"), ("N", "i32"), ("K", "i32"), ("stride_x", "i32"),
-             ("stride_w", "i32")]
+             ("sq_ptr", "*fp32"), ("eps", "fp32"), ("rows", "i32"), ("N", "i32"), ("K", "i32"),
+             ("stride_x", "i32"), ("stride_w", "i32"), ("parts", "i32")]
 ROTARY_ARGS = [("x_ptr", "*bf16"), ("w_ptr", "*bf16"), ("q_ptr", "*bf16"), ("k_ptr", "*bf16"),
                ("v_ptr", "*bf16"), ("pos_ptr", "*i64"), ("cos_ptr", "*fp32"),
-               ("sin_ptr", "*fp32"), ("slot_ptr", "*i64"), ("eps", "fp32"), ("rows", "i32"),
-               ("K", "i32"), ("stride_x", "i32"), ("stride_w", "i32"), ("stride_slot", "i32"),
-               ("num_heads", "i32"), ("num_kv_heads", "i32")]
-UNSPECIALIZED = {"eps", "rows", "num_heads", "num_kv_heads"}  # fp32, or not divisible by 16
+               ("sin_ptr", "*fp32"), ("slot_ptr", "*i64"), ("sq_ptr", "*fp32"), ("eps", "fp32"),
+               ("rows", "i32"), ("K", "i32"), ("stride_x", "i32"), ("stride_w", "i32"),
+               ("stride_slot", "i32"), ("num_heads", "i32"), ("num_kv_heads", "i32"),
+               ("parts", "i32")]
+# fp32, or not divisible by 16 (parts: 1 at one row)
+UNSPECIALIZED = {"eps", "rows", "num_heads", "num_kv_heads", "parts"}
 
 
 def compiled(kernel, args, constants: dict, warps: int, stages: int):
@@ -107,28 +109,26 @@ def main() -> None:
     products = [("qkv", hidden, False, "normed"), ("o", hidden, False, "added"),
                 ("gate_up", hidden, True, "normed"), ("down", inner, False, "added")]
     for rows in (1, 2):
-        # (form, SCALED): a normed product of 2-16 rows in each way of summing the squares.
-        normed = ([("normed", gemv.SQUARES_BY_DOT.value)] if rows == 1 else
-                  [("normed x x^T", gemv.SQUARES_BY_DOT.value),
-                   ("normed reloaded", gemv.SQUARES_RELOADED.value)])
+        # The sums of squares a normed product of 2-16 rows reads: one per program of the
+        # added product before it (hidden / 32 of them).
+        parts = 1 if rows == 1 else -(-hidden // gemv._features(rows))
         for name, k, gated, folded in products:
-            forms = [("plain", 0)] + (normed if folded == "normed" else [("added", 0)])
-            for form, scaled in forms:
+            for form in ("plain", folded):
                 block_n, block_k, warps, stages = gemv.config(rows, k, gated,
-                                                              normed=scaled > 0)
+                                                              normed=form == "normed")
                 kernel = compiled(gemv._gemv_kernel, GEMV_ARGS, dict(
-                    GATED=gated, SCALED=scaled, ADDED=form == "added",
+                    GATED=gated, SCALED=form == "normed", ADDED=form == "added",
                     ROWS=1 if rows == 1 else gemv.DOT_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-                    EVEN=True, PDL=True), warps, stages)
-                print(f"rows {'1' if rows == 1 else '2-16':>4} {name:8} {form:15} "
+                    PARTS=triton.next_power_of_2(parts), EVEN=True, PDL=True), warps, stages)
+                print(f"rows {'1' if rows == 1 else '2-16':>4} {name:8} {form:7} "
                       f"{block_n}x{block_k}, {warps} warps, {stages} stages: {resources(kernel)}")
-        for form, scaled in [("plain", 0)] + normed:
+        for form in ("plain", "normed"):
             block_n, block_k, warps, stages = gemv.config(rows, hidden, False, rotary=True)
             kernel = compiled(gemv._qkv_rotary_kernel, ROTARY_ARGS, dict(
                 ROWS=1 if rows == 1 else gemv.DOT_ROWS, PAIRS=gemv._pairs(rows, head_dim),
-                BLOCK_K=block_k, HALF=head_dim // 2, SCALED=scaled, EVEN=True, PDL=True),
-                warps, stages)
-            print(f"rows {'1' if rows == 1 else '2-16':>4} {'rotary':8} {form:15} "
+                BLOCK_K=block_k, HALF=head_dim // 2, SCALED=form == "normed",
+                PARTS=triton.next_power_of_2(parts), EVEN=True, PDL=True), warps, stages)
+            print(f"rows {'1' if rows == 1 else '2-16':>4} {'rotary':8} {form:7} "
                   f"{gemv._pairs(rows, head_dim)} pairs x {block_k}, {warps} warps, "
                   f"{stages} stages: {resources(kernel)}")
 

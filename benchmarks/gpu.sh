@@ -9,7 +9,7 @@
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
-# studies (the norms inside the products at no row count and at every one, and PDL at 2-16
+# studies (the norms inside the products at no row count and at one row alone, and PDL at 2-16
 # rows, each against the tree's choice), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
@@ -263,12 +263,13 @@ step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --g
 }
 
 step_studies() {  # what this tree's choices rest on, for the next change to them: the norms
-  # inside the products at no row count and at every one (gemv.FOLDED_MAX_ROWS 0 and 16), and
+  # inside the products at no row count and at one row alone (gemv.FOLDED_MAX_ROWS 0 and 1;
+  # the tree's is 16), and
   # PDL at 2-16 rows (pdl.MAX_ROWS, then a batch-2 timeline); STUDIES=folded or STUDIES=pdl
   # for one of them
   local name rows
   if [[ ${STUDIES:-folded pdl} == *folded* ]]; then
-    for rows in 0 16; do
+    for rows in 0 1; do
       name=8b-curve-folded-max-rows-$rows
       echo "== 8B decode steps, --gemv on --pdl on, norms inside the products up to $rows rows"
       timeout 150 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 \

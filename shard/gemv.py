@@ -53,12 +53,6 @@ from shard import pdl
 
 MAX_ROWS = 16  # more rows: cuBLAS (and quack's tiles from 96 rows)
 DOT_ROWS = 16  # tl.dot's smallest tile
-# How the products of RMSNorm(x) over 2-16 rows sum the rows' squares (the kernels' SCALED,
-# 0 for plain products): x x^T through a second tl.dot, or x loaded again for a sum on the
-# CUDA cores (_dot_step). Neither has been timed; benchmarks/gemv.py times both.
-SQUARES_BY_DOT: tl.constexpr = tl.constexpr(1)
-SQUARES_RELOADED: tl.constexpr = tl.constexpr(2)
-SQUARES = SQUARES_BY_DOT.value
 
 
 @triton.jit
@@ -112,44 +106,30 @@ def _row_step(acc, acc_up, squares, gate_rows, up_rows, feature_ok, x_ptr, k, k_
 
 
 @triton.jit
-def _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x,
-              k, K, GATED: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr):
-    """ROWS rows, one tile along K, through tl.dot; SCALED: also the rows' squares, as
-    SQUARES_BY_DOT x x^T into `squares` ([ROWS, ROWS], each row's sum on its diagonal; bf16
-    products are exact in float32), or SQUARES_RELOADED summed from x loaded a second time
-    ([ROWS]). Either way tl.dot is the only reader of x's pipelined tile in shared memory.
-    Summed from that tile on the CUDA cores, the tile had two readers in two layouts and
-    Triton left its buffer unswizzled (benchmarks/gemv_resources.py): the normed products
-    ran 2.5x (QKV, 48.2 µs against 19.9) and 1.14x (gate/up, 97.0 against 84.9) the plain
-    ones at 2 rows on the H100, whether the squares were summed per tile, per lane, or
-    (1.8-3.1x on the H200) across the loop."""
+def _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, stride_x, k, K,
+              GATED: tl.constexpr, EVEN: tl.constexpr):
+    """ROWS rows, one tile along K, through tl.dot."""
     k_ok = (k < K)[None, :]
     x = _load(x_ptr + row[:, None] * stride_x + k[None, :], row_ok[:, None] & k_ok, True)
     gate, up = _weight_tile(gate_rows, up_rows, k, feature_ok[:, None] & k_ok, GATED, not EVEN)
     y = tl.dot(x, tl.trans(gate), y)
     if GATED:
         up_y = tl.dot(x, tl.trans(up), up_y)
-    if SCALED == SQUARES_BY_DOT:
-        squares = tl.dot(x, tl.trans(x), squares)
-    elif SCALED:  # another eviction policy, so that the compiler does not merge the two loads
-        again = tl.load(x_ptr + row[:, None] * stride_x + k[None, :],
-                        mask=row_ok[:, None] & k_ok, other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)
-        squares += tl.sum(again * again, axis=1)
-    return y, up_y, squares
+    return y, up_y
 
 
 @triton.jit
-def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
+def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x, sq_ptr, parts,
               GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-              PDL: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
+              EVEN: tl.constexpr, PDL: tl.constexpr):
     """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs. SCALED (nonzero: SQUARES_BY_DOT or
-    SQUARES_RELOADED, how 2-16 rows sum the squares): of RMSNorm(x) (its weight folded into the
-    weight rows): each row's products times 1 / RMS of the row, from the squares of the
-    inputs the products read anyway, so no other kernel sums them. PDL: the first tile of
-    weights is asked of L2 before the wait for the previous kernel."""
+    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
+    weight rows): each row's products times 1 / RMS of the row. One row sums the squares of
+    the inputs it reads anyway; 2-16 rows take them from the added product that wrote x
+    (`parts` [programs, ROWS] sums at sq_ptr, PARTS their power-of-two ceiling; see
+    _gemv_kernel). PDL: the first tile of weights is asked of L2 before the wait for the
+    previous kernel."""
     if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
         _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
         if GATED:
@@ -170,19 +150,17 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
     else:
         row = tl.arange(0, ROWS)
         row_ok = row < rows
+        if SCALED:  # loaded before the loop, summed after it: the load's wait is hidden
+            part = tl.arange(0, PARTS)
+            shares = tl.load(sq_ptr + part[:, None] * ROWS + row[None, :],
+                             mask=(part < parts)[:, None] & row_ok[None, :], other=0.0)
         y = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up_y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        if SCALED == SQUARES_BY_DOT:
-            squares = tl.zeros([ROWS, ROWS], tl.float32)
-        else:
-            squares = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK_K):
-            y, up_y, squares = _dot_step(y, up_y, squares, gate_rows, up_rows, feature_ok,
-                                         x_ptr, row, row_ok, stride_x, start + inner, K, GATED,
-                                         SCALED, EVEN)
-        if SCALED == SQUARES_BY_DOT:
-            squares = tl.sum(tl.where(row[:, None] == row[None, :], squares, 0.0), axis=1)
-        sums = squares[:, None]
+            y, up_y = _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok,
+                                stride_x, start + inner, K, GATED, EVEN)
+        if SCALED:
+            sums = tl.sum(shares, axis=0)[:, None]
     if SCALED:  # RMSNorm's 1 / RMS, in float32 as the norm computes it
         scale = tl.rsqrt(sums / K + eps)
         y = y * scale
@@ -192,14 +170,16 @@ def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x,
 
 # The row count varies from step to step; one compiled kernel serves 2-16 of them.
 @triton.jit(do_not_specialize=["rows"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stride_w,
-                 GATED: tl.constexpr, SCALED: tl.constexpr, ADDED: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, sq_ptr, eps, rows, N, K, stride_x, stride_w,
+                 parts, GATED: tl.constexpr, SCALED: tl.constexpr, ADDED: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, PDL: tl.constexpr):
+                 PARTS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[:rows, n] = x[:rows] . w[n] for this program's BLOCK_N features n < N; GATED:
     SiLU(x . w[n]) * (x . w[N + n]) (w holds [gate; up], N features each). SCALED: the
     products of RMSNorm(x) (_products). ADDED: out = residual + the product, rounded as the
-    separate add rounds it. out (and the residual) [rows, N] contiguous. EVEN: the tiles
+    separate add rounds it; of 2-16 rows it also stores each row's sum of squares over this
+    program's features at sq_ptr[program, row], for the product of RMSNorm(out) after it.
+    out (and the residual) [rows, N] contiguous. EVEN: the tiles
     divide N and K, so nothing along them is masked. PDL (shard/pdl.py): launched early, the
     program asks for its first tile of weights before it waits for the previous kernel."""
     pdl.launch_next(PDL)
@@ -208,7 +188,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
     y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, eps, rows, K,
-                        stride_x, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, EVEN, PDL)
+                        stride_x, sq_ptr, parts, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, PARTS,
+                        EVEN, PDL)
     out_row = tl.arange(0, ROWS)
     if GATED:
         y = y / (1.0 + tl.exp(-y)) * up_y
@@ -219,15 +200,18 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, eps, rows, N, K, stride_x, stri
     if ADDED:
         y = (tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
              + y.to(tl.float32)).to(out_type)
+        if ROWS > 1:
+            stored = tl.where(ok, y.to(tl.float32), 0.0)
+            tl.store(sq_ptr + pid * ROWS + out_row, tl.sum(stored * stored, axis=1))
     tl.store(out_ptr + at, y, mask=ok)
 
 
 @triton.jit(do_not_specialize=["rows"])
 def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                       eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
-                       num_kv_heads, ROWS: tl.constexpr, PAIRS: tl.constexpr,
+                       sq_ptr, eps, rows, K, stride_x, stride_w, stride_slot, num_heads,
+                       num_kv_heads, parts, ROWS: tl.constexpr, PAIRS: tl.constexpr,
                        BLOCK_K: tl.constexpr, HALF: tl.constexpr, SCALED: tl.constexpr,
-                       EVEN: tl.constexpr, PDL: tl.constexpr):
+                       PARTS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     """The QKV product, rotary and the cache write in one: this program's PAIRS pairs of
     features (j, j + HALF) of one head (HALF % PAIRS == 0), the two halves accumulated as the
     gated product's gate and up rows. Each pair is rounded as the product's output is, then
@@ -241,7 +225,8 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
     y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok, eps, rows,
-                       K, stride_x, True, SCALED, ROWS, PAIRS, BLOCK_K, EVEN, PDL)
+                       K, stride_x, sq_ptr, parts, True, SCALED, ROWS, PAIRS, BLOCK_K, PARTS,
+                       EVEN, PDL)
     token = tl.arange(0, ROWS)
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
@@ -309,11 +294,9 @@ def takes(rows: int) -> bool:
 
 
 # The most rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded). At 2-16 rows the normed products lost: the 8B's steps on the H100 took
-# 6.74-7.11 ms with the norms inside against 5.94-6.41 apart (`gpu.sh studies`, 27755b9, the
-# squares summed per tile from a buffer left unswizzled). Neither of SQUARES' ways has run on
-# a GPU: `gpu.sh gemv` times both, `gpu.sh studies` the fold, before this goes past one row.
-FOLDED_MAX_ROWS = 1
+# ones; norms folded). See docs/architecture.md for what the 2-16-row products of RMSNorm(x)
+# cost in each way they were tried.
+FOLDED_MAX_ROWS = 16
 
 
 def takes_folded(rows: int) -> bool:
@@ -323,37 +306,41 @@ def takes_folded(rows: int) -> bool:
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float | None = None,
-            **tuning) -> torch.Tensor:
+            squares: torch.Tensor | None = None, **tuning) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
     2-D x of 1..MAX_ROWS rows with a unit stride along K. With `norm_eps`, the product of
     RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
-    norm's weight folded into `weight` (LlamaForCausalLM.fold_norms). `tuning` (benchmarks):
-    `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot` (tl.dot's kernel
-    for one row too), `use_pdl` in place of pdl.enabled, `squares` in place of SQUARES."""
+    norm's weight folded into `weight` (LlamaForCausalLM.fold_norms); over 2-16 rows x must
+    come from added_product, and `squares` be the sums it returned with it. `tuning`
+    (benchmarks): `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot`
+    (tl.dot's kernel for one row too), `use_pdl` in place of pdl.enabled."""
     out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
-    _launch(x, weight, out, gated, norm_eps, None, **tuning)
+    _launch(x, weight, out, gated, norm_eps, None, squares, **tuning)
     return out
 
 
-def scaled_product(x: torch.Tensor, weight: torch.Tensor, eps: float, gated: bool
-                   ) -> torch.Tensor:
-    """product(x, weight, gated, norm_eps=eps): Ops.scaled_linear."""
-    return product(x, weight, gated, norm_eps=eps)
+def scaled_product(x: torch.Tensor, weight: torch.Tensor, eps: float, gated: bool,
+                   squares: torch.Tensor | None) -> torch.Tensor:
+    """product(x, weight, gated, norm_eps=eps, squares=squares): Ops.scaled_linear."""
+    return product(x, weight, gated, norm_eps=eps, squares=squares)
 
 
 def added_product(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, **tuning
-                  ) -> torch.Tensor:
-    """residual + x W^T, rounded as adding the separate product rounds it, for contiguous
-    residual [rows, N]: the O or down product with the residual add after it, in one kernel
-    (the next norm is a scale inside the products that read the result)."""
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(residual + x W^T, squares): the sum rounded as adding the separate product rounds it,
+    for contiguous residual [rows, N]: the O or down product with the residual add after it,
+    in one kernel (the next norm is a scale inside the products that read the result).
+    `squares`, from tl.dot's kernel (2-16 rows): each program's sums of the squares of the
+    rows it stored ([programs, 16] float32), what the products of RMSNorm(sum) take in place
+    of summing the squares themselves; None from the one-row kernel."""
     assert residual.shape == (x.shape[0], weight.shape[0]) and residual.is_contiguous()
     out = torch.empty_like(residual)
-    _launch(x, weight, out, False, None, residual, **tuning)
-    return out
+    return out, _launch(x, weight, out, False, None, residual, None, **tuning)
 
 
-def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use_pdl=None,
-            squares=None):
+def _launch(x, weight, out, gated, norm_eps, residual, squares, block=None, dot=None,
+            use_pdl=None):
+    """Runs _gemv_kernel; returns the added product's squares (None from one row's kernel)."""
     rows, inner = x.shape
     features = out.shape[1]
     block_n, block_k, warps, stages = block or config(
@@ -362,13 +349,34 @@ def _launch(x, weight, out, gated, norm_eps, residual, block=None, dot=None, use
         dot = rows > 1
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
-    _gemv_kernel[(triton.cdiv(features, block_n),)](
+    programs = triton.cdiv(features, block_n)
+    if residual is not None and dot:
+        squares = torch.empty(programs, DOT_ROWS, dtype=torch.float32, device=x.device)
+    else:
+        squares = _squares_read(norm_eps, squares, dot)
+    _gemv_kernel[(programs,)](
         x, weight, out, x if residual is None else residual,
-        0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
-        weight.stride(0), GATED=gated, SCALED=0 if norm_eps is None else squares or SQUARES,
-        ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        out if squares is None else squares, 0.0 if norm_eps is None else norm_eps, rows,
+        features, inner, x.stride(0), weight.stride(0), _parts(squares), GATED=gated,
+        SCALED=norm_eps is not None, ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1,
+        BLOCK_N=block_n, BLOCK_K=block_k, PARTS=triton.next_power_of_2(_parts(squares)),
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
+    return squares if residual is not None else None
+
+
+def _squares_read(norm_eps, squares, dot):
+    """The squares a product reads: an added product's, for tl.dot's kernel of RMSNorm(x)."""
+    if norm_eps is None or not dot:
+        return None
+    assert squares is not None and squares.shape[1] == DOT_ROWS, \
+        "2-16 rows of RMSNorm(x) take the squares added_product returned with x"
+    return squares
+
+
+def _parts(squares: torch.Tensor | None) -> int:
+    """How many programs' sums `squares` holds (1 for none, a placeholder)."""
+    return 1 if squares is None else squares.shape[0]
 
 
 def _pairs(rows: int, head_dim: int) -> int:
@@ -387,11 +395,12 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
-               norm_eps: float | None = None, use_pdl: bool | None = None) -> torch.Tensor:
+               norm_eps: float | None = None, squares: torch.Tensor | None = None,
+               use_pdl: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] rotated (into `out` if given); keys rotated and values in their cache
     slots: the QKV product x W^T (weight [(Hq + 2 Hkv) D, hidden]) followed by
     rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows. `norm_eps`: of
-    RMSNorm(x), as in `product`."""
+    RMSNorm(x), and `squares` with it, as in `product`."""
     rows, inner = x.shape
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
@@ -401,13 +410,15 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     pairs = _pairs(rows, head_dim)
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
+    squares = _squares_read(norm_eps, squares, rows > 1)
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
         x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
-        0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
-        k_slots.stride(0), num_heads, num_kv_heads, ROWS=1 if rows == 1 else DOT_ROWS,
-        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=0 if norm_eps is None else SQUARES,
+        q if squares is None else squares, 0.0 if norm_eps is None else norm_eps, rows, inner,
+        x.stride(0), weight.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
+        _parts(squares), ROWS=1 if rows == 1 else DOT_ROWS, PAIRS=pairs, BLOCK_K=block_k,
+        HALF=half, SCALED=norm_eps is not None, PARTS=triton.next_power_of_2(_parts(squares)),
         EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
         **pdl.launch_options(use_pdl))
     return q
@@ -443,7 +454,7 @@ def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
             x = weight.new_zeros(rows, weight.shape[1])
             product(x, weight, is_gated)
             if folded:
-                product(x, weight, is_gated, norm_eps=1e-5)
+                product(x, weight, is_gated, norm_eps=1e-5, squares=_no_squares(x))
                 if not is_gated:
                     added_product(x, weight, x.new_zeros(rows, weight.shape[0]))
         if rotary is not None and takes_rotary(rows, rotary[5]):
@@ -453,6 +464,16 @@ def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
             # on the pointers' types).
             where = torch.zeros(rows, dtype=torch.int64, device=weight.device)
             for norm_eps in [None] + [1e-5] * folded:
-                qkv_rotary(weight.new_zeros(rows, weight.shape[1]), weight, where, cos, sin,
-                           cache, cache.clone(), where, heads, kv_heads, head_dim,
-                           norm_eps=norm_eps)
+                x = weight.new_zeros(rows, weight.shape[1])
+                qkv_rotary(x, weight, where, cos, sin, cache, cache.clone(), where, heads,
+                           kv_heads, head_dim, norm_eps=norm_eps,
+                           squares=None if norm_eps is None else _no_squares(x))
+
+
+def _no_squares(x: torch.Tensor) -> torch.Tensor | None:
+    """Zero squares in the shape added_product returns with a stream like x (None for one
+    row): what warm_up's products of RMSNorm(x) compile with."""
+    if x.shape[0] == 1:
+        return None
+    return torch.zeros(triton.cdiv(x.shape[1], _features(x.shape[0])), DOT_ROWS,
+                       dtype=torch.float32, device=x.device)

@@ -39,14 +39,15 @@ class Activations:
     static: bool = False
 
 
-class _Added:
-    """The type of ADDED."""
+class Added:
+    """What a norm gets in place of its input x when the product before it already added x to
+    the residual stream (LlamaDecoderLayer.after_attention, norms folded): the stream goes on
+    as the residual, and the products after the norm take it as a scale of their own, with
+    the squares that product summed as it stored the stream (shard/gemv.py's added_product;
+    None at one row)."""
 
-
-# What a norm gets in place of its input x when the product before it already added x to the
-# residual stream (LlamaDecoderLayer.after_attention, norms folded): the stream goes on as
-# the residual, and the products after the norm take it as a scale of their own.
-ADDED = _Added()
+    def __init__(self, squares: torch.Tensor | None):
+        self.squares = squares
 
 
 class RMSNorm(nn.Module):
@@ -145,20 +146,20 @@ class LlamaAttention(nn.Module):
                 and qkv_proj.bias is None)
 
     def project(self, h, positions, rotary, kv_cache, slot_mapping, q_out=None,
-                norm_eps=None):
+                norm_eps=None, squares=None):
         """q [T, Hq, D] of the normed hidden states h, rotated (into q_out if given); their keys
         (rotated) and values go to their cache slots. One kernel where it fuses the rotary and
         takes the step, else the QKV product, then rotate. With norm_eps, h is the stream
         itself and the product is of RMSNorm(h) with that eps (the norm's weight folded into
-        QKV's)."""
+        QKV's), `squares` the sums the added product that wrote h returned with it."""
         if (self.fuses_rotary and h.dim() == 2 and h.stride(1) == 1
                 and self.ops.qkv_rotary_rows(h.shape[0], self.head_dim)):
             return self.ops.qkv_rotary(h, self.qkv_proj.weight, positions, rotary.cos,
                                        rotary.sin, kv_cache[0], kv_cache[1], slot_mapping,
                                        self.num_heads, self.num_kv_heads, self.head_dim,
-                                       out=q_out, norm_eps=norm_eps)
+                                       out=q_out, norm_eps=norm_eps, squares=squares)
         qkv = (self.qkv_proj(h) if norm_eps is None
-               else self.ops.scaled_linear(h, self.qkv_proj.weight, norm_eps, False))
+               else self.ops.scaled_linear(h, self.qkv_proj.weight, norm_eps, False, squares))
         return self.rotate(qkv, positions, rotary, kv_cache, slot_mapping, q_out)
 
     def rotate(self, qkv, positions, rotary, kv_cache, slot_mapping, q_out=None):
@@ -212,12 +213,13 @@ class LlamaDecoderLayer(nn.Module):
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping,
                          q_out=None):
         """Norm, QKV and rotary; the new keys and values go to their cache slots. Returns
-        (q, residual); q in q_out if given. x is ADDED where after_attention made it so: the
-        residual is then the stream already, and the norm a scale in the QKV product."""
+        (q, residual); q in q_out if given. x is an Added where after_attention made it so:
+        the residual is then the stream already, and the norm a scale in the QKV product."""
         attn = self.self_attn
-        if x is ADDED:
+        if isinstance(x, Added):
             return attn.project(residual, positions, rotary, kv_cache, slot_mapping, q_out,
-                                norm_eps=self.input_layernorm.eps), residual
+                                norm_eps=self.input_layernorm.eps,
+                                squares=x.squares), residual
         h, residual = self.input_layernorm(x, residual)
         return attn.project(h, positions, rotary, kv_cache, slot_mapping, q_out), residual
 
@@ -227,7 +229,7 @@ class LlamaDecoderLayer(nn.Module):
         ops.folded_rows takes runs the residual adds inside the O and down products
         (shard/gemv.py's added_product) and the post-attention norm inside gate/up (a
         product of RMSNorm(x)); then_layer (a layer's input norm, not the final one, reads the
-        result): x is then ADDED and the residual the stream."""
+        result): x is then an Added and the residual the stream."""
         attn, mlp = self.self_attn, self.mlp
         ops = mlp.ops
         if not (self.folded_norms and ops.folded_rows(attended.shape[0])
@@ -235,11 +237,12 @@ class LlamaDecoderLayer(nn.Module):
             h, residual = self.post_attention_layernorm(attn.output(attended), residual)
             return mlp(h), residual
         heads = attended.reshape(-1, attn.num_heads * attn.head_dim)
-        stream = ops.added_linear(heads, attn.o_proj.weight, residual)
+        stream, squares = ops.added_linear(heads, attn.o_proj.weight, residual)
         gated = ops.scaled_linear(stream, mlp.gate_up_proj.weight,
-                                  self.post_attention_layernorm.eps, True)
+                                  self.post_attention_layernorm.eps, True, squares)
         if then_layer:
-            return ADDED, ops.added_linear(gated, mlp.down_proj.weight, stream)
+            stream, squares = ops.added_linear(gated, mlp.down_proj.weight, stream)
+            return Added(squares), stream
         return mlp.down_proj(gated), stream
 
     def folds_norms(self) -> bool:

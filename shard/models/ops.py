@@ -88,15 +88,17 @@ class Ops:
     # F.linear's signature: what the QKV, O, gate/up and down products call.
     linear: Callable = F.linear
     # With the norms folded into the products after them (LlamaForCausalLM.load_weights),
-    # for steps whose row count folded_rows takes: (x, weight, residual) -> residual + x W^T,
-    # the O and down products; (x, weight, eps, gated) -> the product of RMSNorm(x), QKV and
-    # gate/up. None: norms stay separate.
+    # for steps whose row count folded_rows takes: (x, weight, residual) -> (residual +
+    # x W^T, its rows' squares summed in parts or None), the O and down products; (x, weight,
+    # eps, gated, those squares) -> the product of RMSNorm(x), QKV and gate/up. None: norms
+    # stay separate.
     added_linear: Callable | None = None
     scaled_linear: Callable | None = None
     folded_rows: Callable[[int], bool] = bool
     # (x, QKV weight, positions, cos, sin, k cache, v cache, slots, heads, kv heads, head dim,
-    # out=) -> q: the QKV product and rotary_into_cache in one kernel, for steps that
-    # qkv_rotary_rows(rows, head_dim) takes; None: the product, then rotary_into_cache.
+    # out=, norm_eps=, squares=) -> q: the QKV product and rotary_into_cache in one kernel,
+    # for steps that qkv_rotary_rows(rows, head_dim) takes; None: the product, then
+    # rotary_into_cache.
     qkv_rotary: Callable | None = None
     qkv_rotary_rows: Callable[[int, int], bool] = lambda rows, head_dim: False
 

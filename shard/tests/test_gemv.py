@@ -74,36 +74,44 @@ def rms_normed(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
 
 
-# The two ways 2-16-row products of RMSNorm(x) sum the squares (gemv.SQUARES).
-SQUARES = [gemv.SQUARES_BY_DOT.value, gemv.SQUARES_RELOADED.value]
-
-
-@pytest.fixture(params=SQUARES, ids=["squares-by-dot", "squares-reloaded"])
-def squares(request, monkeypatch):
-    monkeypatch.setattr(gemv, "SQUARES", request.param)
-    return request.param
+def stream(rows: int, features: int, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, squares) as a step with the norms folded hands them to a product of RMSNorm(x):
+    x written by added_product (the O or down product with the residual add after it), rows
+    of very different RMS, and the squares the added product summed as it stored x."""
+    sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)
+    residual = (torch.randn(rows, features, generator=gen) * sizes).to(DEVICE, DTYPE)
+    heads = torch.randn(rows, 32, generator=gen).to(DEVICE, DTYPE)
+    weight = (torch.randn(features, 32, generator=gen) / 32 ** 0.5).to(DEVICE, DTYPE)
+    return gemv.added_product(heads, weight, residual)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
-def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated, squares):
+def test_scaled_kernel_is_the_product_of_each_rows_rms_norm(rows, shape, gated):
     """With norm_eps, the product of RMSNorm(x) (its weight folded into W): each row's own
-    1 / RMS, from the squares of that row alone (rows of very different sizes here), to one
-    rounding of the output; the same bits on a second run. Either way of summing the squares
-    (one row has one way)."""
+    1 / RMS, from the squares of that row alone (rows of very different sizes here; over 2-16
+    rows the added product's sums, which come with x), to one rounding of the output; the
+    same bits on a second run."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 1)
-    sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)
-    x = (torch.randn(rows, inner, generator=gen) * sizes).to(DEVICE, DTYPE)
+    x, squares = stream(rows, inner, gen)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
-    got = gemv.product(x, weight, gated, norm_eps=1e-5)
+    got = gemv.product(x, weight, gated, norm_eps=1e-5, squares=squares)
     expected = reference(rms_normed(x), weight, gated)
     assert got.shape == expected.shape and got.dtype == DTYPE
     assert relative_error(got, expected) < TOLERANCE
     for row in range(rows):
         assert relative_error(got[row], expected[row]) < TOLERANCE, row
-    assert torch.equal(gemv.product(x, weight, gated, norm_eps=1e-5), got)
+    assert torch.equal(gemv.product(x, weight, gated, norm_eps=1e-5, squares=squares), got)
+
+
+def test_2_to_16_rows_of_rms_norm_need_the_added_products_squares():
+    x = torch.ones(2, 64, device=DEVICE, dtype=DTYPE)
+    weight = torch.ones(16, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(AssertionError, match="squares added_product returned"):
+        gemv.product(x, weight, False, norm_eps=1e-5)
 
 
 def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
@@ -117,7 +125,7 @@ def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
     assert gemv.config(2, 4096, False, gpu=h200) == (32, 256, 4, 4)
     features, inner = SHAPES[0]
     gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(5, inner, generator=gen) * 3).to(DEVICE, DTYPE)
+    x, squares = stream(5, inner, gen)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
     launched, config = [], gemv.config
     with pytest.MonkeyPatch.context() as patch:
@@ -125,7 +133,7 @@ def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
         patch.setattr(gemv, "config", lambda *args, **kwargs: launched.append(
             config(*args, **kwargs)) or launched[-1])
         plain = gemv.product(x, weight, True)
-        normed = gemv.product(x, weight, True, norm_eps=1e-5)
+        normed = gemv.product(x, weight, True, norm_eps=1e-5, squares=squares)
     assert launched == [(32, 64, 4, 4)] * 2
     assert relative_error(plain, reference(x, weight, True)) < TOLERANCE
     assert relative_error(normed, reference(rms_normed(x), weight, True)) < TOLERANCE
@@ -135,16 +143,25 @@ def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
 @pytest.mark.parametrize("rows", ROWS)
 def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shape):
     """residual + the product: bit for bit the plain kernel's product, then the separate
-    add."""
+    add. Over 2-16 rows also each program's sums of the squares of the rows it stored (32
+    features a program), zero past the rows: together each row's sum of squares."""
     features, inner = shape
     gen = torch.Generator().manual_seed(rows * 1000 + features + 2)
     x = torch.randn(rows, inner, generator=gen).to(DEVICE, DTYPE)
     weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
     residual = torch.randn(rows, features, generator=gen).to(DEVICE, DTYPE)
-    stream = gemv.added_product(x, weight, residual)
+    stream, squares = gemv.added_product(x, weight, residual)
     assert stream.dtype == DTYPE and stream.shape == (rows, features)
     assert relative_error(stream, residual.double() + reference(x, weight, False)) < TOLERANCE
     assert torch.equal(stream, residual + gemv.product(x, weight, False))
+    if rows == 1:
+        assert squares is None
+        return
+    parts = -(-features // 32)
+    assert squares.shape == (parts, gemv.DOT_ROWS) and squares.dtype == torch.float32
+    padded = F.pad(stream.float(), (0, 32 * parts - features)).view(rows, parts, 32)
+    torch.testing.assert_close(squares[:, :rows], padded.pow(2).sum(2).T, rtol=1e-5, atol=0)
+    assert not squares[:, rows:].any()
 
 
 # (query heads, key/value heads, head dim, hidden): a small GQA model; on the GPU the 8B's and
@@ -152,22 +169,17 @@ def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shap
 ATTENTION = [(4, 2, 32, 96)] + ([(32, 8, 128, 4096), (32, 8, 64, 2048)] if ON_GPU else [])
 
 
-@pytest.mark.parametrize("scaled", [False] + SQUARES,
-                         ids=["plain", "scaled-squares-by-dot", "scaled-squares-reloaded"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
 @pytest.mark.parametrize("shape", ATTENTION, ids=[f"{h}-{kv}-d{d}" for h, kv, d, _ in ATTENTION])
 @pytest.mark.parametrize("rows", ROWS)
-def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled, monkeypatch):
+def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     """q rotated, keys rotated and values into their (scattered) cache slots, every other
     slot untouched: the QKV product rounded to the output's type, then rotate-half in float32
-    as shard/rotary_cache.py does. scaled: of RMSNorm(x), as in the scaled product, with the
-    squares summed either way."""
-    if scaled:
-        monkeypatch.setattr(gemv, "SQUARES", scaled)
+    as shard/rotary_cache.py does. scaled: of RMSNorm(x), as in the scaled product."""
     heads, kv_heads, dim, hidden = shape
     assert gemv.takes_rotary(rows, dim)
     gen = torch.Generator().manual_seed(rows * 100 + dim)
-    sizes = 0.1 + 20 * torch.rand(rows, 1, generator=gen)  # rows of very different RMS
-    x = (torch.randn(rows, hidden, generator=gen) * sizes).to(DEVICE, DTYPE)
+    x, squares = stream(rows, hidden, gen)  # rows of very different RMS
     weight = (torch.randn((heads + 2 * kv_heads) * dim, hidden, generator=gen) / hidden ** 0.5
               ).to(DEVICE, DTYPE)
     blocks, page, half = 8, 4, dim // 2
@@ -179,7 +191,7 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled, m
                         for _ in range(2))
     norm_eps = 1e-5 if scaled else None
     q = gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                        kv_heads, dim, norm_eps=norm_eps)
+                        kv_heads, dim, norm_eps=norm_eps, squares=squares)
     normed = rms_normed(x) if scaled else x.double()
     qkv = reference(normed, weight, False).to(DTYPE).float().view(rows, -1, dim)
     c, s_ = cos[positions][:, None, :], sin[positions][:, None, :]
@@ -197,7 +209,7 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled, m
     assert not v_cache.view(-1, kv_heads, dim)[untouched].any()
     out = torch.empty(rows, heads, dim, device=DEVICE, dtype=DTYPE)
     assert gemv.qkv_rotary(x, weight, positions, cos, sin, k_cache, v_cache, slots, heads,
-                           kv_heads, dim, out=out, norm_eps=norm_eps) is out
+                           kv_heads, dim, out=out, norm_eps=norm_eps, squares=squares) is out
     assert torch.equal(out, q)
 
 
@@ -350,32 +362,38 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
     assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
-@pytest.mark.parametrize("max_rows", [gemv.FOLDED_MAX_ROWS, gemv.MAX_ROWS],
-                         ids=["one-row", "1-16-rows"])
+@pytest.mark.parametrize("max_rows", [1, gemv.MAX_ROWS], ids=["one-row", "1-16-rows"])
 @pytest.mark.parametrize("fused_rotary", [False, True], ids=["qkv", "qkv-rotary"])
 def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(
         fused_rotary, max_rows, monkeypatch):
-    """Norms folded: in a step of the rows takes_folded takes (one row as built, 1-16 where
-    gemv.FOLDED_MAX_ROWS says so) each layer's O and down products add the residual (not the
-    last layer's down: the final norm stays a norm), and gate/up and the next layer's QKV are
-    products of RMSNorm(x) (the first layer's QKV reads its norm: no residual yet). The
-    logits are the plain model's to rounding, and so are those of the other steps, which run
-    the norms separately (their weight 1: folded)."""
+    """Norms folded: in a step of the rows takes_folded takes (1-16 as built; one row alone
+    here too) each layer's O and down products add the residual (not the last layer's down:
+    the final norm stays a norm), and gate/up and the next layer's QKV are products of
+    RMSNorm(x) (the first layer's QKV reads its norm: no residual yet), which over 2-16 rows
+    take the squares the added product before them returned. The logits are the plain
+    model's to rounding, and so are those of the other steps, which run the norms separately
+    (their weight 1: folded)."""
+    assert gemv.FOLDED_MAX_ROWS == gemv.MAX_ROWS
     monkeypatch.setattr(gemv, "FOLDED_MAX_ROWS", max_rows)
     ops = Ops.build(compiled=False, gemv=True, fused_rotary=fused_rotary)
-    calls = []
+    calls, returned = [], []
 
     def added_linear(x, weight, residual):
         calls.append(("added", x.shape[0], weight.shape[1]))
-        return ops.added_linear(x, weight, residual)
+        returned.append(ops.added_linear(x, weight, residual))
+        return returned[-1]
 
-    def scaled_linear(x, weight, eps, gated):
-        calls.append(("scaled", x.shape[0], "gate/up" if gated else "qkv"))
-        return ops.scaled_linear(x, weight, eps, gated)
+    def took(squares) -> bool:  # the squares the last added product returned, None at one row
+        return squares is returned[-1][1] and (squares is None) == (returned[-1][0].shape[0] == 1)
 
-    def qkv_rotary(x, *args, norm_eps=None, **kwargs):
-        calls.append(("qkv_rotary", x.shape[0], norm_eps is not None))
-        return ops.qkv_rotary(x, *args, norm_eps=norm_eps, **kwargs)
+    def scaled_linear(x, weight, eps, gated, squares):
+        calls.append(("scaled", x.shape[0], "gate/up" if gated else "qkv", took(squares)))
+        return ops.scaled_linear(x, weight, eps, gated, squares)
+
+    def qkv_rotary(x, *args, norm_eps=None, squares=None, **kwargs):
+        calls.append(("qkv_rotary", x.shape[0], norm_eps is not None,
+                      norm_eps is not None and took(squares)))
+        return ops.qkv_rotary(x, *args, norm_eps=norm_eps, squares=squares, **kwargs)
 
     plain, small = _models(dataclasses.replace(
         ops, added_linear=added_linear, scaled_linear=scaled_linear,
@@ -388,12 +406,12 @@ def test_folded_norms_go_inside_the_products_around_them_at_every_small_step(
 
     def step(n: int) -> list:  # two layers
         if not gemv.takes_folded(n):  # norms separate: only the fused QKV kernel is seen
-            return [("qkv_rotary", n, False)] * 2 if fused_rotary else []
-        first_qkv = [("qkv_rotary", n, False)] if fused_rotary else []
-        qkv = [("qkv_rotary", n, True)] if fused_rotary else [("scaled", n, "qkv")]
-        return first_qkv + [("added", n, o_inputs), ("scaled", n, "gate/up"),
+            return [("qkv_rotary", n, False, False)] * 2 if fused_rotary else []
+        first_qkv = [("qkv_rotary", n, False, False)] if fused_rotary else []
+        qkv = [("qkv_rotary", n, True, True)] if fused_rotary else [("scaled", n, "qkv", True)]
+        return first_qkv + [("added", n, o_inputs), ("scaled", n, "gate/up", True),
                             ("added", n, down_inputs)] + qkv + [
-            ("added", n, o_inputs), ("scaled", n, "gate/up")]
+            ("added", n, o_inputs), ("scaled", n, "gate/up", True)]
 
     assert calls == [c for n in (7, 7, 7, 1, 1, 1) for c in step(n)]
     assert [gemv.takes_folded(n) for n in (1, 2, 16, 17)] == [True] + [max_rows == 16] * 2 + [

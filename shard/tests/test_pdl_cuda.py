@@ -31,7 +31,7 @@ def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
 def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(rows):
     """Six products, each reading the previous one's output: every other one with the
     residual add, the ones between of RMSNorm of their input (every program sums the squares
-    of all of it). Captured in a CUDA graph and replayed on new inputs: with PDL every
+    of all of it, or, over 2-16 rows, the added product's sums of them). Captured in a CUDA graph and replayed on new inputs: with PDL every
     kernel starts before its predecessor ends, so a read before the wait would see the
     previous replay's values. Equal, bit for bit, to the same chain without PDL."""
     assert pdl.enabled(CUDA), "the lent GPUs are Hopper"
@@ -43,13 +43,14 @@ def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(r
     residual = torch.empty_like(x)
 
     def chain(use_pdl: bool) -> torch.Tensor:
-        y, stream = x, residual
+        y, stream, squares = x, residual, None
         for i, weight in enumerate(weights):
             if i % 2:
-                y = stream = gemv.added_product(y, weight, stream, use_pdl=use_pdl)
+                stream, squares = gemv.added_product(y, weight, stream, use_pdl=use_pdl)
+                y = stream
             else:
                 y = gemv.product(y, weight, False, norm_eps=1e-5 if i else None,
-                                 use_pdl=use_pdl)
+                                 squares=squares, use_pdl=use_pdl)
         return y
 
     outputs, graphs = {}, {}
