@@ -13,17 +13,25 @@ same kernel.
 
 The norms between the products (two per layer, each a kernel of ~2.9 µs and a gap on the
 H100: 0.19 ms of the 8B's 5.6 ms step at batch 1) go inside them (in the steps takes_folded
-takes: one row, until 2-16 are measured). RMSNorm(s) * g read by a
-product W is (s W'^T) / rms(s) with W' = W * g: so the model folds each norm's weight into
-the product after it (LlamaForCausalLM.fold_norms), the product before the norm adds the
-residual as it stores (`added_product`), and the product after it sums the squares of the
-inputs it reads anyway and scales its accumulators by 1 / rms (`product(..., norm_eps=)`):
-no bytes beyond a plain product's, and every program sums the same inputs in the same order,
-so the result repeats. Two first forms were slower on the H100: the whole norm inside the
-product that reads it (its programs read the residual and the norm's weight too: 2.5 and 8.6
-µs over plain for the 8B's QKV and gate/up), and the product before the norm summing the
-squares of what it stores, the last of its programs adding every program's share (a
-GPU-scope atomic ticket per program: at one row, 2,048 of them, slower than the norm).
+takes: 1-16 rows). RMSNorm(s) * g read by a product W is (s W'^T) / rms(s) with
+W' = W * g: so the model folds each norm's weight into the product after it
+(LlamaForCausalLM.fold_norms), the product before the norm adds the residual as it stores
+(`added_product`), and the product after it scales its accumulators by 1 / rms
+(`product(..., norm_eps=)`). One row sums the squares of the inputs it reads anyway. Over
+2-16 rows the added product sums the squares of the rows it stores, per program, and the
+product after it loads those sums before its loop and adds them up after it: its loop stays
+the plain product's. No bytes beyond a plain product's, and every program sums the same
+values in the same order, so the result repeats.
+
+Slower forms, on the H100 (8B): the whole norm inside the product that reads it (its
+programs read the residual and the norm's weight too: 2.5 and 8.6 µs over plain for QKV and
+gate/up at one row); the added product's shares summed by the last of its programs behind a
+GPU-scope atomic ticket (at one row, 2,048 of them, slower than the norm); and over 2-16
+rows, each program of the normed product summing the squares of its own x (2 rows, plain
+19.6 µs QKV and 78.5 gate/up): from x's tile in shared memory, 48.2 and 97.0 (a second
+reader in another layout left the tile unswizzled), as x x^T through a second tl.dot, 32.5
+and 88.9, from x loaded again, 21.5 and 85.0 (that load is not pipelined). From the added
+product's sums: 20.1 and 79.0.
 
 One row: products and a sum along K (no tensor cores: the weight's bytes are the cost). 2-16
 rows: `tl.dot` over 16 rows (the smallest tile it takes), the missing rows masked to zero.
@@ -33,9 +41,9 @@ was slower than tl.dot at 2 and 8 rows for every 8B projection on the H200.)
 Measured on the H100 (docs/benchmarks.md): per projection at one row 5-15% faster than cuBLAS
 (8B QKV 18.7 vs 19.7 µs, O 13.1 vs 15.3, gate/up with SiLU x up 74.8 vs 77.2 without, down
 38.7 vs 41.9); at 2-16 rows within ~5% of it either way. Whole steps (`--pdl` and the norms
-inside at one row): the 8B at batch 1 6.07 -> 5.46 ms, at 2-16 rows ~7% faster. On the H200
-the 1B at batch 1 836 -> 898 tok/s, the 8B unchanged at ~206. Off by default until the whole
-GPU suite has run with it on (issue 24).
+inside): the 8B at batch 1 6.07 -> 5.46 ms, at 2-16 rows 6.36-6.84 -> 5.73-6.22 ms. On the
+H200 (an older tree) the 1B at batch 1 836 -> 898 tok/s, the 8B unchanged at ~206. Off by
+default until the whole GPU suite has run with it on (issue 24).
 """
 
 from __future__ import annotations
