@@ -302,7 +302,7 @@ def takes(rows: int) -> bool:
 
 
 # The most rows whose steps run the norms inside the products (added_product and the scaled
-# ones; norms folded). See docs/architecture.md for what the 2-16-row products of RMSNorm(x)
+# ones; norms folded). The module's docstring gives what the 2-16-row products of RMSNorm(x)
 # cost in each way they were tried.
 FOLDED_MAX_ROWS = 16
 
@@ -362,12 +362,13 @@ def _launch(x, weight, out, gated, norm_eps, residual, squares, block=None, dot=
         squares = torch.empty(programs, DOT_ROWS, dtype=torch.float32, device=x.device)
     else:
         squares = _squares_read(norm_eps, squares, dot)
+    sq, parts, parts_block = _squares_args(squares, out)
     _gemv_kernel[(programs,)](
-        x, weight, out, x if residual is None else residual,
-        out if squares is None else squares, 0.0 if norm_eps is None else norm_eps, rows,
-        features, inner, x.stride(0), weight.stride(0), _parts(squares), GATED=gated,
-        SCALED=norm_eps is not None, ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1,
-        BLOCK_N=block_n, BLOCK_K=block_k, PARTS=triton.next_power_of_2(_parts(squares)),
+        x, weight, out, x if residual is None else residual, sq,
+        0.0 if norm_eps is None else norm_eps, rows, features, inner, x.stride(0),
+        weight.stride(0), parts, GATED=gated, SCALED=norm_eps is not None,
+        ADDED=residual is not None, ROWS=DOT_ROWS if dot else 1, BLOCK_N=block_n,
+        BLOCK_K=block_k, PARTS=parts_block,
         EVEN=features % block_n == 0 and inner % block_k == 0, PDL=use_pdl, num_warps=warps,
         num_stages=stages, **pdl.launch_options(use_pdl))
     return squares if residual is not None else None
@@ -382,9 +383,14 @@ def _squares_read(norm_eps, squares, dot):
     return squares
 
 
-def _parts(squares: torch.Tensor | None) -> int:
-    """How many programs' sums `squares` holds (1 for none, a placeholder)."""
-    return 1 if squares is None else squares.shape[0]
+def _squares_args(squares: torch.Tensor | None, placeholder: torch.Tensor
+                  ) -> tuple[torch.Tensor, int, int]:
+    """The kernels' sq_ptr, parts and PARTS for `squares` (the placeholder's pointer, unread,
+    for none): the tensor, how many programs' sums it holds, and that count's power-of-two
+    ceiling."""
+    if squares is None:
+        return placeholder, 1, 1
+    return squares, squares.shape[0], triton.next_power_of_2(squares.shape[0])
 
 
 def _pairs(rows: int, head_dim: int) -> int:
@@ -421,14 +427,14 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     squares = _squares_read(norm_eps, squares, rows > 1)
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
+    sq, parts, parts_block = _squares_args(squares, q)
     _qkv_rotary_kernel[((num_heads + 2 * num_kv_heads) * half // pairs,)](
-        x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping,
-        q if squares is None else squares, 0.0 if norm_eps is None else norm_eps, rows, inner,
-        x.stride(0), weight.stride(0), k_slots.stride(0), num_heads, num_kv_heads,
-        _parts(squares), ROWS=1 if rows == 1 else DOT_ROWS, PAIRS=pairs, BLOCK_K=block_k,
-        HALF=half, SCALED=norm_eps is not None, PARTS=triton.next_power_of_2(_parts(squares)),
-        EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps, num_stages=stages,
-        **pdl.launch_options(use_pdl))
+        x, weight, q, k_slots, v_slots, positions, cos, sin, slot_mapping, sq,
+        0.0 if norm_eps is None else norm_eps, rows, inner, x.stride(0), weight.stride(0),
+        k_slots.stride(0), num_heads, num_kv_heads, parts, ROWS=1 if rows == 1 else DOT_ROWS,
+        PAIRS=pairs, BLOCK_K=block_k, HALF=half, SCALED=norm_eps is not None,
+        PARTS=parts_block, EVEN=inner % block_k == 0, PDL=use_pdl, num_warps=warps,
+        num_stages=stages, **pdl.launch_options(use_pdl))
     return q
 
 

@@ -31,9 +31,10 @@ def test_pdl_is_on_for_hopper_and_later_only_when_switched_on():
 def test_each_product_of_a_chain_reads_its_predecessors_output_not_a_stale_one(rows):
     """Six products, each reading the previous one's output: every other one with the
     residual add, the ones between of RMSNorm of their input (every program sums the squares
-    of all of it, or, over 2-16 rows, the added product's sums of them). Captured in a CUDA graph and replayed on new inputs: with PDL every
-    kernel starts before its predecessor ends, so a read before the wait would see the
-    previous replay's values. Equal, bit for bit, to the same chain without PDL."""
+    of all of it, or, over 2-16 rows, takes the added product's sums of them). Captured in a
+    CUDA graph and replayed on new inputs: with PDL every kernel starts before its
+    predecessor ends, so a read before the wait would see the previous replay's values.
+    Equal, bit for bit, to the same chain without PDL."""
     assert pdl.enabled(CUDA), "the lent GPUs are Hopper"
     inner = 4096
     gen = torch.Generator(device=CUDA).manual_seed(rows)
