@@ -37,6 +37,10 @@ ROWS = list(range(1, gemv.MAX_ROWS + 1)) if ON_GPU else [1, 2, 7, 16]
 SHAPES = [(64, 1024), (40, 200), (24, 2304)]
 if ON_GPU:  # Llama-3.1-8B's QKV, O, down and Llama-3.2-1B's QKV
     SHAPES += [(6144, 4096), (4096, 4096), (4096, 14336), (3072, 2048)]
+# With 40 x 8,300 too, past 8,192 inputs, where the ungated product of 2-16 rows takes 512
+# inputs a tile: for the plain and added products (the products of RMSNorm(x) read the hidden
+# size, never that wide on the CPU, where one row of it takes a minute).
+LONG_SHAPES = SHAPES + [(40, 8300)]
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -48,7 +52,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tenso
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=[f"{n}x{k}" for n, k in LONG_SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
 def test_kernel_matches_float64_at_every_row_count_it_serves(rows, shape, gated):
     """x W^T, or SiLU(x W_gate^T) x (x W_up^T) with weight = [W_gate; W_up] (the model's
@@ -139,7 +143,17 @@ def test_the_gated_product_of_2_to_16_rows_takes_each_gpus_fastest_tiles():
     assert relative_error(normed, reference(rms_normed(x), weight, True)) < TOLERANCE
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_the_ungated_product_of_2_to_16_rows_over_8192_inputs_takes_512_a_tile():
+    """The 8B's down at 2-16 rows (fastest on the H100 in 32 x 512, 3 stages); narrower
+    inputs keep 32 x 256 in 4."""
+    for gpu in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        assert gemv.config(2, 14336, False, gpu=gpu) == gemv.config(16, 8300, False, gpu=gpu) \
+            == (32, 512, 4, 3)
+        assert gemv.config(2, 8192, False, gpu=gpu) == (32, 256, 4, 4)
+    assert gemv.config(1, 14336, False) == (2, 2048, 8, 1)
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=[f"{n}x{k}" for n, k in LONG_SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
 def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shape):
     """residual + the product: bit for bit the plain kernel's product, then the separate
