@@ -81,9 +81,9 @@ PY
 }
 
 step_tests() {  # every test that needs a GPU (CI's CPU leaves them uncollected); TESTS="FILE..."
-  # for some of them
+  # for some of them, TESTS_K="EXPRESSION" for pytest's -k
   $PYTHON -m pytest ${TESTS:-shard/tests/test_*_cuda.py shard/tests/test_triton_kernels.py shard/tests/test_gemv.py} -q \
-    -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+    -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 }
 
 offline() {  # offline NAME ARGS...: one benchmarks/offline.py run, its JSON in $OUT/NAME.json

@@ -49,7 +49,9 @@ def capable(device: torch.device) -> bool:
 
 # The most rows (tokens, or sequences of a decode batch) a kernel launches with PDL for. On
 # the H100 (8B shape, gpu.sh curve) PDL took 0.06 ms off a batch-1 step but made steps of 2-16
-# rows 0.2-0.5 ms slower (the cause is not found yet): so only steps of one row take it.
+# rows 0.2-0.5 ms slower (the cause is not found yet): so only steps of one row take it. Again
+# with the norms inside the 2-16-row products (b2d461d's kernels, gpu.sh studies): 6.19 ms at
+# batch 2 against 5.75, 6.64 at 16 against 6.20.
 MAX_ROWS = 1
 
 
