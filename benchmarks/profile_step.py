@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import dataclasses
 import io
 import json
 import os
@@ -218,6 +219,39 @@ def _short(name: str) -> str:
     return re.sub(r"[<(].*", "", name)[:48]
 
 
+@dataclasses.dataclass
+class KernelTimes:
+    """A trace's device events summed: `span` from the first start to the last end, `gaps`
+    (idle intervals) and, per short kernel name, `calls`, `durations`, `added` (how far each
+    call's end passed the end of every event before it: the time the step pays for it, which
+    under PDL is its duration less the wait that overlaps its predecessor) and `idle_before`
+    (the gaps it ended), all in the trace's µs."""
+    span: float
+    gaps: list[float]
+    calls: collections.Counter
+    durations: collections.Counter
+    added: collections.Counter
+    idle_before: collections.Counter
+
+
+def kernel_times(events: list[dict]) -> KernelTimes:
+    """The KernelTimes of chrome-trace events ("ts", "dur", "name"), in any order."""
+    events = sorted(events, key=lambda e: e["ts"])
+    times = KernelTimes(0.0, [], *(collections.Counter() for _ in range(4)))
+    end = events[0]["ts"]
+    for e in events:
+        name = _short(e["name"])
+        times.calls[name] += 1
+        times.durations[name] += e["dur"]
+        times.added[name] += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
+        if e["ts"] > end:
+            times.gaps.append(e["ts"] - end)
+            times.idle_before[name] += e["ts"] - end
+        end = max(end, e["ts"] + e["dur"])
+    times.span = end - events[0]["ts"]
+    return times
+
+
 def timeline(prof, started: Started, args) -> None:
     """Where a step's wall time goes on the device, from the profiled steps' trace: kernels
     (each timed, inside graphs too), and the idle gaps between them, by the kernel that follows
@@ -226,36 +260,25 @@ def timeline(prof, started: Started, args) -> None:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))
-    kernels = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and
-                      e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                     key=lambda e: e["ts"])
-    busy, gaps, by_kernel, by_gap = 0.0, [], collections.Counter(), collections.Counter()
-    calls = collections.Counter()
-    end = kernels[0]["ts"]
-    for e in kernels:
-        name = _short(e["name"])
-        busy += e["dur"]
-        by_kernel[name] += e["dur"]
-        calls[name] += 1
-        gap = e["ts"] - end
-        if gap > 0:
-            gaps.append(gap)
-            by_gap[name] += gap
-        end = max(end, e["ts"] + e["dur"])
-    span = end - kernels[0]["ts"]
-    n = args.steps
-    print(f"-- timeline over {n} steps: {span / n / 1000:.3f} ms per step from the first kernel "
-          f"to the last; kernels {busy / n / 1000:.3f} ms, idle {sum(gaps) / n / 1000:.3f} ms "
-          f"in {len(gaps) / n:.0f} gaps per step; gaps over 50 us: "
+    times = kernel_times([e for e in trace["traceEvents"] if e.get("ph") == "X" and
+                          e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")])
+    gaps, n = times.gaps, args.steps
+    print(f"-- timeline over {n} steps: {times.span / n / 1000:.3f} ms per step from the first "
+          f"kernel to the last; kernels {sum(times.durations.values()) / n / 1000:.3f} ms, idle "
+          f"{sum(gaps) / n / 1000:.3f} ms in {len(gaps) / n:.0f} gaps per step; gaps over 50 us: "
           f"{sum(g for g in gaps if g > 50) / n / 1000:.3f} ms per step; some kernel running "
-          f"{(span - sum(gaps)) / n / 1000:.3f} ms per step")
+          f"{(times.span - sum(gaps)) / n / 1000:.3f} ms per step")
     # Under programmatic dependent launch (shard/pdl.py) a kernel starts before its predecessor
-    # ends and waits: the durations below then include that wait, and overlap.
-    print("   kernel time per step (us), calls per step, us per call:")
-    for name, t in by_kernel.most_common(args.top):
-        print(f"   {t / n:9.1f}  {calls[name] / n:6.1f}  {t / calls[name]:7.2f}  {name}")
+    # ends and waits: its duration then includes that wait, and durations overlap. What it
+    # adds to the step does not: those sum to the time some kernel runs.
+    print("   per step (us): what each kernel adds past the ones before it, its time, its calls; "
+          "us per call:")
+    for name, t in times.added.most_common(args.top):
+        calls = times.calls[name]
+        print(f"   {t / n:9.1f}  {times.durations[name] / n:9.1f}  {calls / n:6.1f}  "
+              f"{times.durations[name] / calls:7.2f}  {name}")
     print("   idle before each kernel, per step (us):")
-    for name, t in by_gap.most_common(12):
+    for name, t in times.idle_before.most_common(12):
         print(f"   {t / n:9.1f}  {name}")
     graphs, plan = started.warm.runner.graphs.decode, started.engine.last_step
     if graphs is not None and not plan.prefills:
