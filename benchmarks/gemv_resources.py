@@ -110,8 +110,8 @@ def main() -> None:
                 ("gate_up", hidden, True, "normed"), ("down", inner, False, "added")]
     for rows in (1, 2):
         # The sums of squares a normed product of 2-16 rows reads: one per program of the
-        # added product before it (hidden / 32 of them).
-        parts = 1 if rows == 1 else -(-hidden // gemv._features(rows))
+        # added product before it.
+        parts = 1 if rows == 1 else gemv.squares_parts(hidden, rows)
         for name, k, gated, folded in products:
             for form in ("plain", folded):
                 block_n, block_k, warps, stages = gemv.config(rows, k, gated,

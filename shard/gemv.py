@@ -488,10 +488,16 @@ def warm_up(weights: list[torch.Tensor], gated: torch.Tensor | None,
                            squares=None if norm_eps is None else _no_squares(x))
 
 
+def squares_parts(width: int, rows: int) -> int:
+    """How many programs' sums of squares added_product returns with a stream `width` wide of
+    2-16 rows: one per BLOCK_N features of its tiles."""
+    return triton.cdiv(width, _features(rows))
+
+
 def _no_squares(x: torch.Tensor) -> torch.Tensor | None:
     """Zero squares in the shape added_product returns with a stream like x (None for one
     row): what warm_up's products of RMSNorm(x) compile with."""
     if x.shape[0] == 1:
         return None
-    return torch.zeros(triton.cdiv(x.shape[1], _features(x.shape[0])), DOT_ROWS,
-                       dtype=torch.float32, device=x.device)
+    return torch.zeros(squares_parts(x.shape[1], x.shape[0]), DOT_ROWS, dtype=torch.float32,
+                       device=x.device)
