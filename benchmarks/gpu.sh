@@ -9,6 +9,7 @@
 # kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
+# attention (decode attention alone at batches 1-16, every split count, its KV from HBM),
 # studies (the norms inside the products at no row count and at one row alone, and PDL at 2-16
 # rows, each against the tree's choice), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
@@ -285,6 +286,27 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
   grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
   grep -A25 -- "-- timeline" "$OUT/$name.txt"
+}
+
+step_attention() {  # decode attention alone, its KV from HBM (decode_attention.py --cold): the
+  # 8B shape at batches 1-16 over 512 tokens and at batch 1 over 8k, the 1B at batch 1; every
+  # split count, BLOCK_N 64 and 32, fastest first
+  local b A="benchmarks/decode_attention.py --block-sizes 16 --contiguous --tiles= --cold \
+    --splits 1,2,4,8,16,32 --iters 100"
+  for b in 1 2 4 8 16; do
+    timeout 90 $PYTHON $A --context 512 --batch $b --triton 64/4/3,32/4/3 \
+      > "$OUT/attention-8b-b$b.txt" 2>&1
+    echo "== 8B shape, batch $b, 512 tokens"; grep triton "$OUT/attention-8b-b$b.txt" \
+      | sort -t: -k2 -n | head -4
+  done
+  timeout 90 $PYTHON $A --context 8192 --batch 1 --triton 64/4/3,32/4/3 \
+    > "$OUT/attention-8b-b1-8k.txt" 2>&1
+  echo "== 8B shape, batch 1, 8192 tokens"; grep triton "$OUT/attention-8b-b1-8k.txt" \
+    | sort -t: -k2 -n | head -4
+  timeout 90 $PYTHON $A --context 512 --batch 1 --head-dim 64 --triton 64/2/3,32/2/3 \
+    > "$OUT/attention-1b-b1.txt" 2>&1
+  echo "== 1B shape, batch 1, 512 tokens"; grep triton "$OUT/attention-1b-b1.txt" \
+    | sort -t: -k2 -n | head -4
 }
 
 step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: kernels and gaps
