@@ -97,6 +97,8 @@ class ModelRunner:
                 return None
             # Everything the step reports travels in one float64 tensor (token ids are exact in
             # float64): one transfer, one wait.
+            if out.reported is not None:
+                return self._output(out.reported, sampling.top_n, scores)
             parts = [out.tokens[:, None], out.logprobs[:, None]]
             if out.top_ids is not None:
                 parts += [out.top_ids, out.top_logprobs]

@@ -44,11 +44,14 @@ class SampleOutput:
     logprobs: torch.Tensor  # [S] float32: of the chosen tokens
     top_ids: torch.Tensor | None  # [S, n] most likely tokens, when some request asked for them
     top_logprobs: torch.Tensor | None
+    # [S, 2] float64: each token and its logprob as the step reports them, where the greedy
+    # stage wrote them itself (compiled, in its last kernel: no conversions after it).
+    reported: torch.Tensor | None = None
 
 
-def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The argmax of each row and its log-softmax, without the [S, vocab] float32 log-softmax:
-    log p = logit - logsumexp(logits)."""
+    log p = logit - logsumexp(logits); and both as the step reports them ([S, 2] float64)."""
     return _with_logprobs(logits, logits.argmax(-1))
 
 
@@ -58,7 +61,7 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 GREEDY_CHUNK = 1024
 
 
-def greedy_in_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_in_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`greedy` as it compiles: the argmax in two steps, each chunk of GREEDY_CHUNK inputs then
     the best chunk (the first of equal maxima either way, as argmax), a few passes over the
     logits as they are."""
@@ -72,9 +75,10 @@ def greedy_in_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     upcast = logits.float()
-    return tokens, upcast.gather(1, tokens[:, None]).squeeze(1) - upcast.logsumexp(-1)
+    chosen = upcast.gather(1, tokens[:, None]).squeeze(1) - upcast.logsumexp(-1)
+    return tokens, chosen, torch.stack((tokens.double(), chosen.double()), 1)
 
 
 class Sampler:
@@ -131,8 +135,8 @@ class Sampler:
         penalized = self._output_counts is not None and any(p.penalized for p in params)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not penalized and not top_n:
-            tokens, chosen = self._greedy(logits)
-            return SampleOutput(tokens, chosen, None, None)
+            tokens, chosen, reported = self._greedy(logits)
+            return SampleOutput(tokens, chosen, None, None, reported)
         logits = logits.float()
         if penalized:  # only then do the slots travel to the device
             rows = _on(slots, dev)

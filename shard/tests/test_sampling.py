@@ -54,9 +54,11 @@ def test_greedy_argmax_in_chunks_is_the_first_maximum_of_the_row():
     compiled.warm_up(torch.bfloat16)
     with torch.inference_mode():
         for pick in (greedy_in_chunks, compiled._greedy):  # eager, and as Inductor compiles it
-            tokens, chosen = pick(logits)
+            tokens, chosen, reported = pick(logits)
             assert tokens.tolist() == [7, GREEDY_CHUNK - 1, 2 * GREEDY_CHUNK + 76,
                                        2 * GREEDY_CHUNK, GREEDY_CHUNK + 1]
+            assert reported.dtype == torch.float64
+            assert torch.equal(reported, torch.stack((tokens.double(), chosen.double()), 1))
             assert torch.equal(tokens, logits.argmax(-1))
             torch.testing.assert_close(chosen, logits.float().log_softmax(-1).gather(
                 1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-6)
