@@ -95,15 +95,8 @@ class ModelRunner:
             self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
             if self.sampler is None:
                 return None
-            # Everything the step reports travels in one float64 tensor (token ids are exact in
-            # float64): one transfer, one wait.
-            if out.reported is not None:
-                return self._output(out.reported, sampling.top_n, scores)
-            parts = [out.tokens[:, None], out.logprobs[:, None]]
-            if out.top_ids is not None:
-                parts += [out.top_ids, out.top_logprobs]
-            return self._output(torch.cat([p.double() for p in parts], dim=1), sampling.top_n,
-                                scores)
+            # Everything the step reports travels in one float64 tensor: one transfer, one wait.
+            return self._output(out.reported, sampling.top_n, scores)
 
     def prepare(self, plan: StepPlan) -> step_batch.StepBatch:
         """The plan's admissions taken in (block tables, rank 0's sampler), and its tensors."""

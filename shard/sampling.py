@@ -44,9 +44,10 @@ class SampleOutput:
     logprobs: torch.Tensor  # [S] float32: of the chosen tokens
     top_ids: torch.Tensor | None  # [S, n] most likely tokens, when some request asked for them
     top_logprobs: torch.Tensor | None
-    # [S, 2] float64: each token and its logprob as the step reports them, where the greedy
-    # stage wrote them itself (compiled, in its last kernel: no conversions after it).
-    reported: torch.Tensor | None = None
+    # [S, 2 + 2n] float64, what the step reports (token ids are exact in float64): token,
+    # logprob, n top ids, n top logprobs. The greedy stage writes it itself (compiled: in the
+    # kernels that compute the token and its logprob, no conversions after them).
+    reported: torch.Tensor
 
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,10 +156,13 @@ class Sampler:
             self._output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                            accumulate=True)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        parts = [tokens[:, None], chosen[:, None]]
         top_ids = top_logprobs = None
         if top_n:
             top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)
-        return SampleOutput(tokens, chosen, top_ids, top_logprobs)
+            parts += [top_ids, top_logprobs]
+        return SampleOutput(tokens, chosen, top_ids, top_logprobs,
+                            torch.cat([p.double() for p in parts], dim=1))
 
     def _penalize(self, logits, params, rows):
         dev = logits.device
