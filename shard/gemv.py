@@ -79,11 +79,7 @@ def _prefetch_l2(row_ptrs, feature_ok, K, BLOCK_K: tl.constexpr):
     LINES: tl.constexpr = BLOCK_K // 64
     if LINES > 0:  # tiles narrower than a line (small test models) go without
         lines = tl.arange(0, LINES) * 64
-        pointers = row_ptrs + lines[None, :]
-        wanted = (feature_ok[:, None] & (lines < K)[None, :]).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [pointers, wanted], dtype=tl.int32, is_pure=False, pack=1)
+        pdl.prefetch_l2(row_ptrs + lines[None, :], feature_ok[:, None] & (lines < K)[None, :])
 
 
 @triton.jit
@@ -127,22 +123,29 @@ def _dot_step(y, up_y, gate_rows, up_rows, feature_ok, x_ptr, row, row_ok, strid
 
 
 @triton.jit
-def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x, sq_ptr, parts,
-              GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
-              EVEN: tl.constexpr, PDL: tl.constexpr):
-    """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
-    up_rows if GATED), over all K inputs. SCALED: of RMSNorm(x) (its weight folded into the
-    weight rows): each row's products times 1 / RMS of the row. One row sums the squares of
-    the inputs it reads anyway; 2-16 rows take them from the added product that wrote x
-    (`parts` [programs, ROWS] sums at sq_ptr, PARTS their power-of-two ceiling; see
-    _gemv_kernel). PDL: the first tile of weights is asked of L2 before the wait for the
-    previous kernel."""
-    if PDL:  # the weights' first tile on its way to L2 while the previous kernel ends
+def _ready(gate_rows, up_rows, feature_ok, K, GATED: tl.constexpr, BLOCK_K: tl.constexpr,
+           PDL: tl.constexpr):
+    """The wait for the previous kernel (pdl.py), with PDL after asking L2 for the first tile
+    of the weight rows at gate_rows (and at up_rows if GATED): on its way while that kernel
+    ends."""
+    if PDL:
         _prefetch_l2(gate_rows, feature_ok, K, BLOCK_K)
         if GATED:
             _prefetch_l2(up_rows, feature_ok, K, BLOCK_K)
     pdl.wait(PDL)
+
+
+@triton.jit
+def _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x, sq_ptr, parts,
+              GATED: tl.constexpr, SCALED: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
+              EVEN: tl.constexpr):
+    """[ROWS, BLOCK_N] float32 products of x's rows with the weight rows at gate_rows (and at
+    up_rows if GATED), over all K inputs; after _ready. SCALED: of RMSNorm(x) (its weight
+    folded into the weight rows): each row's products times 1 / RMS of the row. One row sums
+    the squares of the inputs it reads anyway; 2-16 rows take them from the added product
+    that wrote x (`parts` [programs, ROWS] sums at sq_ptr, PARTS their power-of-two ceiling;
+    see _gemv_kernel)."""
     inner = tl.arange(0, BLOCK_K)
     if ROWS == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -195,19 +198,21 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, sq_ptr, eps, rows, N, K, stride
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_ok = features < N
     gate_rows = w_ptr + features[:, None] * stride_w
-    y, up_y = _products(x_ptr, gate_rows, gate_rows + N * stride_w, feature_ok, eps, rows, K,
-                        stride_x, sq_ptr, parts, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, PARTS,
-                        EVEN, PDL)
+    up_rows = gate_rows + N * stride_w
+    _ready(gate_rows, up_rows, feature_ok, K, GATED, BLOCK_K, PDL)
     out_row = tl.arange(0, ROWS)
-    if GATED:
-        y = y / (1.0 + tl.exp(-y)) * up_y
     at = out_row[:, None] * N + features[None, :]
     ok = (out_row < rows)[:, None] & feature_ok[None, :]
+    if ADDED:  # asked for before the loop: its wait is hidden behind the weights'
+        residual = tl.load(res_ptr + at, mask=ok, other=0.0)
+    y, up_y = _products(x_ptr, gate_rows, up_rows, feature_ok, eps, rows, K, stride_x, sq_ptr,
+                        parts, GATED, SCALED, ROWS, BLOCK_N, BLOCK_K, PARTS, EVEN)
+    if GATED:
+        y = y / (1.0 + tl.exp(-y)) * up_y
     out_type = out_ptr.dtype.element_ty
     y = y.to(out_type)
     if ADDED:
-        y = (tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
-             + y.to(tl.float32)).to(out_type)
+        y = (residual.to(tl.float32) + y.to(tl.float32)).to(out_type)
         if ROWS > 1:
             stored = tl.where(ok, y.to(tl.float32), 0.0)
             tl.store(sq_ptr + pid * ROWS + out_row, tl.sum(stored * stored, axis=1))
@@ -225,31 +230,33 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     gated product's gate and up rows. Each pair is rounded as the product's output is, then
     rotated in float32 as shard/rotary_cache.py does (query and key heads); queries go to q
     ([rows, num_heads, 2 * HALF]), keys and values to their slots in the caches. SCALED: of
-    RMSNorm(x), as in _gemv_kernel."""
+    RMSNorm(x), as in _gemv_kernel. The rows' positions, slots and rotary factors are read
+    before the wait (pdl.py), so that nothing after the loop waits on memory but the store."""
     pdl.launch_next(PDL)
     pid = tl.program_id(0)
     head = pid * PAIRS // HALF
     j = pid * PAIRS % HALF + tl.arange(0, PAIRS)
     first_rows = w_ptr + (head * 2 * HALF + j)[:, None] * stride_w
     feature_ok = j < HALF  # every pair is whole: PAIRS divides HALF
+    token = tl.arange(0, ROWS)
+    token_ok = (token < rows)[:, None]
+    pos = tl.load(pos_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
+    c = tl.load(cos_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
+    s = tl.load(sin_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
+    slot = tl.load(slot_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
+    _ready(first_rows, first_rows + HALF * stride_w, feature_ok, K, True, BLOCK_K, PDL)
     y1, y2 = _products(x_ptr, first_rows, first_rows + HALF * stride_w, feature_ok, eps, rows,
                        K, stride_x, sq_ptr, parts, True, SCALED, ROWS, PAIRS, BLOCK_K, PARTS,
-                       EVEN, PDL)
-    token = tl.arange(0, ROWS)
+                       EVEN)
     out_type = q_ptr.dtype.element_ty
     y1 = y1.to(out_type).to(tl.float32)  # the product's output, as the separate path rounds it
     y2 = y2.to(out_type).to(tl.float32)
-    token_ok = (token < rows)[:, None]
     dims = 2 * HALF
     if head < num_heads + num_kv_heads:  # queries and keys rotate
-        pos = tl.load(pos_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
-        c = tl.load(cos_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
-        s = tl.load(sin_ptr + pos * HALF + j[None, :], mask=token_ok, other=0.0)
         y1, y2 = y1 * c - y2 * s, y2 * c + y1 * s
     if head < num_heads:
         out = q_ptr + token.to(tl.int64)[:, None] * num_heads * dims + head * dims + j[None, :]
     else:
-        slot = tl.load(slot_ptr + token, mask=token < rows, other=0).to(tl.int64)[:, None]
         if head < num_heads + num_kv_heads:
             out = k_ptr + slot * stride_slot + (head - num_heads) * dims + j[None, :]
         else:

@@ -31,16 +31,29 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_out_p
                    stride_ob, stride_oh, stride_tb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+                   PDL: tl.constexpr):
     pdl.launch_next(PDL)
-    pdl.wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # The context's length and block table are the step's own, in place before its first
+    # kernel: read before the wait (pdl.py).
     length = tl.load(lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, length)
+    offsets = tl.arange(0, BLOCK_N)
+    if PDL:  # the first tile's keys and values on their way to L2 while the previous kernel
+        # (which writes the newest token's) ends: LINES lines of LINE elements per token
+        pos = start + offsets
+        page = tl.load(table_ptr + seq * stride_tb + pos // PAGE, mask=pos < end, other=0)
+        where = page.to(tl.int64) * stride_kb + (pos % PAGE) * stride_kt + kv_head * stride_kh
+        lines = (tl.arange(0, LINES) * LINE)[None, :]
+        wanted = (pos < end)[:, None] & (lines >= 0)
+        pdl.prefetch_l2(k_ptr + where[:, None] + lines, wanted)
+        pdl.prefetch_l2(v_ptr + where[:, None] + lines, wanted)
+    pdl.wait(PDL)
 
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
@@ -58,7 +71,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_out_p
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    offsets = tl.arange(0, BLOCK_N)
     for n in range(start, end, BLOCK_N):
         pos = n + offsets
         valid = pos < end
@@ -152,13 +164,14 @@ class PagedDecode:
         # --triton at batches 120 and 224).
         warps = self.num_warps or (2 if dim <= 64 else 4)
         use_pdl = pdl.enabled(q.device, batch)
+        line = 128 // k_cache.element_size()  # elements of a 128-byte line
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), block_table.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits, PDL=use_pdl,
-            num_warps=warps, num_stages=self.num_stages, **pdl.launch_options(use_pdl))
+            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits,
+            LINE=line, LINES=max(1, dim_pad // line), PDL=use_pdl, num_warps=warps, num_stages=self.num_stages, **pdl.launch_options(use_pdl))
         if splits > 1:
             _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0),
                                               out.stride(1), num_heads, HEAD_DIM=dim,

@@ -5,10 +5,13 @@ between two of them the GPU drains one grid before it launches the next. Launche
 kernel's programs may start while the previous kernel's last programs still run. Each of our
 kernels therefore lets its successor launch as it starts (`launch_next`), and waits for its
 predecessor to finish and flush its writes (`wait`) before it reads anything a kernel of the
-step writes, or writes anything: before the wait it may only read what no kernel writes (the
-weights: gemv.py loads its first tile of them there). The ordering stays transitive: every
-kernel waits before it ends, so once a kernel's wait returns, all earlier kernels have ended.
-Kernels launched without PDL (cuBLAS, torch's own) keep the stream's full ordering.
+step writes, or writes anything. Before the wait it may read only what no kernel of the
+step's chain writes: the weights (gemv.py asks L2 for its first tile of them there), the
+rotary tables, and the step's own tensors (positions, cache slots, context lengths, block
+tables), which copies and kernels launched without PDL put in place before the chain's first
+kernel started. The ordering stays transitive: every kernel waits before it ends, so once a
+kernel's wait returns, all earlier kernels have ended. Kernels launched without PDL (cuBLAS,
+torch's own) keep the stream's full ordering.
 """
 
 from __future__ import annotations
@@ -79,3 +82,15 @@ def wait(PDL: tl.constexpr):
     """Wait until the previous kernel has ended and its writes are visible."""
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(pointers, wanted):
+    """Ask L2 for the 128-byte lines at `pointers` where `wanted` (a mask of their shape),
+    holding nothing in registers: what a kernel reads right after its wait, on its way while
+    the previous kernel ends. A hint only, so a line that kernel is still writing is safe to
+    ask for (L2 is where writes land). Not for Triton's CPU interpreter (inline PTX): call it
+    under `if PDL:`."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [pointers, wanted.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

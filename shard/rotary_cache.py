@@ -42,15 +42,16 @@ def _rotary_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_
                          Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF: tl.constexpr,
                          HALF_PAD: tl.constexpr, PDL: tl.constexpr):
     pdl.launch_next(PDL)
-    pdl.wait(PDL)
     token = tl.program_id(0)
     dim = 2 * HALF
+    # The step's positions and slots and the rotary tables: read before the wait (pdl.py).
     pos = tl.load(pos_ptr + token).to(tl.int64)
     half = tl.arange(0, HALF_PAD)[None, :]
     c = tl.load(cos_ptr + pos * HALF + half, mask=half < HALF, other=0.0)
     s = tl.load(sin_ptr + pos * HALF + half, mask=half < HALF, other=0.0)
-    row = qkv_ptr + token.to(tl.int64) * stride_qkv
     slot = tl.load(slot_ptr + token).to(tl.int64) * stride_slot
+    pdl.wait(PDL)
+    row = qkv_ptr + token.to(tl.int64) * stride_qkv
     _rotate_into(row, q_ptr + token.to(tl.int64) * num_heads * dim, c, s, num_heads,
                  Q_PAD, HALF, HALF_PAD)
     _rotate_into(row + num_heads * dim, k_ptr + slot, c, s, num_kv_heads, KV_PAD, HALF, HALF_PAD)

@@ -104,3 +104,61 @@ def test_attention_reads_the_cache_its_predecessor_wrote():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, step())
+
+
+def test_a_replayed_step_reads_the_positions_slots_and_lengths_copied_in_before_it():
+    """A layer's chain at one row, as the decode graph runs it: QKV with rotary writing the
+    newest token's key and value, decode attention over the context (the merge after it) and
+    the O product with the residual add. The kernels read the step's positions, slots,
+    lengths and block table before their wait (pdl.py): copied into the graph's inputs before
+    each replay, a new context length each time, every output equals, bit for bit, the same
+    chain run eagerly without PDL on the same inputs and caches."""
+    heads, kv_heads, dim, page, hidden = 32, 8, 64, 16, 2048
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    blocks = 64
+    k_cache = torch.randn(blocks, page, kv_heads, dim, device=CUDA, generator=gen
+                          ).to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(blocks, device=CUDA, generator=gen).to(torch.int32)
+    table = order[None].clone()
+    lens = torch.ones(1, device=CUDA, dtype=torch.int32)
+    positions = torch.zeros(1, device=CUDA, dtype=torch.long)
+    slots = torch.zeros(1, device=CUDA, dtype=torch.long)
+    angles = torch.arange(4096, device=CUDA)[:, None] / 10000 ** (
+        torch.arange(dim // 2, device=CUDA) / (dim // 2))
+    cos, sin = angles.cos(), angles.sin()
+    qkv_weight = (torch.randn((heads + 2 * kv_heads) * dim, hidden, device=CUDA, generator=gen)
+                  / hidden ** 0.5).to(torch.bfloat16)
+    o_weight = (torch.randn(hidden, heads * dim, device=CUDA, generator=gen)
+                / (heads * dim) ** 0.5).to(torch.bfloat16)
+    x = torch.empty(1, hidden, device=CUDA, dtype=torch.bfloat16)
+    residual = torch.empty_like(x)
+    decode = PagedDecode(CUDA)
+
+    def layer(k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        q = gemv.qkv_rotary(x, qkv_weight, positions, cos, sin, k, v, slots, heads, kv_heads,
+                            dim)
+        attended = decode(q, k, v, table, lens, torch.empty_like(q))
+        return q, gemv.added_product(attended.view(1, heads * dim), o_weight, residual)[0]
+
+    x.normal_(generator=gen), residual.normal_(generator=gen)
+    layer(k_cache, v_cache)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(k_cache, v_cache)
+    for length in (1, 17, 300, 512, 1000, 64):
+        position = length - 1
+        block = int(order[position // page])
+        positions.copy_(torch.tensor([position]))
+        slots.copy_(torch.tensor([block * page + position % page]))
+        lens.copy_(torch.tensor([length], dtype=torch.int32))
+        x.normal_(generator=gen), residual.normal_(generator=gen)
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        pdl.configure(False)
+        expected = layer(k_before, v_before)
+        pdl.configure(True)
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], expected[0])  # the rotated queries
+        assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+        assert torch.equal(captured[1], expected[1])
