@@ -112,6 +112,8 @@ def main() -> None:
                         help="also: the device's busy time and idle gaps per step, from a trace "
                              "(kernels inside CUDA graphs included), and the decode graph "
                              "replayed alone")
+    parser.add_argument("--by-launch", action="store_true",
+                        help="--timeline: kernels told apart by grid and predecessor too")
     parser.add_argument("--pdl-max-rows", type=int, default=None, metavar="N",
                         help="study: launch with PDL (--pdl on) the kernels of steps of up to N "
                              "rows, in place of pdl.MAX_ROWS")
@@ -234,13 +236,19 @@ class KernelTimes:
     idle_before: collections.Counter
 
 
-def kernel_times(events: list[dict]) -> KernelTimes:
-    """The KernelTimes of chrome-trace events ("ts", "dur", "name"), in any order."""
+def kernel_times(events: list[dict], by_launch: bool = False) -> KernelTimes:
+    """The KernelTimes of chrome-trace events ("ts", "dur", "name"), in any order. by_launch:
+    each kernel told apart by its grid and the kernel before it too (one layer's products
+    share a name: the O product is the one after the attention's merge)."""
     events = sorted(events, key=lambda e: e["ts"])
     times = KernelTimes(0.0, [], *(collections.Counter() for _ in range(4)))
     end = events[0]["ts"]
+    before = "start"
     for e in events:
         name = _short(e["name"])
+        if by_launch:
+            grid = e.get("args", {}).get("grid")
+            name, before = f"{name}{list(grid) if grid else ''} after {before}", name
         times.calls[name] += 1
         times.durations[name] += e["dur"]
         times.added[name] += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
@@ -261,7 +269,8 @@ def timeline(prof, started: Started, args) -> None:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))
     times = kernel_times([e for e in trace["traceEvents"] if e.get("ph") == "X" and
-                          e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")])
+                          e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")],
+                         args.by_launch)
     gaps, n = times.gaps, args.steps
     print(f"-- timeline over {n} steps: {times.span / n / 1000:.3f} ms per step from the first "
           f"kernel to the last; kernels {sum(times.durations.values()) / n / 1000:.3f} ms, idle "

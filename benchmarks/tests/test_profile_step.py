@@ -34,3 +34,23 @@ def test_each_kernel_adds_only_the_time_past_the_kernels_before_it():
     assert times.added == {"gemv_kernel": 15.0, "decode_kernel": 10.0, "merge_kernel": 0.0,
                            "Memcpy DtoH": 2.0}
     assert sum(times.added.values()) == times.span - sum(times.gaps)
+
+
+def test_by_launch_tells_apart_one_kernel_by_its_grid_and_predecessor():
+    """One layer's O and down products share a kernel and a grid: the kernel before each
+    tells them apart."""
+    def launch(name, ts, grid):
+        return {"name": name, "ts": ts, "dur": 1.0, "args": {"grid": grid}}
+
+    times = kernel_times([
+        launch("merge_kernel", 0.0, [1, 32, 1]),
+        launch("gemv_kernel", 1.0, [1024, 1, 1]),  # O
+        launch("gemv_kernel", 2.0, [2048, 1, 1]),  # gate/up
+        launch("gemv_kernel", 3.0, [1024, 1, 1]),  # down
+        event("Memcpy DtoH", 4.0, 1.0),
+    ], by_launch=True)
+    assert times.calls == {"merge_kernel[1, 32, 1] after start": 1,
+                           "gemv_kernel[1024, 1, 1] after merge_kernel": 1,
+                           "gemv_kernel[2048, 1, 1] after gemv_kernel": 1,
+                           "gemv_kernel[1024, 1, 1] after gemv_kernel": 1,
+                           "Memcpy DtoH after gemv_kernel": 1}
