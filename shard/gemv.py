@@ -325,15 +325,20 @@ def takes_folded(rows: int) -> bool:
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, gated: bool, norm_eps: float | None = None,
-            squares: torch.Tensor | None = None, **tuning) -> torch.Tensor:
+            squares: torch.Tensor | None = None, out: torch.Tensor | None = None, **tuning
+            ) -> torch.Tensor:
     """x W^T ([rows, N]), or SiLU(x W_gate^T) x (x W_up^T) ([rows, N/2]) when `gated`, for
-    2-D x of 1..MAX_ROWS rows with a unit stride along K. With `norm_eps`, the product of
+    2-D x of 1..MAX_ROWS rows with a unit stride along K; into `out` (contiguous) if given.
+    With `norm_eps`, the product of
     RMSNorm(x) of that eps instead: each row of x scaled by 1 / sqrt(mean(x^2) + eps), the
     norm's weight folded into `weight` (LlamaForCausalLM.fold_norms); over 2-16 rows x must
     come from added_product, and `squares` be the sums it returned with it. `tuning`
     (benchmarks): `block` (BLOCK_N, BLOCK_K, warps, stages) in place of `config`'s, `dot`
     (tl.dot's kernel for one row too), `use_pdl` in place of pdl.enabled."""
-    out = x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+    shape = (x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+    if out is None:
+        out = x.new_empty(shape)
+    assert out.shape == shape and out.is_contiguous()
     _launch(x, weight, out, gated, norm_eps, None, squares, **tuning)
     return out
 
@@ -450,13 +455,14 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
 
 
 def small_rows(larger: Callable = F.linear) -> Callable:
-    """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`."""
+    """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`.
+    With `out` (the LM head's: ops.linear_into), into it: `larger` must take it too."""
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               **into) -> torch.Tensor:
         if bias is not None or x.dim() != 2 or not takes(x.shape[0]) or x.stride(1) != 1:
-            return larger(x, weight, bias)
-        return product(x, weight, gated=False)
+            return larger(x, weight, bias, **into)
+        return product(x, weight, gated=False, **into)
 
     linear.larger = larger
     return linear

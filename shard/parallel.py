@@ -172,18 +172,23 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's slice of the vocabulary, gathered into the whole vocabulary (the
-    padding's columns dropped)."""
+    padding's columns dropped). `product`: F.linear's signature and `out=` (ops.linear_into's),
+    for its own weight."""
 
     # A bfloat16 copy of the weight used for the product, when set (next to int4 layers).
     compute_weight: torch.Tensor | None = None
+
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel, product: Callable):
+        super().__init__(vocab_size, dim, tp)
+        self.product = product
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """out: where the whole vocabulary's logits go (the decode graphs' shared buffer); one
         rank with its own weight writes them there directly, saving a copy of [rows, vocab]."""
         if out is not None and self.compute_weight is None and self.tp.world_size == 1:
-            return torch.mm(hidden, self.weight.t(), out=out)
+            return self.product(hidden, self.weight, out=out)
         if self.compute_weight is None:
-            logits = F.linear(hidden, self.weight)
+            logits = self.product(hidden, self.weight)
         else:
             logits = F.linear(hidden.to(self.compute_weight.dtype), self.compute_weight)
             logits = logits.to(hidden.dtype)

@@ -151,6 +151,8 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         rotary = ((attn.qkv_proj.weight, model.rotary.cos, model.rotary.sin, attn.num_heads,
                    attn.num_kv_heads, attn.head_dim) if attn.fuses_rotary else None)
         shard_gemv.warm_up(products, gated, rotary, folded=model.layers[0].folded_norms)
+        if model.lm_head.compute_weight is None:  # the LM head's product (ops.head_linear)
+            shard_gemv.warm_up([model.lm_head.weight], None)
     graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:

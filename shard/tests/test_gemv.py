@@ -20,6 +20,7 @@ from shard import fused_mlp, gemv, loader
 from shard.attention import TorchAttention
 from shard.loader import _default_dtype
 from shard.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from shard.models import ops
 from shard.models.ops import Ops
 from shard.parallel import TensorParallel
 from shard.source import ModelSource
@@ -272,6 +273,18 @@ def test_small_rows_take_1_to_16_rows_and_pass_the_rest_on(monkeypatch):
     assert calls == [] and larger_calls == [((4, 32), True), ((2, 4, 32), False), ((4, 32), False)]
 
 
+def test_small_rows_write_into_out_when_given_whichever_product_takes_the_rows():
+    """The LM head's product (ops.head_linear) writes the decode graphs' logits buffer: into
+    `out`, through the kernel at 1-16 rows and through `larger` past them."""
+    linear = gemv.small_rows(ops.linear_into)
+    weight = torch.randn(24, 200).to(DEVICE, DTYPE)
+    for rows in (1, 16, 17):
+        x = torch.randn(rows, 200).to(DEVICE, DTYPE)
+        out = torch.full((rows, 24), float("nan"), device=DEVICE, dtype=DTYPE)
+        assert linear(x, weight, out=out) is out
+        assert relative_error(out, reference(x, weight, False)) < TOLERANCE, rows
+
+
 def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
     """To float32's rounding on the CPU; on the GPU, where the models run in bfloat16 and
     the kernels' sums round differently from cuBLAS's, to bfloat16's."""
@@ -361,18 +374,28 @@ def _logits(model, prompt: torch.Tensor, decodes: list[int], chunk: int) -> torc
 PROMPT = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
 
 
-def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step():
+def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(monkeypatch):
     """Norms separate (not folded): prefill chunks and decodes of 1-16 rows go through the
-    kernels (every product but the LM head); the logits are the plain model's to rounding,
+    kernels (every product, the LM head's too); the logits are the plain model's to rounding,
     and a 17-row step is the plain model's bit for bit."""
     plain, small = _models(Ops.build(compiled=False, gemv=True), fold=False)
-    steps = []
+    steps, head_rows = [], []
     small.register_forward_pre_hook(lambda module, args: steps.append(args[0].shape[0]))
+    product = gemv.product
+
+    def spy(x, weight, *args, **kwargs):
+        if weight is small.lm_head.weight:
+            head_rows.append(x.shape[0])
+        return product(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(gemv, "product", spy)
     got = _logits(small, PROMPT, [5, 9, 13], 7)
+    monkeypatch.undo()
     want = _logits(plain, PROMPT, [5, 9, 13], 7)
     assert_near(got, want)
     assert not torch.equal(got, want)  # the kernels did run: their sums round differently
     assert steps == [7, 7, 7, 1, 1, 1]
+    assert head_rows == [7, 7, 7, 1, 1, 1]
     assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
