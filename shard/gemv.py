@@ -454,13 +454,15 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     return q
 
 
-def small_rows(larger: Callable = F.linear) -> Callable:
-    """F.linear's signature: products of 1..MAX_ROWS rows here, the others through `larger`.
-    With `out` (the LM head's: ops.linear_into), into it: `larger` must take it too."""
+def small_rows(larger: Callable = F.linear, fewest: int = 1) -> Callable:
+    """F.linear's signature: products of `fewest`..MAX_ROWS rows here, the others through
+    `larger`. With `out` (the LM head's: ops.linear_into), into it: `larger` must take it
+    too."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                **into) -> torch.Tensor:
-        if bias is not None or x.dim() != 2 or not takes(x.shape[0]) or x.stride(1) != 1:
+        if (bias is not None or x.dim() != 2 or not fewest <= x.shape[0] <= MAX_ROWS
+                or x.stride(1) != 1):
             return larger(x, weight, bias, **into)
         return product(x, weight, gated=False, **into)
 

@@ -143,9 +143,10 @@ class Ops:
         small_ops = {}
         if gemv:
             linear = small.small_rows(linear)
-            # The LM head too: on the H100 cuBLAS read the 1B's (525 MB) in 182.5 µs a step at
-            # one row, ~3.0 TB/s where the products here read ~3.1.
-            small_ops = dict(head_linear=small.small_rows(linear_into),
+            # The LM head's of 2-16 rows too. Not of one: there the kernel's two features a
+            # program make 64k programs of the 1B's head, which then added 247 µs to a
+            # batch-1 step on the H100 against cuBLAS's 182.5 (profile_step.py --timeline).
+            small_ops = dict(head_linear=small.small_rows(linear_into, fewest=2),
                              added_linear=small.added_product,
                              scaled_linear=small.scaled_product,
                              folded_rows=small.takes_folded)

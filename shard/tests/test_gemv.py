@@ -275,10 +275,10 @@ def test_small_rows_take_1_to_16_rows_and_pass_the_rest_on(monkeypatch):
 
 def test_small_rows_write_into_out_when_given_whichever_product_takes_the_rows():
     """The LM head's product (ops.head_linear) writes the decode graphs' logits buffer: into
-    `out`, through the kernel at 1-16 rows and through `larger` past them."""
-    linear = gemv.small_rows(ops.linear_into)
+    `out`, through the kernel at 2-16 rows and through `larger` past them and at one row."""
+    linear = gemv.small_rows(ops.linear_into, fewest=2)
     weight = torch.randn(24, 200).to(DEVICE, DTYPE)
-    for rows in (1, 16, 17):
+    for rows in (1, 2, 16, 17):
         x = torch.randn(rows, 200).to(DEVICE, DTYPE)
         out = torch.full((rows, 24), float("nan"), device=DEVICE, dtype=DTYPE)
         assert linear(x, weight, out=out) is out
@@ -376,8 +376,8 @@ PROMPT = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
 
 def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(monkeypatch):
     """Norms separate (not folded): prefill chunks and decodes of 1-16 rows go through the
-    kernels (every product, the LM head's too); the logits are the plain model's to rounding,
-    and a 17-row step is the plain model's bit for bit."""
+    kernels (every product, and the LM head's of 2-16 rows); the logits are the plain model's
+    to rounding, and a 17-row step is the plain model's bit for bit."""
     plain, small = _models(Ops.build(compiled=False, gemv=True), fold=False)
     steps, head_rows = [], []
     small.register_forward_pre_hook(lambda module, args: steps.append(args[0].shape[0]))
@@ -395,7 +395,7 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(mon
     assert_near(got, want)
     assert not torch.equal(got, want)  # the kernels did run: their sums round differently
     assert steps == [7, 7, 7, 1, 1, 1]
-    assert head_rows == [7, 7, 7, 1, 1, 1]
+    assert head_rows == [7, 7, 7]
     assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
