@@ -89,8 +89,13 @@ class ModelRunner:
                 tokens = self.tp.broadcast(torch.empty(num_samples, dtype=torch.long,
                                                        device=self.device))
             else:
-                out = self.sampler(logits, sampling.params, plan.slots[plan.samples.bool()],
-                                   batch.sample_positions, sampling.top_n)
+                decode = self.graphs.decode
+                if (self._graphed(batch) and decode.picks_greedy
+                        and self.sampler.takes_greedy(sampling.params, sampling.top_n)):
+                    out = decode.greedy(num_samples)  # what the sampler would run, in a graph
+                else:
+                    out = self.sampler(logits, sampling.params, plan.slots[plan.samples.bool()],
+                                       batch.sample_positions, sampling.top_n)
                 tokens = self.tp.broadcast(out.tokens)
             self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
             if self.sampler is None:
@@ -119,10 +124,9 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits of the step's sampling rows (the model's dtype: the sampler upcasts), and the
         hidden states of every row when the step scores prompt rows."""
-        decode, piecewise = self.graphs.decode, self.graphs.piecewise
-        if (decode is not None and batch.layout.num_decodes == batch.input_ids.shape[0]
-                and decode.fits(batch.layout.num_decodes)):
-            return decode.replay(batch), None  # decode only: no prompt rows to score
+        if self._graphed(batch):
+            return self.graphs.decode.replay(batch), None  # decode only: no prompt rows to score
+        piecewise = self.graphs.piecewise
         meta = self.attention.prepare(batch.layout)
         # Prompt logprobs read every prompt row: those steps keep all of them.
         rows = (batch.sample_rows if self.sampled_rows_only and batch.prompt_rows is None
@@ -137,6 +141,12 @@ class ModelRunner:
         if rows is not None:  # hidden holds the sampling rows alone, in their order
             return self.model.compute_logits(hidden), None
         return self.model.compute_logits(hidden[batch.sample_rows]), hidden
+
+    def _graphed(self, batch: step_batch.StepBatch) -> bool:
+        """Whether the step runs a decode graph: decodes only, as many as the graphs take."""
+        decode = self.graphs.decode
+        return (decode is not None and batch.layout.num_decodes == batch.input_ids.shape[0]
+                and decode.fits(batch.layout.num_decodes))
 
     def _score_prompt(self, hidden: torch.Tensor, rows: torch.Tensor, plan: StepPlan
                       ) -> tuple[torch.Tensor, ...] | None:

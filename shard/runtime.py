@@ -153,11 +153,11 @@ def warm_up(built: Built, channel: PlanChannel | None) -> Warm:
         shard_gemv.warm_up(products, gated, rotary, folded=model.layers[0].folded_norms)
         if model.lm_head.compute_weight is None:  # the LM head's product (ops.head_linear)
             shard_gemv.warm_up([model.lm_head.weight], None)
-    graphs = _capture_graphs(built)
     sampler = None
     if built.group.rank == 0:
         sampler = Sampler(built.loaded.config.vocab_size, config.max_batch_size, built.device,
                           built.compiled)
+    graphs = _capture_graphs(built, sampler.greedy_stage if sampler is not None else None)
     if built.compiled:
         # The budget's profile compiled the stages for eager steps of one size; a second makes
         # the token count dynamic (steps past the largest graph bucket run eagerly).
@@ -280,10 +280,11 @@ class _Calibration:
                 and blocks <= self.built.budget.num_blocks)
 
 
-def _capture_graphs(built: Built) -> Graphs:
+def _capture_graphs(built: Built, greedy: Callable | None) -> Graphs:
     """Their memory comes out of what --cuda-memory-fraction leaves beside the KV cache.
     Piecewise graphs under every CUDA backend (attention runs between them); decode graphs
-    where the backend's decode metadata has a fixed shape. Several ranks capture together,
+    where the backend's decode metadata has a fixed shape, with rank 0's greedy pick
+    (`greedy`) after them. Several ranks capture together,
     their collectives inside the graphs; if any rank's capture fails, every rank turns graphs
     off (one log line) rather than leave the others waiting in a collective."""
     if built.device.type != "cuda":
@@ -302,7 +303,7 @@ def _capture_graphs(built: Built) -> Graphs:
             graphs.decode = DecodeGraphs(
                 model, built.kv_cache, built.attention, sizes,
                 blocks_for(budget.max_total_tokens, budget.block_size), budget.block_size,
-                scratch_block=scratch_block, device=built.device)
+                scratch_block=scratch_block, device=built.device, greedy=greedy)
         if token_sizes:
             # A step samples at most one row per sequence: its tails take the decode sizes.
             graphs.piecewise = PiecewiseGraphs(

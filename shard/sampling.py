@@ -7,6 +7,7 @@ so a seeded request samples the same tokens whatever batch it runs in, on any de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,17 +128,29 @@ class Sampler:
             for rows in (1, 2):
                 self._greedy(torch.zeros(rows, self.vocab_size, dtype=dtype, device=self.device))
 
+    @property
+    def greedy_stage(self) -> Callable:
+        """logits [S, vocab] -> (tokens, their logprobs, the report [S, 2] float64): what a step
+        that takes_greedy runs (the decode graphs capture it)."""
+        return self._greedy
+
+    def takes_greedy(self, params: list[SamplingParams], top_n: int) -> bool:
+        """Whether a step of sequences with these parameters runs greedy_stage alone: all
+        greedy, none penalized, no top-n."""
+        return (not top_n and all(p.greedy for p in params)
+                and not (self._output_counts is not None and any(p.penalized for p in params)))
+
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  slots: list[int] | torch.Tensor, positions: list[int], top_n: int
                  ) -> SampleOutput:
         """logits [S, vocab] (the model's dtype, or float32) for S sequences; slots: theirs (on
         the host); positions: index of each new token."""
+        if self.takes_greedy(params, top_n):
+            tokens, chosen, reported = self._greedy(logits)
+            return SampleOutput(tokens, chosen, None, None, reported)
         dev = logits.device
         penalized = self._output_counts is not None and any(p.penalized for p in params)
         all_greedy = all(p.greedy for p in params)
-        if all_greedy and not penalized and not top_n:
-            tokens, chosen, reported = self._greedy(logits)
-            return SampleOutput(tokens, chosen, None, None, reported)
         logits = logits.float()
         if penalized:  # only then do the slots travel to the device
             rows = _on(slots, dev)

@@ -141,21 +141,29 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
     assert not step.prefills and len(step.decodes) == 3
     batch = step_batch(started, step)
     with torch.inference_mode():
-        graphed = runner.graphs.decode.replay(batch).float().clone()
+        logits = runner.graphs.decode.replay(batch)
+        graphed = logits.float().clone()
+        # The greedy graph picks over the same logits what the sampler's stage picks.
+        picked = runner.graphs.decode.greedy(3)
+        tokens, chosen, reported = runner.sampler.greedy_stage(logits)
         hidden = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
                               runner.attention.prepare(batch.layout))
         eager = runner.model.compute_logits(hidden).float()
     assert relative_error(graphed, eager) < 1e-2
+    assert torch.equal(picked.tokens, tokens) and torch.equal(picked.tokens, graphed.argmax(-1))
+    assert torch.equal(picked.logprobs, chosen) and torch.equal(picked.reported, reported)
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
 def test_engine_replays_a_graph_for_every_step_a_graph_holds(folder, attention, monkeypatch):
     """Mixed requests to their lengths: every decode-only step replays a decode graph, every
     step with a prompt chunk (all within the token buckets) replays the piecewise graphs, and
-    no step runs the model eagerly."""
-    replays = {"decode": 0, "piecewise": 0, "eager": 0}
+    no step runs the model eagerly; every decode-only step picks its greedy tokens in a graph
+    too."""
+    replays = {"decode": 0, "piecewise": 0, "eager": 0, "greedy": 0}
     for name, cls, method in (("decode", DecodeGraphs, "replay"),
-                              ("piecewise", PiecewiseGraphs, "run")):
+                              ("piecewise", PiecewiseGraphs, "run"),
+                              ("greedy", DecodeGraphs, "greedy")):
         real = getattr(cls, method)
 
         def counted(self, *args, real=real, name=name, **kwargs):
@@ -169,7 +177,7 @@ def test_engine_replays_a_graph_for_every_step_a_graph_holds(folder, attention, 
                                 "--max-batch-size", "16", "--attention", attention])
     from shard.tests.test_engine import Driver, Recorder, request
 
-    replays.update(decode=0, piecewise=0)  # warm-up's own steps replayed graphs too
+    replays.update(decode=0, piecewise=0, greedy=0)  # warm-up's own steps replayed graphs too
     model = started.warm.runner.model
     real_forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda self, *args, **kwargs: (
@@ -184,7 +192,8 @@ def test_engine_replays_a_graph_for_every_step_a_graph_holds(folder, attention, 
         if engine.last_step is not None:
             steps["piecewise" if engine.last_step.prefills else "decode"] += 1
     assert [len(stream.tokens(i)) for i in range(5)] == [12] * 5
-    assert replays == {**steps, "eager": 0} and steps["decode"] >= 10
+    assert replays == {**steps, "eager": 0, "greedy": steps["decode"]}
+    assert steps["decode"] >= 10
 
 
 def test_torch_backend_without_triton_decode_rows_captures_no_decode_graphs(folder):

@@ -64,6 +64,21 @@ def test_greedy_argmax_in_chunks_is_the_first_maximum_of_the_row():
                 1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-6)
 
 
+def test_only_steps_of_greedy_rows_without_penalties_or_top_n_take_the_greedy_stage():
+    """What the decode graphs' greedy pick may stand in for (shard/cuda_graphs.py): the
+    sampler's own choice of its greedy stage."""
+    sampler = Sampler(VOCAB, 8, CPU)
+    plain, penalized = SamplingParams(), SamplingParams(repetition_penalty=1.2)
+    assert sampler.takes_greedy([plain] * 3, top_n=0)
+    assert not sampler.takes_greedy([plain] * 3, top_n=2)
+    assert not sampler.takes_greedy([plain, SamplingParams(temperature=0.7)], top_n=0)
+    # A penalty counts once some sequence was admitted with one (the counts exist).
+    assert sampler.takes_greedy([plain, penalized], top_n=0)
+    sampler.admit(1, penalized, torch.tensor([5, 6]))
+    assert not sampler.takes_greedy([plain, penalized], top_n=0)
+    assert sampler.takes_greedy([plain, plain], top_n=0)
+
+
 def test_greedy_rows_stay_argmax_in_a_batch_with_sampled_rows():
     logits = random_logits(6, seed=1)
     params = [SamplingParams(), SamplingParams(temperature=1.3, seed=3, top_p=0.9),
