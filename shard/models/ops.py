@@ -143,9 +143,10 @@ class Ops:
         small_ops = {}
         if gemv:
             linear = small.small_rows(linear)
-            # The LM head's of 2-16 rows too. Not of one: there the kernel's two features a
-            # program make 64k programs of the 1B's head, which then added 247 µs to a
-            # batch-1 step on the H100 against cuBLAS's 182.5 (profile_step.py --timeline).
+            # The LM head's of 2-16 rows too. Not of one: alone the kernel reads the 1B's head
+            # in 172 µs against cuBLAS's 187, but in a batch-1 step (PDL, its two features a
+            # program making 64k programs) it took the step from 1.117 to 1.188 ms on the
+            # H100 (profile_step.py --curve, one sitting; the 8B's step unchanged).
             small_ops = dict(head_linear=small.small_rows(linear_into, fewest=2),
                              added_linear=small.added_product,
                              scaled_linear=small.scaled_product,
