@@ -170,8 +170,9 @@ class PagedDecode:
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), block_table.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits,
-            LINE=line, LINES=max(1, dim_pad // line), PDL=use_pdl, num_warps=warps, num_stages=self.num_stages, **pdl.launch_options(use_pdl))
+            DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits, LINE=line,
+            LINES=max(1, dim_pad // line), PDL=use_pdl, num_warps=warps,
+            num_stages=self.num_stages, **pdl.launch_options(use_pdl))
         if splits > 1:
             _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0),
                                               out.stride(1), num_heads, HEAD_DIM=dim,

@@ -78,7 +78,8 @@ class ModelRunner:
         with torch.inference_mode():
             batch = self.prepare(plan)
             num_samples = batch.sample_rows.shape[0]
-            logits, hidden = self._forward(batch, num_samples)
+            graphed = self._graphed(batch)
+            logits, hidden = self._forward(batch, num_samples, graphed)
             scores = None
             if batch.prompt_rows is not None:  # only requests that asked for them
                 scores = self._score_prompt(hidden, batch.prompt_rows, plan)
@@ -90,7 +91,7 @@ class ModelRunner:
                                                        device=self.device))
             else:
                 decode = self.graphs.decode
-                if (self._graphed(batch) and decode.picks_greedy
+                if (graphed and decode.picks_greedy
                         and self.sampler.takes_greedy(sampling.params, sampling.top_n)):
                     out = decode.greedy(num_samples)  # what the sampler would run, in a graph
                 else:
@@ -120,11 +121,11 @@ class ModelRunner:
             for a in plan.sampling.admitted:
                 self.sampler.admit(a.slot, a.sampling, a.prompt, a.resumed_tokens)
 
-    def _forward(self, batch: step_batch.StepBatch, num_samples: int
+    def _forward(self, batch: step_batch.StepBatch, num_samples: int, graphed: bool
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits of the step's sampling rows (the model's dtype: the sampler upcasts), and the
-        hidden states of every row when the step scores prompt rows."""
-        if self._graphed(batch):
+        hidden states of every row when the step scores prompt rows. `graphed`: _graphed's."""
+        if graphed:
             return self.graphs.decode.replay(batch), None  # decode only: no prompt rows to score
         piecewise = self.graphs.piecewise
         meta = self.attention.prepare(batch.layout)
