@@ -267,10 +267,20 @@ step_curve() {  # the 8B's decode steps at batches 1-16 against their floor: --g
 step_studies() {  # what this tree's choices rest on, for the next change to them: the norms
   # inside the products at no row count and at one row alone (gemv.FOLDED_MAX_ROWS 0 and 1;
   # the tree's is 16), and
-  # PDL at 2-16 rows (pdl.MAX_ROWS, then a batch-2 timeline); STUDIES=folded or STUDIES=pdl
-  # for one of them
-  local name rows
-  if [[ ${STUDIES:-folded pdl} == *folded* ]]; then
+  # PDL at 2-16 rows (pdl.MAX_ROWS, then a batch-2 timeline), and the 1B's LM head at one
+  # row on cuBLAS (the tree's), on gemv.py's kernel, and on it without PDL; STUDIES=folded,
+  # pdl or head for some of them
+  local name rows head
+  if [[ ${STUDIES:-folded pdl head} == *head* ]]; then
+    for head in "" "--head-fewest-rows 1" "--head-fewest-rows 1 --head-pdl off"; do
+      echo "== 1B decode steps, --gemv on --pdl on ${head:-(head as in the tree)}"
+      timeout 150 $PYTHON benchmarks/profile_step.py $M1 --curve 1,2,1 --steps 100 \
+        --gemv on --pdl on --cuda-graphs 1,2,4 $head > "$OUT/1b-head.txt" 2>&1
+      grep -E "^!!|Traceback|Error" "$OUT/1b-head.txt"
+      grep -E "batch +[0-9]+:" "$OUT/1b-head.txt"
+    done
+  fi
+  if [[ ${STUDIES:-folded pdl head} == *folded* ]]; then
     for rows in 0 1; do
       name=8b-curve-folded-max-rows-$rows
       echo "== 8B decode steps, --gemv on --pdl on, norms inside the products up to $rows rows"
@@ -280,7 +290,7 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
       grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
     done
   fi
-  [[ ${STUDIES:-folded pdl} == *pdl* ]] || return 0
+  [[ ${STUDIES:-folded pdl head} == *pdl* ]] || return 0
   name=8b-curve-pdl-every-row
   timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --gemv on \
     --pdl on --pdl-max-rows 16 --batch 2 --timeline > "$OUT/$name.txt" 2>&1

@@ -120,7 +120,18 @@ def main() -> None:
     parser.add_argument("--folded-max-rows", type=int, default=None, metavar="N",
                         help="study: run the norms inside the products (--gemv on) in steps of "
                              "up to N rows, in place of gemv.FOLDED_MAX_ROWS (0: never)")
+    parser.add_argument("--head-fewest-rows", type=int, default=None, metavar="N",
+                        help="study: the LM head through gemv.py's kernel (--gemv on) from N "
+                             "rows, in place of ops.HEAD_FEWEST_ROWS")
+    parser.add_argument("--head-pdl", choices=["off"], default=None,
+                        help="study: the LM head's gemv kernel launched without PDL")
     args, shard_argv = parser.parse_known_args()
+    if args.head_fewest_rows is not None:
+        from shard.models import ops
+        ops.HEAD_FEWEST_ROWS = args.head_fewest_rows
+    if args.head_pdl == "off":
+        from shard.models import ops
+        ops.HEAD_PDL = False
     if args.pdl_max_rows is not None:
         from shard import pdl
         pdl.MAX_ROWS = args.pdl_max_rows

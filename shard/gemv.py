@@ -454,17 +454,18 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     return q
 
 
-def small_rows(larger: Callable = F.linear, fewest: int = 1) -> Callable:
+def small_rows(larger: Callable = F.linear, fewest: int = 1, use_pdl: bool | None = None
+               ) -> Callable:
     """F.linear's signature: products of `fewest`..MAX_ROWS rows here, the others through
     `larger`. With `out` (the LM head's: ops.linear_into), into it: `larger` must take it
-    too."""
+    too. `use_pdl`: product's (None: as pdl.enabled says)."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                **into) -> torch.Tensor:
         if (bias is not None or x.dim() != 2 or not fewest <= x.shape[0] <= MAX_ROWS
                 or x.stride(1) != 1):
             return larger(x, weight, bias, **into)
-        return product(x, weight, gated=False, **into)
+        return product(x, weight, gated=False, use_pdl=use_pdl, **into)
 
     linear.larger = larger
     return linear

@@ -77,6 +77,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# With --gemv, the LM head's products of HEAD_FEWEST_ROWS-16 rows go through gemv.py's kernel,
+# launched with PDL as pdl.enabled says unless HEAD_PDL is False (profile_step.py's studies set
+# both). Not one row: alone the kernel reads the 1B's head in 172 µs against cuBLAS's 187, but
+# in a batch-1 step (PDL, its two features a program making 64k programs) it took the step
+# from 1.117 to 1.188 ms on the H100 (profile_step.py --curve, one sitting; the 8B's step
+# unchanged).
+HEAD_FEWEST_ROWS = 2
+HEAD_PDL: bool | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Ops:
     rms_norm: Callable
@@ -143,11 +153,8 @@ class Ops:
         small_ops = {}
         if gemv:
             linear = small.small_rows(linear)
-            # The LM head's of 2-16 rows too. Not of one: alone the kernel reads the 1B's head
-            # in 172 µs against cuBLAS's 187, but in a batch-1 step (PDL, its two features a
-            # program making 64k programs) it took the step from 1.117 to 1.188 ms on the
-            # H100 (profile_step.py --curve, one sitting; the 8B's step unchanged).
-            small_ops = dict(head_linear=small.small_rows(linear_into, fewest=2),
+            small_ops = dict(head_linear=small.small_rows(linear_into, HEAD_FEWEST_ROWS,
+                                                          HEAD_PDL),
                              added_linear=small.added_product,
                              scaled_linear=small.scaled_product,
                              folded_rows=small.takes_folded)

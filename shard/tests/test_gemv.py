@@ -250,8 +250,9 @@ def test_strided_rows_of_a_wider_tensor_are_read_at_their_stride(rows, shape):
 
 def test_small_rows_take_1_to_16_rows_and_pass_the_rest_on(monkeypatch):
     calls = []
-    monkeypatch.setattr(gemv, "product",
-                        lambda x, weight, gated: calls.append((x, weight, gated)) or "gemv")
+    launches = []
+    monkeypatch.setattr(gemv, "product", lambda x, weight, gated, use_pdl: (
+        calls.append((x, weight, gated)) or launches.append(use_pdl) or "gemv"))
     larger_calls = []
 
     def larger(x, weight, bias=None):
@@ -265,6 +266,10 @@ def test_small_rows_take_1_to_16_rows_and_pass_the_rest_on(monkeypatch):
         assert linear(x, weight) == ("gemv" if 1 <= rows <= gemv.MAX_ROWS else "larger"), rows
     assert [x.shape[0] for x, _, _ in calls] == list(range(1, gemv.MAX_ROWS + 1))
     assert all(w is weight and not gated for _, w, gated in calls)
+    assert set(launches) == {None}  # PDL as pdl.enabled says
+    # The LM head's study (ops.HEAD_PDL): its kernel launched without PDL.
+    assert gemv.small_rows(larger, use_pdl=False)(torch.randn(1, 32), weight) == "gemv"
+    assert launches[-1] is False
     calls.clear(), larger_calls.clear()
     # A bias, a batched input, or a row stride other than one along K: the larger product.
     assert linear(torch.randn(4, 32), weight, torch.randn(8)) == "larger"
