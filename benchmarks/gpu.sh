@@ -96,11 +96,18 @@ offline() {  # offline NAME ARGS...: one benchmarks/offline.py run, its JSON in 
 }
 
 step_targets() {  # the five offline workloads of the results page, against their floor
-  offline 8b-b128 $M8 $B128 --repeat 3
-  offline 1b-b256 $M1 $B256 --repeat 3
-  offline 1b-mixed $M1 $MIXED --repeat 3
-  offline 8b-b1 $M8 $B1
-  offline 1b-b1 $M1 $B1 --repeat 3
+  # (TARGETS="8b-b128 1b-b256" for some of them)
+  local t
+  for t in ${TARGETS:-8b-b128 1b-b256 1b-mixed 8b-b1 1b-b1}; do
+    case $t in
+      8b-b128) offline 8b-b128 $M8 $B128 --repeat 3 ;;
+      1b-b256) offline 1b-b256 $M1 $B256 --repeat 3 ;;
+      1b-mixed) offline 1b-mixed $M1 $MIXED --repeat 3 ;;
+      8b-b1) offline 8b-b1 $M8 $B1 ;;
+      1b-b1) offline 1b-b1 $M1 $B1 --repeat 3 ;;
+      *) echo "gpu.sh targets: no target '$t'" >&2; return 1 ;;
+    esac
+  done
 }
 
 step_reference() {  # transformers generate() on the same shapes, the same GPU

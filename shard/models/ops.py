@@ -79,12 +79,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 # With --gemv, the LM head's products of HEAD_FEWEST_ROWS-16 rows go through gemv.py's kernel,
 # launched with PDL as pdl.enabled says unless HEAD_PDL is False (profile_step.py's studies set
-# both). Not one row: alone the kernel reads the 1B's head in 172 µs against cuBLAS's 187, but
-# in a batch-1 step (PDL, its two features a program making 64k programs) it took the step
-# from 1.117 to 1.188 ms on the H100 (profile_step.py --curve, one sitting; the 8B's step
-# unchanged).
-HEAD_FEWEST_ROWS = 2
-HEAD_PDL: bool | None = None
+# both). Without PDL: alone the kernel reads the 1B's head at one row in 172 µs against
+# cuBLAS's 187, but launched with PDL (64k programs of two features each) it took the 1B's
+# batch-1 step from 1.10 to 1.17 ms; launched plainly, to 1.09 (H100, gpu.sh studies, one
+# sitting). Past one row PDL is off anyway (pdl.MAX_ROWS).
+HEAD_FEWEST_ROWS = 1
+HEAD_PDL: bool | None = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -381,8 +381,9 @@ PROMPT = torch.randint(3, 64, (21,), generator=torch.Generator().manual_seed(3))
 
 def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(monkeypatch):
     """Norms separate (not folded): prefill chunks and decodes of 1-16 rows go through the
-    kernels (every product, and the LM head's of 2-16 rows); the logits are the plain model's
-    to rounding, and a 17-row step is the plain model's bit for bit."""
+    kernels (every product, and the LM head's, launched without PDL: ops.HEAD_PDL); the
+    logits are the plain model's to rounding, and a 17-row step is the plain model's bit for
+    bit."""
     plain, small = _models(Ops.build(compiled=False, gemv=True), fold=False)
     steps, head_rows = [], []
     small.register_forward_pre_hook(lambda module, args: steps.append(args[0].shape[0]))
@@ -390,7 +391,7 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(mon
 
     def spy(x, weight, *args, **kwargs):
         if weight is small.lm_head.weight:
-            head_rows.append(x.shape[0])
+            head_rows.append((x.shape[0], kwargs.get("use_pdl")))
         return product(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(gemv, "product", spy)
@@ -400,7 +401,7 @@ def test_a_model_with_gemv_gives_the_plain_models_logits_at_every_small_step(mon
     assert_near(got, want)
     assert not torch.equal(got, want)  # the kernels did run: their sums round differently
     assert steps == [7, 7, 7, 1, 1, 1]
-    assert head_rows == [7, 7, 7]
+    assert head_rows == [(7, False)] * 3 + [(1, False)] * 3
     assert torch.equal(_logits(small, PROMPT[:17], [], 17), _logits(plain, PROMPT[:17], [], 17))
 
 
