@@ -275,11 +275,11 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   # inside the products at no row count and at one row alone (gemv.FOLDED_MAX_ROWS 0 and 1;
   # the tree's is 16), and
   # PDL at 2-16 rows (pdl.MAX_ROWS, then a batch-2 timeline), and the 1B's LM head at one
-  # row on cuBLAS (the tree's), on gemv.py's kernel, and on it without PDL; STUDIES=folded,
-  # pdl or head for some of them
+  # row on gemv.py's kernel without PDL (the tree's), on cuBLAS, and on the kernel with PDL;
+  # STUDIES=folded, pdl or head for some of them
   local name rows head
   if [[ ${STUDIES:-folded pdl head} == *head* ]]; then
-    for head in "" "--head-fewest-rows 1" "--head-fewest-rows 1 --head-pdl off"; do
+    for head in "" "--head-fewest-rows 2" "--head-pdl on"; do
       echo "== 1B decode steps, --gemv on --pdl on ${head:-(head as in the tree)}"
       timeout 150 $PYTHON benchmarks/profile_step.py $M1 --curve 1,2,1 --steps 100 \
         --gemv on --pdl on --cuda-graphs 1,2,4 $head > "$OUT/1b-head.txt" 2>&1

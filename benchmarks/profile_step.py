@@ -123,15 +123,16 @@ def main() -> None:
     parser.add_argument("--head-fewest-rows", type=int, default=None, metavar="N",
                         help="study: the LM head through gemv.py's kernel (--gemv on) from N "
                              "rows, in place of ops.HEAD_FEWEST_ROWS")
-    parser.add_argument("--head-pdl", choices=["off"], default=None,
-                        help="study: the LM head's gemv kernel launched without PDL")
+    parser.add_argument("--head-pdl", choices=["on", "off"], default=None,
+                        help="study: the LM head's gemv kernel launched with PDL as the other "
+                             "kernels are (on), or never (off), in place of ops.HEAD_PDL")
     args, shard_argv = parser.parse_known_args()
-    if args.head_fewest_rows is not None:
+    if args.head_fewest_rows is not None or args.head_pdl is not None:
         from shard.models import ops
-        ops.HEAD_FEWEST_ROWS = args.head_fewest_rows
-    if args.head_pdl == "off":
-        from shard.models import ops
-        ops.HEAD_PDL = False
+        if args.head_fewest_rows is not None:
+            ops.HEAD_FEWEST_ROWS = args.head_fewest_rows
+        if args.head_pdl is not None:
+            ops.HEAD_PDL = None if args.head_pdl == "on" else False
     if args.pdl_max_rows is not None:
         from shard import pdl
         pdl.MAX_ROWS = args.pdl_max_rows

@@ -462,7 +462,7 @@ def small_rows(larger: Callable = F.linear, fewest: int = 1, use_pdl: bool | Non
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                **into) -> torch.Tensor:
-        if (bias is not None or x.dim() != 2 or not fewest <= x.shape[0] <= MAX_ROWS
+        if (bias is not None or x.dim() != 2 or x.shape[0] < fewest or not takes(x.shape[0])
                 or x.stride(1) != 1):
             return larger(x, weight, bias, **into)
         return product(x, weight, gated=False, use_pdl=use_pdl, **into)
