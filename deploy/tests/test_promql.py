@@ -177,21 +177,38 @@ class Stack:
     evaluated_at: float  # Prometheus has scraped everything the load did by then
 
 
-def _wait_until_scraped(router_url: str, prometheus: Prometheus, rounds: int) -> float:
-    """Once the router has counted `rounds` cancelled streams and Prometheus holds its counts."""
+# The counters whose values Prometheus must hold, as each process reports them, before the
+# checks run: the router's and the shard's (each is scraped on its own, and may fall behind).
+CAUGHT_UP = {"router": ("sluice_router_requests_total", "sluice_router_generations_total"),
+             "shard": ("sluice_shard_step_duration_seconds_count",
+                       "sluice_shard_decode_tokens_total")}
+
+
+def _caught_up(prometheus: Prometheus, urls: dict[str, str]) -> bool:
+    """Whether Prometheus's last sample of every CAUGHT_UP counter equals what its process says
+    now, and each has two samples in the dashboards' 2m window (a rate needs two)."""
+    for job, url in urls.items():
+        direct = scrape(url)
+        for name in CAUGHT_UP[job]:
+            series = f"{name}{{{SELECTOR}}}"
+            if not prometheus.query(f"sum({series}) == {sample_sum(direct, name)} and "
+                                    f"min(count_over_time({series}[2m])) > 1"):
+                return False
+    return True
+
+
+def _wait_until_scraped(urls: dict[str, str], prometheus: Prometheus, rounds: int) -> float:
+    """Once the router has counted `rounds` cancelled streams and Prometheus holds the router's
+    and the shard's counts (urls: job -> metrics URL)."""
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
     while time.monotonic() < deadline:
-        direct = scrape(router_url)
-        requests = sample_sum(direct, "sluice_router_requests_total")
-        generations = sample_sum(direct, "sluice_router_generations_total")
-        cancelled = sample_sum(direct, "sluice_router_generations_total", reason="cancelled")
-        seen = prometheus.query(f"sum(sluice_router_requests_total{{{SELECTOR}}}) == {requests}"
-                                f" and sum(sluice_router_generations_total{{{SELECTOR}}})"
-                                f" == {generations}")
-        if cancelled >= rounds and seen:
+        cancelled = sample_sum(scrape(urls["router"]), "sluice_router_generations_total",
+                               reason="cancelled")
+        if cancelled >= rounds and _caught_up(prometheus, urls):
             return time.time()
         time.sleep(0.5)
-    raise AssertionError("Prometheus did not catch up with the router's counters")
+    up = prometheus.query("up")
+    raise AssertionError(f"Prometheus did not catch up with the counters; up: {up}")
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +230,14 @@ def stack(tmp_path_factory):
         "shard": (shard.ready["metrics_address"], release | {"app_kubernetes_io_component": "shard",
                                                              "pod": f"{RELEASE}-sluice-shard-0"}),
     }, rule_files=(str(rules),))
+    urls = {"router": router.url, "shard": f"http://{shard.ready['metrics_address']}"}
     try:
         # Twice: the first round creates every labelled series, the second moves them, so that
         # each rate window holds an increase, not a lone first sample.
         for rounds in (1, 2):
             load(router.url)
-            evaluated_at = _wait_until_scraped(router.url, prometheus, rounds)
-        shard_metrics_url = f"http://{shard.ready['metrics_address']}"
-        yield Stack(router.url, shard_metrics_url, prometheus, evaluated_at)
+            evaluated_at = _wait_until_scraped(urls, prometheus, rounds)
+        yield Stack(router.url, urls["shard"], prometheus, evaluated_at)
     finally:
         prometheus.stop()
         router.stop()
