@@ -10,8 +10,8 @@
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
 # attention (decode attention alone at batches 1-16, every split count, its KV from HBM),
-# studies (the norms inside the products at no row count and at one row alone, and PDL at 2-16
-# rows, each against the tree's choice), compare (this tree's 1B and 8B decode steps beside
+# studies (the norms inside the products at no row count and at one row alone, PDL at 2-16
+# rows, the 1B's LM head, the one-row products' tiles, each against the tree's choice), compare (this tree's 1B and 8B decode steps beside
 # another tree's, BASE=FOLDER, in one sitting), serving_1b (the router's share with a small
 # model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
@@ -276,9 +276,23 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   # the tree's is 16), and
   # PDL at 2-16 rows (pdl.MAX_ROWS, then a batch-2 timeline), and the 1B's LM head at one
   # row on gemv.py's kernel without PDL (the tree's), on cuBLAS, and on the kernel with PDL;
-  # STUDIES=folded, pdl or head for some of them
-  local name rows head
-  if [[ ${STUDIES:-folded pdl head} == *head* ]]; then
+  # and the one-row plain products' tiles, 4 features a program up to 8,192 wide (the tree's,
+  # gemv.WIDE_ONE_ROW_MAX) against 2 everywhere, both shapes; STUDIES=folded, pdl, head or
+  # tiles for some of them
+  local name rows head wide m
+  if [[ ${STUDIES:-folded pdl head tiles} == *tiles* ]]; then
+    for m in "1b:$M1 --curve 1,2,1 --steps 100" "8b:$M8 --curve 1,1 --steps 40"; do
+      for wide in "" "--one-row-wide-max 0"; do
+        name=${m%%:*}-tiles
+        echo "== ${m%%:*} decode steps, --gemv on --pdl on ${wide:-(tiles as in the tree)}"
+        timeout 150 $PYTHON benchmarks/profile_step.py ${m#*:} --gemv on --pdl on \
+          --cuda-graphs 1,2,4 $wide > "$OUT/$name.txt" 2>&1
+        grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+        grep -E "batch +[0-9]+:" "$OUT/$name.txt"
+      done
+    done
+  fi
+  if [[ ${STUDIES:-folded pdl head tiles} == *head* ]]; then
     for head in "" "--head-fewest-rows 2" "--head-pdl on"; do
       echo "== 1B decode steps, --gemv on --pdl on ${head:-(head as in the tree)}"
       timeout 150 $PYTHON benchmarks/profile_step.py $M1 --curve 1,2,1 --steps 100 \
@@ -287,7 +301,7 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
       grep -E "batch +[0-9]+:" "$OUT/1b-head.txt"
     done
   fi
-  if [[ ${STUDIES:-folded pdl head} == *folded* ]]; then
+  if [[ ${STUDIES:-folded pdl head tiles} == *folded* ]]; then
     for rows in 0 1; do
       name=8b-curve-folded-max-rows-$rows
       echo "== 8B decode steps, --gemv on --pdl on, norms inside the products up to $rows rows"
@@ -297,7 +311,7 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
       grep -A6 -- "-- decode steps" "$OUT/$name.txt" | tail -5
     done
   fi
-  [[ ${STUDIES:-folded pdl head} == *pdl* ]] || return 0
+  [[ ${STUDIES:-folded pdl head tiles} == *pdl* ]] || return 0
   name=8b-curve-pdl-every-row
   timeout 200 $PYTHON benchmarks/profile_step.py $M8 --curve 1,2,4,8,16 --steps 30 --gemv on \
     --pdl on --pdl-max-rows 16 --batch 2 --timeline > "$OUT/$name.txt" 2>&1

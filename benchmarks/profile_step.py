@@ -123,6 +123,10 @@ def main() -> None:
     parser.add_argument("--head-fewest-rows", type=int, default=None, metavar="N",
                         help="study: the LM head through gemv.py's kernel (--gemv on) from N "
                              "rows, in place of ops.HEAD_FEWEST_ROWS")
+    parser.add_argument("--one-row-wide-max", type=int, default=None, metavar="N",
+                        help="study: one-row plain products of up to N inputs and outputs take "
+                             "4 features a program (--gemv on), in place of "
+                             "gemv.WIDE_ONE_ROW_MAX (0: none)")
     parser.add_argument("--head-pdl", choices=["on", "off"], default=None,
                         help="study: the LM head's gemv kernel launched with PDL as the other "
                              "kernels are (on), or never (off), in place of ops.HEAD_PDL")
@@ -139,6 +143,9 @@ def main() -> None:
     if args.folded_max_rows is not None:
         from shard import gemv
         gemv.FOLDED_MAX_ROWS = args.folded_max_rows
+    if args.one_row_wide_max is not None:
+        from shard import gemv
+        gemv.WIDE_ONE_ROW_MAX = args.one_row_wide_max
     config = shard_config.parse(shard_argv, os.environ)
     started = shard_server.start(config, shard_argv)
     device = started.built.device

@@ -266,9 +266,19 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_
     tl.store(out + HALF, y2.to(out_type), mask=token_ok)
 
 
+# One-row plain products (neither gated nor rotary) of at most this many inputs and outputs
+# take 4 features a program, not 2 (0: none). That is the O projections and the 1B's down; not
+# the LM head (128k outputs) nor the 8B's down (14,336 inputs: 38.7 µs in 2 x 2,048, its
+# floor). benchmarks/gemv.py's sweep on the H100, one row, plain, µs: the 1B's O 4.0 in 4 x
+# 2,048 and 4 warps against 5.3 in 2 x 2,048 and 8; its down 12.8 against 13.5 (8 warps both);
+# the 8B's O 12.2 against 13.1 (8 warps both). Read when `config` first meets a shape (it
+# caches): a study sets it before the first step.
+WIDE_ONE_ROW_MAX = 8192
+
+
 @functools.cache
 def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: bool = False,
-           gpu: str = "") -> tuple[int, int, int, int]:
+           gpu: str = "", features: int = 0) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rows` rows of `inner` inputs on the GPU
     of that name: the fastest of benchmarks/gemv.py's sweep on the H100 (one row: 2 features
     x up to 2,048 inputs, 8 warps, 4 for the gated product; 2-16: 32 x 256 in 4 stages,
@@ -283,12 +293,15 @@ def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: boo
     4 warps, the 1B's fastest (23.8 µs; 8 x 1,024 was not among its four best, all 24.9 or
     slower). The ungated product of 2-16 rows over more than 8,192 inputs (the 8B's down)
     takes 32 x 512 in 3 stages: as the added product, 41.7 µs against 42.2 in 32 x 256 at 8
-    rows, 42.0 against 42.4 at 16 (and 41.5 against 42.0 at 2), on the H100."""
+    rows, 42.0 against 42.4 at 16 (and 41.5 against 42.0 at 2), on the H100. `features`: the
+    product's outputs (one row, plain: WIDE_ONE_ROW_MAX)."""
     if rows == 1:
         if gated and normed:
             if inner > 2048:
                 return 8, 1024, 8, 1
             return 4, triton.next_power_of_2(inner), 4, 1
+        if not (gated or rotary) and 0 < features and max(inner, features) <= WIDE_ONE_ROW_MAX:
+            return 4, min(2048, triton.next_power_of_2(inner)), 4 if inner <= 2048 else 8, 1
         return (_features(rows), min(2048, triton.next_power_of_2(inner)),
                 4 if gated or rotary else 8, 1)
     if not (gated or rotary) and inner > 8192:
@@ -368,7 +381,8 @@ def _launch(x, weight, out, gated, norm_eps, residual, squares, block=None, dot=
     rows, inner = x.shape
     features = out.shape[1]
     block_n, block_k, warps, stages = block or config(
-        rows, inner, gated, normed=norm_eps is not None, gpu=gpu_name(x.device))
+        rows, inner, gated, normed=norm_eps is not None, gpu=gpu_name(x.device),
+        features=features)
     if dot is None:
         dot = rows > 1
     if use_pdl is None:

@@ -154,6 +154,41 @@ def test_the_ungated_product_of_2_to_16_rows_over_8192_inputs_takes_512_a_tile()
     assert gemv.config(1, 14336, False) == (2, 2048, 8, 1)
 
 
+def test_one_row_plain_products_up_to_8192_wide_take_4_features_a_program():
+    """The O projections and the 1B's down take 4 x 2,048 tiles (4 warps over up to 2,048
+    inputs, else 8); the LM head (128k outputs), the 8B's down (14,336 inputs), gated and
+    rotary products keep theirs, and WIDE_ONE_ROW_MAX = 0 gives every product 2 features.
+    The launch hands the output's width to config: a product's tiles are these."""
+    wide = {(2048, 2048): (4, 2048, 4, 1), (2048, 8192): (4, 2048, 8, 1),  # the 1B's O, down
+            (4096, 4096): (4, 2048, 8, 1), (40, 200): (4, 256, 4, 1)}  # the 8B's O; small
+    narrow = {(4096, 14336): (2, 2048, 8, 1), (128256, 2048): (2, 2048, 8, 1),
+              (128256, 4096): (2, 2048, 8, 1)}  # the 8B's down; both LM heads
+    for (features, inner), tiles in (wide | narrow).items():
+        assert gemv.config(1, inner, False, features=features) == tiles, (features, inner)
+    assert gemv.config(1, 2048, True, features=2048) == (2, 2048, 4, 1)
+    assert gemv.config(1, 2048, False, rotary=True, features=2048) == (2, 2048, 4, 1)
+    assert gemv.config(2, 2048, False, features=2048) == (32, 256, 4, 4)
+    features, inner = 40, 200
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, inner, generator=gen).to(DEVICE, DTYPE)
+    weight = (torch.randn(features, inner, generator=gen) / inner ** 0.5).to(DEVICE, DTYPE)
+    residual = torch.randn(1, features, generator=gen).to(DEVICE, DTYPE)
+    launched, config = [], gemv.config
+    for widest, tiles in ((gemv.WIDE_ONE_ROW_MAX, (4, 256, 4, 1)), (0, (2, 256, 8, 1))):
+        with pytest.MonkeyPatch.context() as patch:
+            config.cache_clear()  # config caches what it read of WIDE_ONE_ROW_MAX
+            patch.setattr(gemv, "WIDE_ONE_ROW_MAX", widest)
+            patch.setattr(gemv, "config", lambda *args, **kwargs: launched.append(
+                config(*args, **kwargs)) or launched[-1])
+            plain = gemv.product(x, weight, False)
+            added, _ = gemv.added_product(x, weight, residual)
+        config.cache_clear()
+        assert launched == [tiles] * 2, widest
+        launched.clear()
+        assert relative_error(plain, reference(x, weight, False)) < TOLERANCE
+        assert relative_error(added, residual.double() + reference(x, weight, False)) < TOLERANCE
+
+
 @pytest.mark.parametrize("shape", LONG_SHAPES, ids=[f"{n}x{k}" for n, k in LONG_SHAPES])
 @pytest.mark.parametrize("rows", ROWS)
 def test_added_kernel_adds_the_residual_as_the_separate_add_rounds_it(rows, shape):
