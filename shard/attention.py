@@ -225,8 +225,9 @@ class TorchVarlenAttention(_TritonDecodeRows):
         lens = layout.context_lens[nd:]
         if lens:  # varlen_attn takes the rest: prefill chunks (and decodes, without Triton)
             device = layout.block_table.device
-            starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            cu_k = starts.to(device, non_blocking=True)
+            # From the lengths already on the device: a copy of the host's would come from
+            # pageable memory, and wait for all queued GPU work (the step before's too).
+            cu_k = F.pad(layout.seqused_k[nd:].cumsum(0, dtype=torch.int32), (1, 0))
             row = torch.repeat_interleave(torch.arange(len(lens), device=device),
                                           layout.seqused_k[nd:].long(), output_size=sum(lens))
             position = torch.arange(sum(lens), device=device) - cu_k[:-1].long()[row]

@@ -165,7 +165,8 @@ class ModelRunner:
             if sampling is None:
                 continue
             logprobs = logits.float().log_softmax(-1)
-            targets = sampling.prompt_targets[lo:lo + part.shape[0]].to(self.device)
+            targets = step_batch.to_device(self.device,
+                                           sampling.prompt_targets[lo:lo + part.shape[0]])[0]
             chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
             top_n = sampling.prompt_top_n
             parts.append((chosen, *logprobs.topk(top_n, dim=-1)) if top_n else (chosen,))

@@ -114,10 +114,10 @@ class Sampler:
             self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         original = prompt.shape[0] - resumed_tokens
         self._prompt_seen[slot].zero_()
-        self._prompt_seen[slot, prompt[:original].to(self.device)] = True
+        self._prompt_seen[slot, _on(prompt[:original], self.device)] = True
         self._output_counts[slot].zero_()
         if resumed_tokens:
-            generated = prompt[original:].to(self.device)
+            generated = _on(prompt[original:], self.device)
             self._output_counts[slot].index_add_(
                 0, generated, torch.ones_like(generated, dtype=torch.int32))
 
