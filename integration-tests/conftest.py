@@ -102,6 +102,24 @@ class Service:
         return lines
 
 
+SERVICE_LINES_ON_FAILURE = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test (or fixture) shows the last lines of every service it used: a process's
+    own log says why it answered as it did (a group lost, a stream ended), which the client's
+    error alone does not."""
+    report = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Service):
+                tail = "".join(value.output[-SERVICE_LINES_ON_FAILURE:])
+                report.sections.append((f"{name}: its last output ({' '.join(value.argv[2:4])})",
+                                        tail))
+    return report
+
+
 def sluice(*args: str) -> list[str]:
     return [sys.executable, "-m", "sluice", *args]
 
