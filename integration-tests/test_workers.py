@@ -1,15 +1,18 @@
 """--workers 2: two router processes share one port (SO_REUSEPORT); both serve, per-key rate
 limits stay exact across them (shared memory), /metrics on either describes the whole router,
-and SIGTERM drains both and exits 0."""
+a killed worker is replaced, and SIGTERM drains both and exits 0."""
 
 from __future__ import annotations
 
+import os
+import signal
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_router, start_shard, wait_until
+from conftest import start_router, start_shard, wait_healthy, wait_until
 
 LIMIT = 6  # requests per minute for the one client address of the test
 
@@ -58,4 +61,47 @@ def test_two_workers_share_the_port_the_rate_limits_and_the_metrics(shard):
         # One group, seen by both workers: counted once.
         assert gauges == {"sluice_router_shard_groups": 1, "sluice_router_running_requests": 0}
     finally:
+        assert router.stop() == 0
+
+
+def health_answers(url: str, count: int) -> list[tuple[int, str]]:
+    """(status, error or status field) of `count` GET /health, each on a new connection."""
+    answers = []
+    for _ in range(count):
+        body = httpx.get(f"{url}/health", timeout=10)
+        answers.append((body.status_code, body.json().get("error") or body.json()["status"]))
+    return answers
+
+
+def test_a_killed_worker_is_replaced_and_health_waits_for_it(shard):
+    """The supervisor starts a worker again after SIGKILL and forgets the dead one's readiness
+    (its marker stays behind). While the shard group cannot answer the new worker (stopped), no
+    /health is green, whichever worker answers; once it can, every connection is served."""
+    router = start_router(shard, flags=("--workers", "2"))
+    stopped = False
+    try:
+        supervisor = psutil.Process(router.process.pid)
+        before = {p.pid for p in supervisor.children()}
+        assert len(before) == 2
+        os.kill(shard.process.pid, signal.SIGSTOP)  # the live worker's stream stays open
+        stopped = True
+        os.kill(min(before), signal.SIGKILL)
+        new_worker = "no shard group is connected"  # only the new worker has none
+        wait_until(lambda: any(error == new_worker for _, error in health_answers(router.url, 4)),
+                   "the new worker answering", 20)
+        answers = health_answers(router.url, 20)
+        assert {status for status, _ in answers} == {503}, answers
+        assert {error for _, error in answers} <= {
+            new_worker, "router worker 0 of 2 not connected to a shard group yet",
+            "router worker 1 of 2 not connected to a shard group yet"}, answers
+        os.kill(shard.process.pid, signal.SIGCONT)
+        stopped = False
+        wait_healthy(router.url)
+        body = {"inputs": "abc", "parameters": {"max_new_tokens": 2}}
+        statuses = [new_connection_post(f"{router.url}/generate", body).status_code
+                    for _ in range(20)]
+        assert statuses == [200] * 20
+    finally:
+        if stopped:
+            os.kill(shard.process.pid, signal.SIGCONT)
         assert router.stop() == 0

@@ -52,9 +52,18 @@ async def health(request: Request) -> Response:
     if state.draining:
         raise Draining("the router is shutting down")
     ready = len(state.dispatcher.ready_groups())
+    hold = state.config.hold_without_groups
+    # With --workers, any worker may take the next connection: green once all of them can
+    # serve it (one still connecting would answer 503; held requests wait instead).
+    waiting = [] if hold or not ready else state.unready_workers()
+    if waiting:
+        raise ShardUnavailable(
+            f"router worker{'s' if len(waiting) > 1 else ''} "
+            f"{', '.join(map(str, waiting))} of {state.worker.count} not connected to a shard "
+            "group yet")
     if ready:
         return streaming.json_response(tgi_out.Health(status="ok", shard_groups_ready=ready))
-    if not state.config.hold_without_groups:
+    if not hold:
         raise ShardUnavailable("no shard group is connected")
     # Scale to zero: the router is healthy without groups; it holds requests until one comes.
     return streaming.json_response(tgi_out.Health(

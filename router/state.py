@@ -33,6 +33,7 @@ class RouterState:
     def __init__(self, config: RouterConfig, worker: Worker | None = None):
         self.config = config
         self.worker = worker  # None: the only router process
+        self._marked_ready = False  # what this worker last told the others (workers.mark_ready)
         self.groups = ShardGroups(self._groups_changed)
         self.dispatcher = Dispatcher(self.groups.all, config.max_concurrent_requests,
                                      config.failover_timeout_s, config.hold_without_groups)
@@ -79,6 +80,15 @@ class RouterState:
 
     def _groups_changed(self) -> None:
         self.dispatcher.wake()
+        if self.worker is not None:
+            ready = bool(self.dispatcher.ready_groups())
+            if ready != self._marked_ready:
+                workers.mark_ready(self.worker, ready)
+                self._marked_ready = ready
+
+    def unready_workers(self) -> list[int]:
+        """The router's workers that have no ready shard group; none for a single process."""
+        return [] if self.worker is None else workers.unready(self.worker)
 
     def spawn(self, work: Coroutine) -> None:
         """Run `work` in the background (a rate-limit refund), keeping it referenced."""

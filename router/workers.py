@@ -7,7 +7,9 @@ Each worker binds the port with SO_REUSEPORT, so the kernel spreads connections 
 opens its own stream to every shard group: nothing else changes, routers are stateless.
 
 What they share: the rate-limit buckets (router/shared_buckets.py), so per-key limits stay
-exact; and their metrics. Each worker answers its own metrics' text on a Unix socket in the
+exact; whether each has a ready shard group (a marker file per worker), so that /health on any
+of them is green only once every worker can take a request (the kernel hands a connection to
+any worker; one still connecting would answer 503); and their metrics. Each worker answers its own metrics' text on a Unix socket in the
 shared folder; GET /metrics on any worker asks the others and adds theirs to its own: counters
 and histograms summed, the queue and running gauges summed, the shard groups' gauges as the
 answering worker sees them (every worker sees the same groups; summing them would count each
@@ -60,6 +62,23 @@ class Worker:
     @property
     def buckets(self) -> Path:
         return self.directory / "ratelimit-buckets"
+
+    def ready_marker(self, index: int) -> Path:
+        return self.directory / f"ready-{index}"
+
+
+def mark_ready(worker: Worker, ready: bool) -> None:
+    """Tell the other workers whether this one has a ready shard group."""
+    marker = worker.ready_marker(worker.index)
+    if ready:
+        marker.touch()
+    else:
+        marker.unlink(missing_ok=True)
+
+
+def unready(worker: Worker) -> list[int]:
+    """The workers that have no ready shard group (this one included, if so)."""
+    return [i for i in range(worker.count) if not worker.ready_marker(i).exists()]
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -134,6 +153,8 @@ def supervise(host: str, port: int, count: int,
                     continue
                 log.error("router worker %d exited with code %s; starting it again", index,
                           process.exitcode)
+                # Not ready until the new one has connected (a killed one left its marker).
+                Worker(index, count, directory).ready_marker(index).unlink(missing_ok=True)
                 time.sleep(_RESTART_DELAY_S)
                 processes[index] = start(index)
             if stop["signals"] and not any(p.is_alive() for p in processes.values()):
