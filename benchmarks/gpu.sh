@@ -6,7 +6,7 @@
 # Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
 # reference (transformers generate() on the same shapes), and the probes the results page
 # cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
-# kernels), timeline_b1 (the same at batch 1, 8B and 1B), gemv (shard/gemv.py's kernels in
+# kernels), timeline_b1 (the same at batch 1, 8B and 1B), prefill (512-token prompt steps), gemv (shard/gemv.py's kernels in
 # every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
 # on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
 # attention (decode attention alone at batches 1-16, every split count, its KV from HBM),
@@ -369,6 +369,21 @@ step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: ke
       --steps 30 --timeline --gemv ${GEMV:-off} --pdl ${GEMV:-off} > "$OUT/profile-${m%%:*}-decode-b1-timeline.txt" 2>&1
     grep -E "^!!|Traceback|Error" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
     grep -A40 -- "-- timeline" "$OUT/profile-${m%%:*}-decode-b1-timeline.txt"
+  done
+}
+
+step_prefill() {  # a 512-token prompt's step, one after another, 1B and 8B (--gemv and --pdl
+  # on, as small_batch): ms per step, the host's Python by function (cProfile: offline.py's
+  # first iteration, which launches the prefill, took 7.6 ms for the 1B), the kernels and gaps
+  local m name
+  for m in "1b:$M1" "8b:$M8"; do
+    name=profile-${m%%:*}-prefill-512
+    timeout 300 $PYTHON benchmarks/profile_step.py ${m#*:} --phase prefill --input-len 512 \
+      --steps 20 --top 30 --timeline --gemv on --pdl on > "$OUT/$name.txt" 2>&1
+    grep -E "^!!|Traceback|Error" "$OUT/$name.txt"
+    grep -E "^== " "$OUT/$name.txt"
+    grep -A31 -- "-- cProfile" "$OUT/$name.txt"
+    grep -A12 -- "-- timeline" "$OUT/$name.txt"
   done
 }
 
