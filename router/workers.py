@@ -9,11 +9,11 @@ opens its own stream to every shard group: nothing else changes, routers are sta
 What they share: the rate-limit buckets (router/shared_buckets.py), so per-key limits stay
 exact; whether each has a ready shard group (a marker file per worker), so that /health on any
 of them is green only once every worker can take a request (the kernel hands a connection to
-any worker; one still connecting would answer 503); and their metrics. Each worker answers its own metrics' text on a Unix socket in the
-shared folder; GET /metrics on any worker asks the others and adds theirs to its own: counters
-and histograms summed, the queue and running gauges summed, the shard groups' gauges as the
-answering worker sees them (every worker sees the same groups; summing them would count each
-group once per worker).
+any worker; one still connecting would answer 503); and their metrics. Each worker answers
+its own metrics' text on a Unix socket in the shared folder; GET /metrics on any worker asks
+the others and adds theirs to its own: counters and histograms summed, the queue and running
+gauges summed, the shard groups' gauges as the answering worker sees them (every worker sees
+the same groups; summing them would count each group once per worker).
 """
 
 from __future__ import annotations
