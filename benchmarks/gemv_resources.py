@@ -105,17 +105,19 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.config)
     hidden, inner = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    # (name, inputs, gated, its folded form); each in its plain form too.
-    products = [("qkv", hidden, False, "normed"), ("o", hidden, False, "added"),
-                ("gate_up", hidden, True, "normed"), ("down", inner, False, "added")]
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    # (name, inputs, outputs, gated, its folded form); each in its plain form too.
+    products = [("qkv", hidden, qkv, False, "normed"), ("o", hidden, hidden, False, "added"),
+                ("gate_up", hidden, 2 * inner, True, "normed"),
+                ("down", inner, hidden, False, "added")]
     for rows in (1, 2):
         # The sums of squares a normed product of 2-16 rows reads: one per program of the
         # added product before it.
         parts = 1 if rows == 1 else gemv.squares_parts(hidden, rows)
-        for name, k, gated, folded in products:
+        for name, k, n, gated, folded in products:
             for form in ("plain", folded):
                 block_n, block_k, warps, stages = gemv.config(rows, k, gated,
-                                                              normed=form == "normed")
+                                                              normed=form == "normed", features=n)
                 kernel = compiled(gemv._gemv_kernel, GEMV_ARGS, dict(
                     GATED=gated, SCALED=form == "normed", ADDED=form == "added",
                     ROWS=1 if rows == 1 else gemv.DOT_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
