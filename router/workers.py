@@ -68,12 +68,16 @@ class Worker:
 
 
 def mark_ready(worker: Worker, ready: bool) -> None:
-    """Tell the other workers whether this one has a ready shard group."""
+    """Tell the other workers whether this one has a ready shard group. A folder that cannot
+    take the marker costs only readiness (logged), never the stream that changed."""
     marker = worker.ready_marker(worker.index)
-    if ready:
-        marker.touch()
-    else:
-        marker.unlink(missing_ok=True)
+    try:
+        if ready:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("router worker %d: readiness marker %s: %s", worker.index, marker, exc)
 
 
 def unready(worker: Worker) -> list[int]:

@@ -101,3 +101,13 @@ def test_held_requests_need_no_other_worker_for_health(tmp_path):
             await shard.stop()
 
     asyncio.run(main())
+
+
+def test_a_marker_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
+    gone = workers.Worker(0, 2, tmp_path / "removed")
+    workers.mark_ready(gone, True)
+    workers.mark_ready(gone, False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"router worker 0: readiness marker {gone.ready_marker(0)}: [Errno 2] No such file or "
+        f"directory: '{gone.ready_marker(0)}'"]
+    assert workers.unready(gone) == [0, 1]
