@@ -227,9 +227,10 @@ class TorchVarlenAttention(_TritonDecodeRows):
             device = layout.block_table.device
             # From the lengths already on the device: a copy of the host's would come from
             # pageable memory, and wait for all queued GPU work (the step before's too).
-            cu_k = F.pad(layout.seqused_k[nd:].cumsum(0, dtype=torch.int32), (1, 0))
-            row = torch.repeat_interleave(torch.arange(len(lens), device=device),
-                                          layout.seqused_k[nd:].long(), output_size=sum(lens))
+            used = layout.seqused_k[nd:]
+            cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
+            row = torch.repeat_interleave(torch.arange(len(lens), device=device), used.long(),
+                                          output_size=sum(lens))
             position = torch.arange(sum(lens), device=device) - cu_k[:-1].long()[row]
             blocks = layout.block_table[nd:][row, position // layout.block_size].long()
             slots = blocks * layout.block_size + position % layout.block_size

@@ -159,15 +159,16 @@ class ModelRunner:
         prompt never holds [prompt, vocab] logits at once."""
         sampling = plan.sampling
         parts = []
+        # The step's targets in one copy from pinned memory (batch.to_device says why).
+        targets = (None if sampling is None else
+                   step_batch.to_device(self.device, sampling.prompt_targets)[0])
         for lo in range(0, rows.shape[0], _PROMPT_SLICE_ROWS):
             part = rows[lo:lo + _PROMPT_SLICE_ROWS]
             logits = self.model.compute_logits(hidden[part])
             if sampling is None:
                 continue
             logprobs = logits.float().log_softmax(-1)
-            targets = step_batch.to_device(self.device,
-                                           sampling.prompt_targets[lo:lo + part.shape[0]])[0]
-            chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
+            chosen = logprobs.gather(1, targets[lo:lo + part.shape[0], None]).squeeze(1)
             top_n = sampling.prompt_top_n
             parts.append((chosen, *logprobs.topk(top_n, dim=-1)) if top_n else (chosen,))
         if sampling is None:

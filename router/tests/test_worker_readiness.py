@@ -19,6 +19,7 @@ from router.state import RouterState
 from router.tests.fake_shard import FakeShard
 from router.tests.harness import until
 
+
 async def health(state: RouterState):
     """GET /health, answered by the worker that `state` is."""
     app_of_worker = SimpleNamespace(state=SimpleNamespace(router=state))
