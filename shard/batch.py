@@ -81,6 +81,102 @@ def build(plan: StepPlan, block_tables: torch.Tensor, block_size: int, device: t
     )
 
 
+@dataclass(slots=True)
+class Staging:
+    """Where a decode graph of `size` rows reads its step's tensors (shard/cuda_graphs.py):
+    their bytes in one device buffer, laid out as pack() lays out decode_tensors(size), and
+    the views of it the graph was captured with. A step of n <= size decodes sends its
+    tensors padded to `size` rows straight into the buffer (build): no copy into the graph's
+    inputs, no fill of the padding, on the device. Padding rows decode a dummy token whose
+    K/V land in the scratch block, with a context of one token; their input token is slot
+    0's (read, never kept)."""
+
+    size: int
+    buffer: torch.Tensor  # uint8
+    starts: list[int]
+    scratch_block: int
+    block_size: int
+    positions: torch.Tensor  # [size] int64
+    slot_mapping: torch.Tensor  # [size] int64
+    sample_slots: torch.Tensor  # [size] int64: where each row's input token is read
+    seqused_k: torch.Tensor  # [size] int32
+    block_table: torch.Tensor  # [size, max_blocks] int32
+    input_ids: torch.Tensor  # [size]: written by the graph from the last tokens
+    cu_seqlens_q: torch.Tensor  # [size + 1]: 0..size
+    rows: torch.Tensor  # [size]: 0..size-1
+
+    @classmethod
+    def allocate(cls, size: int, max_blocks: int, scratch_block: int, block_size: int,
+                 input_ids: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 device: torch.device) -> "Staging":
+        """A buffer holding a step of padding alone; input_ids and cu_seqlens_q [size + 1]
+        (0..size) are the graph's own."""
+        empty = decode_tensors(size, max_blocks, scratch_block, block_size)
+        packed, starts = pack(empty)
+        buffer = packed.to(device)
+        views = unpack(buffer, starts, empty)
+        return cls(size, buffer, starts, scratch_block, block_size, *views, input_ids,
+                   cu_seqlens_q, cu_seqlens_q[:size])
+
+
+def decode_tensors(size: int, max_blocks: int, scratch_block: int, block_size: int,
+                   slots: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                   tables: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """A decode step's tensors as a Staging of `size` rows holds them (positions, slot
+    mapping, sample slots, context lengths, block tables), on the host: its sequences' (slots,
+    positions and block tables of n <= size) in the first n rows, padding after them."""
+    n = 0 if slots is None else slots.shape[0]
+    out_positions = torch.zeros(size, dtype=torch.long)
+    slot_mapping = torch.full((size,), scratch_block * block_size, dtype=torch.long)
+    sample_slots = torch.zeros(size, dtype=torch.long)
+    context = torch.ones(size, dtype=torch.int32)
+    block_table = torch.zeros(size, max_blocks, dtype=torch.int32)
+    block_table[n:, 0] = scratch_block
+    if n:
+        out_positions[:n] = positions
+        slot_mapping[:n] = (tables[torch.arange(n), positions // block_size].long() * block_size
+                            + positions % block_size)
+        sample_slots[:n] = slots
+        context[:n] = positions + 1
+        block_table[:n] = tables
+    return [out_positions, slot_mapping, sample_slots, context, block_table]
+
+
+def build_staged(plan: StepPlan, block_tables: torch.Tensor, staging: Staging) -> StepBatch:
+    """A decode-only step's batch, its tensors sent into `staging` (n <= staging.size): views
+    of it, and of the graph's input ids, which the graph itself reads from the last tokens."""
+    n, slots, positions = plan.num_decodes, plan.slots, plan.starts
+    assert plan.num_prefills == 0 and n <= staging.size
+    tables = block_tables.index_select(0, slots)
+    host = decode_tensors(staging.size, tables.shape[1], staging.scratch_block,
+                          staging.block_size, slots, positions, tables)
+    packed, starts = pack(host)
+    assert starts == staging.starts and packed.shape == staging.buffer.shape
+    if staging.buffer.device.type == "cuda":  # from pinned memory: the copy does not wait
+        packed = packed.pin_memory()
+    staging.buffer.copy_(packed, non_blocking=True)
+    context = positions + 1
+    layout = StepLayout(
+        num_decodes=n,
+        query_starts=list(range(n + 1)),
+        context_lens=context.tolist(),
+        cu_seqlens_q=staging.cu_seqlens_q[:n + 1],
+        seqused_k=staging.seqused_k[:n],
+        block_table=staging.block_table[:n],
+        slot_mapping=staging.slot_mapping[:n],
+        block_size=staging.block_size,
+    )
+    return StepBatch(
+        input_ids=staging.input_ids[:n],
+        positions=staging.positions[:n],
+        layout=layout,
+        sample_rows=staging.rows[:n],
+        sample_slots=staging.sample_slots[:n],
+        sample_positions=context.tolist(),
+        prompt_rows=None,
+    )
+
+
 def _prompt_rows(scored: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     """[rows] that score prompt tokens: a chunk's first `scored` rows, chunk after chunk; or
     nothing when no sequence asked for prompt logprobs."""

@@ -1,9 +1,10 @@
 """CUDA graphs: one replay instead of ~15 kernel launches per layer.
 
 Decode steps: a decode-only step of n sequences runs the graph captured for the smallest batch
-size >= n, attention included. Its inputs are copied into static buffers; rows n.. of the padded
-batch decode a dummy token whose K/V land in a scratch block that belongs to no request, with a
-context of one token. Graphs need attention metadata of fixed shape: the backends whose decode
+size >= n, attention included, from reading its input tokens to the logits. Its tensors arrive
+from the host padded to that size, straight into the graph's inputs (batch.Staging); rows n..
+of the padded batch decode a dummy token whose K/V land in a scratch block that belongs to no
+request, with a context of one token. Graphs need attention metadata of fixed shape: the backends whose decode
 rows read the pages in place provide it (flash; torch with Triton decode rows).
 
 Steps with prefill chunks (piecewise): their attention depends on the chunks' lengths, so it
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from shard.attention import StepLayout
-from shard.batch import StepBatch
+from shard.batch import Staging, StepBatch
 from shard.models.llama import Activations
 from shard.sampling import SampleOutput
 
@@ -140,22 +141,20 @@ class DecodeGraphs:
     @torch.inference_mode()
     def __init__(self, model, kv_cache, attention, batch_sizes: list[int], max_blocks: int,
                  block_size: int, scratch_block: int, device: torch.device,
-                 greedy: Callable | None = None):
+                 max_batch_size: int, greedy: Callable | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.batch_sizes = sorted(batch_sizes)
         largest = self.batch_sizes[-1]
-        self.scratch_block = scratch_block
-        self.scratch_slot = scratch_block * block_size
+        # Each slot's latest sampled token (the runner's, ModelRunner.last_tokens): a step's
+        # graph reads its input tokens from it.
+        self.last_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((largest,), self.scratch_slot, dtype=torch.long,
-                                       device=device)
-        self.seqused_k = torch.ones(largest, dtype=torch.int32, device=device)
-        self.block_table = torch.full((largest, max_blocks), scratch_block, dtype=torch.int32,
-                                      device=device)
         # Graphs hold raw pointers: every tensor a capture reads must stay referenced here.
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self.staging = {size: Staging.allocate(size, max_blocks, scratch_block, block_size,
+                                               self.input_ids, self.cu_seqlens_q, device)
+                        for size in self.batch_sizes}
         self._metadata = []
         # One output buffer for all graphs (each graph's own would cost vocab x size each).
         self.logits = torch.empty(largest, model.config.vocab_size,
@@ -163,16 +162,17 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.batch_sizes):  # the largest first: the others reuse its pool
+            staged = self.staging[size]
             layout = StepLayout(size, list(range(size + 1)), [1] * size,
-                                self.cu_seqlens_q[:size + 1],
-                                self.seqused_k[:size], self.block_table[:size],
-                                self.slot_mapping[:size], block_size)
+                                staged.cu_seqlens_q[:size + 1], staged.seqused_k,
+                                staged.block_table, staged.slot_mapping, block_size)
             meta = attention.prepare(layout)
             self._metadata.append(meta)
 
-            def decode(size=size, meta=meta):
-                hidden = model(self.input_ids[:size], self.positions[:size], kv_cache.layers,
-                               meta)
+            def decode(size=size, meta=meta, staged=staged):
+                torch.index_select(self.last_tokens, 0, staged.sample_slots,
+                                   out=self.input_ids[:size])
+                hidden = model(self.input_ids[:size], staged.positions, kv_cache.layers, meta)
                 model.compute_logits(hidden, out=self.logits[:size])
 
             self._graphs[size] = _capture([decode], pool, device, warmups=2)[0]
@@ -193,20 +193,16 @@ class DecodeGraphs:
     def fits(self, num_decodes: int) -> bool:
         return num_decodes <= self.batch_sizes[-1]
 
+    def staging_for(self, num_decodes: int) -> Staging:
+        """Where a step of that many decodes sends its tensors (batch.build_staged)."""
+        return self.staging[next(s for s in self.batch_sizes if s >= num_decodes)]
+
     def replay(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [n, vocab] of a decode-only step of n sequences."""
+        """Logits [n, vocab] of a decode-only step of n sequences, built into its staging."""
         n = batch.layout.num_decodes
         size = next(s for s in self.batch_sizes if s >= n)
-        layout = batch.layout
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
-        self.slot_mapping[:n].copy_(layout.slot_mapping)
-        self.seqused_k[:n].copy_(layout.seqused_k)
-        self.block_table[:n, :layout.block_table.shape[1]].copy_(layout.block_table)
-        if size > n:  # rows a bigger step left behind become padding again
-            self.slot_mapping[n:size].fill_(self.scratch_slot)
-            self.seqused_k[n:size].fill_(1)
-            self.block_table[n:size, 0].fill_(self.scratch_block)
+        assert batch.positions.data_ptr() == self.staging[size].positions.data_ptr(), \
+            "a decode graph's step is built into its staging (ModelRunner.prepare)"
         self._graphs[size].replay()
         return self.logits[:n]
 

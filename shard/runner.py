@@ -68,8 +68,10 @@ class ModelRunner:
         self.sampled_rows_only = sampled_rows_only
         # Block table of each slot, written once at admission: steps read rows by slot.
         self.block_tables = torch.zeros(max_batch_size, max_blocks, dtype=torch.int32)
-        # Each slot's latest sampled token, where the next step's decode reads it.
-        self.last_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        # Each slot's latest sampled token, where the next step's decode reads it (the decode
+        # graphs' own: they read it too).
+        self.last_tokens = (graphs.decode.last_tokens if graphs.decode is not None else
+                            torch.zeros(max_batch_size, dtype=torch.long, device=device))
 
     def execute(self, plan: StepPlan) -> StepOutput | None:
         """Queue the step's forward and sampling, and (rank 0) the copy of its results to the
@@ -107,6 +109,11 @@ class ModelRunner:
     def prepare(self, plan: StepPlan) -> step_batch.StepBatch:
         """The plan's admissions taken in (block tables, rank 0's sampler), and its tensors."""
         self._admit(plan)
+        decode = self.graphs.decode
+        if (decode is not None and plan.num_prefills == 0 and plan.num_decodes >= 1
+                and decode.fits(plan.num_decodes)):
+            return step_batch.build_staged(plan, self.block_tables,
+                                           decode.staging_for(plan.num_decodes))
         return step_batch.build(plan, self.block_tables, self.block_size, self.device,
                                 self.last_tokens)
 

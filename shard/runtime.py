@@ -303,7 +303,8 @@ def _capture_graphs(built: Built, greedy: Callable | None) -> Graphs:
             graphs.decode = DecodeGraphs(
                 model, built.kv_cache, built.attention, sizes,
                 blocks_for(budget.max_total_tokens, budget.block_size), budget.block_size,
-                scratch_block=scratch_block, device=built.device, greedy=greedy)
+                scratch_block=scratch_block, device=built.device,
+                max_batch_size=config.max_batch_size, greedy=greedy)
         if token_sizes:
             # A step samples at most one row per sequence: its tails take the decode sizes.
             graphs.piecewise = PiecewiseGraphs(
