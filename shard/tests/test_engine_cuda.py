@@ -140,6 +140,10 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
     step = engine.scheduler.schedule()
     assert not step.prefills and len(step.decodes) == 3
     batch = step_batch(started, step)
+    # The step's tensors went straight into the size-4 graph's inputs (batch.Staging).
+    staged = runner.graphs.decode.staging[4]
+    assert batch.positions.data_ptr() == staged.positions.data_ptr()
+    assert batch.layout.block_table.data_ptr() == staged.block_table.data_ptr()
     with torch.inference_mode():
         logits = runner.graphs.decode.replay(batch)
         graphed = logits.float().clone()
