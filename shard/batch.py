@@ -88,14 +88,16 @@ class Staging:
     the views of it the graph was captured with. A step of n <= size decodes sends its
     tensors padded to `size` rows straight into the buffer (build): no copy into the graph's
     inputs, no fill of the padding, on the device. Padding rows decode a dummy token whose
-    K/V land in the scratch block, with a context of one token; their input token is slot
-    0's (read, never kept)."""
+    K/V land in the scratch block, with a context of one token; they read their input token
+    from, and the greedy graphs write their pick to, `padding_slot`: a slot past the
+    sequences' own."""
 
     size: int
     buffer: torch.Tensor  # uint8
     starts: list[int]
     scratch_block: int
     block_size: int
+    padding_slot: int
     positions: torch.Tensor  # [size] int64
     slot_mapping: torch.Tensor  # [size] int64
     sample_slots: torch.Tensor  # [size] int64: where each row's input token is read
@@ -107,20 +109,20 @@ class Staging:
 
     @classmethod
     def allocate(cls, size: int, max_blocks: int, scratch_block: int, block_size: int,
-                 input_ids: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 padding_slot: int, input_ids: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  device: torch.device) -> "Staging":
         """A buffer holding a step of padding alone; input_ids and cu_seqlens_q [size + 1]
         (0..size) are the graph's own."""
-        empty = decode_tensors(size, max_blocks, scratch_block, block_size)
+        empty = decode_tensors(size, max_blocks, scratch_block, block_size, padding_slot)
         packed, starts = pack(empty)
         buffer = packed.to(device)
         views = unpack(buffer, starts, empty)
-        return cls(size, buffer, starts, scratch_block, block_size, *views, input_ids,
-                   cu_seqlens_q, cu_seqlens_q[:size])
+        return cls(size, buffer, starts, scratch_block, block_size, padding_slot, *views,
+                   input_ids, cu_seqlens_q, cu_seqlens_q[:size])
 
 
 def decode_tensors(size: int, max_blocks: int, scratch_block: int, block_size: int,
-                   slots: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                   padding_slot: int, slots: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                    tables: torch.Tensor | None = None) -> list[torch.Tensor]:
     """A decode step's tensors as a Staging of `size` rows holds them (positions, slot
     mapping, sample slots, context lengths, block tables), on the host: its sequences' (slots,
@@ -128,7 +130,7 @@ def decode_tensors(size: int, max_blocks: int, scratch_block: int, block_size: i
     n = 0 if slots is None else slots.shape[0]
     out_positions = torch.zeros(size, dtype=torch.long)
     slot_mapping = torch.full((size,), scratch_block * block_size, dtype=torch.long)
-    sample_slots = torch.zeros(size, dtype=torch.long)
+    sample_slots = torch.full((size,), padding_slot, dtype=torch.long)
     context = torch.ones(size, dtype=torch.int32)
     block_table = torch.zeros(size, max_blocks, dtype=torch.int32)
     block_table[n:, 0] = scratch_block
@@ -149,7 +151,7 @@ def build_staged(plan: StepPlan, block_tables: torch.Tensor, staging: Staging) -
     assert plan.num_prefills == 0 and n <= staging.size
     tables = block_tables.index_select(0, slots)
     host = decode_tensors(staging.size, tables.shape[1], staging.scratch_block,
-                          staging.block_size, slots, positions, tables)
+                          staging.block_size, staging.padding_slot, slots, positions, tables)
     packed, starts = pack(host)
     assert starts == staging.starts and packed.shape == staging.buffer.shape
     if staging.buffer.device.type == "cuda":  # from pinned memory: the copy does not wait

@@ -147,13 +147,15 @@ class DecodeGraphs:
         self.batch_sizes = sorted(batch_sizes)
         largest = self.batch_sizes[-1]
         # Each slot's latest sampled token (the runner's, ModelRunner.last_tokens): a step's
-        # graph reads its input tokens from it.
-        self.last_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        # graph reads its input tokens from it, and its greedy graph writes their picks. One
+        # slot more, the padding rows' (batch.Staging).
+        self.last_tokens = torch.zeros(max_batch_size + 1, dtype=torch.long, device=device)
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         # Graphs hold raw pointers: every tensor a capture reads must stay referenced here.
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.staging = {size: Staging.allocate(size, max_blocks, scratch_block, block_size,
-                                               self.input_ids, self.cu_seqlens_q, device)
+                                               max_batch_size, self.input_ids,
+                                               self.cu_seqlens_q, device)
                         for size in self.batch_sizes}
         self._metadata = []
         # One output buffer for all graphs (each graph's own would cost vocab x size each).
@@ -183,6 +185,8 @@ class DecodeGraphs:
         if greedy is not None:
             def pick(size: int) -> None:
                 self._picked[size] = greedy(self.logits[:size])
+                self.last_tokens.index_copy_(0, self.staging[size].sample_slots,
+                                             self._picked[size][0])
 
             self._greedy_graphs = dict(zip(self.batch_sizes, _capture(
                 [functools.partial(pick, size) for size in self.batch_sizes], pool, device,
@@ -213,8 +217,8 @@ class DecodeGraphs:
 
     def greedy(self, n: int) -> SampleOutput:
         """The greedy pick over the logits replay() just wrote for n sequences, as the Sampler
-        gives it (Sampler.greedy_stage); rows n.. of the size's padding are picked too, and
-        dropped."""
+        gives it (Sampler.greedy_stage), its tokens already in last_tokens; rows n.. of the
+        size's padding are picked too, kept in the padding slot, and dropped."""
         size = next(s for s in self.batch_sizes if s >= n)
         self._greedy_graphs[size].replay()
         tokens, chosen, reported = self._picked[size]

@@ -88,19 +88,22 @@ class ModelRunner:
             if not num_samples:  # prompt chunks that end no prompt
                 return self._output(torch.zeros(0, 2, dtype=torch.float64), 0, scores)
             sampling = plan.sampling
+            kept = False  # whether the step's tokens are in last_tokens already
             if self.sampler is None:  # another rank: rank 0's tokens
                 tokens = self.tp.broadcast(torch.empty(num_samples, dtype=torch.long,
                                                        device=self.device))
             else:
                 decode = self.graphs.decode
-                if (graphed and decode.picks_greedy
-                        and self.sampler.takes_greedy(sampling.params, sampling.top_n)):
-                    out = decode.greedy(num_samples)  # what the sampler would run, in a graph
+                kept = (graphed and decode.picks_greedy
+                        and self.sampler.takes_greedy(sampling.params, sampling.top_n))
+                if kept:  # what the sampler would run, in a graph that keeps the tokens too
+                    out = decode.greedy(num_samples)
                 else:
                     out = self.sampler(logits, sampling.params, plan.slots[plan.samples.bool()],
                                        batch.sample_positions, sampling.top_n)
                 tokens = self.tp.broadcast(out.tokens)
-            self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
+            if not kept:
+                self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
             if self.sampler is None:
                 return None
             # Everything the step reports travels in one float64 tensor: one transfer, one wait.

@@ -38,15 +38,15 @@ def decode_plan(slots: list[int], starts: list[int]) -> StepPlan:
 
 def test_a_decode_step_staged_for_its_graph_is_the_plain_batch_padded_in_place():
     """A decode graph's step (batch.build_staged): its rows hold what batch.build gives the
-    same plan, the rows past them padding (the scratch block's slot, a context of one, slot
-    0's token), all views of the graph's one buffer; a smaller step after a bigger one makes
+    same plan, the rows past them padding (the scratch block's slot, a context of one, the
+    padding slot's token), all views of the graph's one buffer; a smaller step after a bigger one makes
     the bigger one's rows padding again."""
     block_size, scratch = 16, 9
     tables = torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(0),
                            dtype=torch.int32)
-    staging = Staging.allocate(4, 6, scratch, block_size, torch.zeros(8, dtype=torch.long),
+    staging = Staging.allocate(4, 6, scratch, block_size, 4, torch.zeros(8, dtype=torch.long),
                                torch.arange(9, dtype=torch.int32), CPU)
-    last_tokens = torch.tensor([11, 12, 13, 14])
+    last_tokens = torch.tensor([11, 12, 13, 14, 0])  # slot 4: the padding's
     for slots, starts in (([2, 0, 3], [37, 5, 80]), ([1], [17])):
         plan = decode_plan(slots, starts)
         staged = build_staged(plan, tables, staging)
@@ -65,7 +65,7 @@ def test_a_decode_step_staged_for_its_graph_is_the_plain_batch_padded_in_place()
         assert staging.slot_mapping[n:].tolist() == [scratch * block_size] * pad
         assert staging.seqused_k[n:].tolist() == [1] * pad
         assert staging.block_table[n:, 0].tolist() == [scratch] * pad
-        assert staging.sample_slots[n:].tolist() == [0] * pad
+        assert staging.sample_slots[n:].tolist() == [4] * pad
         assert staging.positions[n:].tolist() == [0] * pad
         buffer = staging.buffer.untyped_storage().data_ptr()
         for view in (staged.positions, staged.layout.slot_mapping, staged.layout.seqused_k,

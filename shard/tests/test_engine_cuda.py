@@ -147,8 +147,12 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
     with torch.inference_mode():
         logits = runner.graphs.decode.replay(batch)
         graphed = logits.float().clone()
-        # The greedy graph picks over the same logits what the sampler's stage picks.
+        # The greedy graph picks over the same logits what the sampler's stage picks, and
+        # keeps the tokens where the next step reads them: each sequence's slot, and the
+        # padding row's in the slot past them all.
+        runner.last_tokens.fill_(-1)
         picked = runner.graphs.decode.greedy(3)
+        kept = runner.last_tokens.clone()
         tokens, chosen, reported = runner.sampler.greedy_stage(logits)
         hidden = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
                               runner.attention.prepare(batch.layout))
@@ -156,6 +160,11 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
     assert relative_error(graphed, eager) < 1e-2
     assert torch.equal(picked.tokens, tokens) and torch.equal(picked.tokens, graphed.argmax(-1))
     assert torch.equal(picked.logprobs, chosen) and torch.equal(picked.reported, reported)
+    padding = runner.graphs.decode.logits[3].argmax()
+    expected_kept = torch.full_like(kept, -1)
+    expected_kept[batch.sample_slots] = picked.tokens
+    expected_kept[-1] = padding
+    assert torch.equal(kept, expected_kept)
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
