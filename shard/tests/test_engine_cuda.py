@@ -100,8 +100,11 @@ def run_greedy(folder, graphs: str, prompts: list[torch.Tensor], max_new: int, *
 
 
 def step_batch(started: Started, step, admitted=()):
-    """The batch the runner builds for `step` (taking in `admitted`), not run."""
-    return started.warm.runner.prepare(step_plan.make(step, list(admitted)))
+    """The batch the runner builds for `step` (taking in `admitted`), not run: in inference
+    mode, as ModelRunner.execute builds it (a decode graph's staging is an inference
+    tensor)."""
+    with torch.inference_mode():
+        return started.warm.runner.prepare(step_plan.make(step, list(admitted)))
 
 
 @pytest.mark.parametrize("attention", ["flash", "torch"])
