@@ -148,6 +148,8 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
     assert batch.positions.data_ptr() == staged.positions.data_ptr()
     assert batch.layout.block_table.data_ptr() == staged.block_table.data_ptr()
     with torch.inference_mode():
+        # Each sequence's input token, which the graph reads itself: its prefill's pick.
+        inputs = runner.last_tokens[batch.sample_slots].clone()
         logits = runner.graphs.decode.replay(batch)
         graphed = logits.float().clone()
         # The greedy graph picks over the same logits what the sampler's stage picks, and
@@ -160,6 +162,7 @@ def test_cuda_graph_decode_gives_the_logits_of_eager_decode(folder, attention, g
         hidden = runner.model(batch.input_ids, batch.positions, runner.kv_cache.layers,
                               runner.attention.prepare(batch.layout))
         eager = runner.model.compute_logits(hidden).float()
+    assert torch.equal(batch.input_ids, inputs) and batch.input_ids.shape == (3,)
     assert relative_error(graphed, eager) < 1e-2
     assert torch.equal(picked.tokens, tokens) and torch.equal(picked.tokens, graphed.argmax(-1))
     assert torch.equal(picked.logprobs, chosen) and torch.equal(picked.reported, reported)
