@@ -122,8 +122,9 @@ class Staging:
 
 
 def decode_tensors(size: int, max_blocks: int, scratch_block: int, block_size: int,
-                   padding_slot: int, slots: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                   tables: torch.Tensor | None = None) -> list[torch.Tensor]:
+                   padding_slot: int, slots: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None, tables: torch.Tensor | None = None
+                   ) -> list[torch.Tensor]:
     """A decode step's tensors as a Staging of `size` rows holds them (positions, slot
     mapping, sample slots, context lengths, block tables), on the host: its sequences' (slots,
     positions and block tables of n <= size) in the first n rows, padding after them."""

@@ -4,8 +4,9 @@ Decode steps: a decode-only step of n sequences runs the graph captured for the 
 size >= n, attention included, from reading its input tokens to the logits. Its tensors arrive
 from the host padded to that size, straight into the graph's inputs (batch.Staging); rows n..
 of the padded batch decode a dummy token whose K/V land in a scratch block that belongs to no
-request, with a context of one token. Graphs need attention metadata of fixed shape: the backends whose decode
-rows read the pages in place provide it (flash; torch with Triton decode rows).
+request, with a context of one token. Graphs need attention metadata of fixed shape: the
+backends whose decode rows read the pages in place provide it (flash; torch with Triton decode
+rows).
 
 Steps with prefill chunks (piecewise): their attention depends on the chunks' lengths, so it
 stays outside, and what lies between two attention calls (one layer's output projection, MLP
