@@ -114,7 +114,9 @@ class Sampler:
             self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         original = prompt.shape[0] - resumed_tokens
         self._prompt_seen[slot].zero_()
-        self._prompt_seen[slot, _on(prompt[:original], self.device)] = True
+        # index_fill_, not `seen[slot, ids] = True`: that sends the True from pageable memory,
+        # which waits for all queued GPU work.
+        self._prompt_seen[slot].index_fill_(0, _on(prompt[:original], self.device), True)
         self._output_counts[slot].zero_()
         if resumed_tokens:
             generated = _on(prompt[original:], self.device)
