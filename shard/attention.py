@@ -12,7 +12,6 @@ then the backend's `attend` reads the pages (those new tokens included).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, fields
 
@@ -192,7 +191,7 @@ class VarlenMetadata(DecodeSplit):
 
 class TorchVarlenAttention(_TritonDecodeRows):
     """CUDA without FlashAttention-4 (GPUs before Hopper, or FA4 not installed): torch's
-    varlen_attn (FlashAttention inside torch) for prefill chunks, over their contexts gathered
+    varlen FlashAttention (varlen_attn's kernel) for prefill chunks, over their contexts gathered
     from the pages into one packed tensor per layer; decode rows through our Triton kernel
     (shard/paged_decode.py), which reads the pages in place, or through varlen_attn as well when
     `decode` is "flash" or Triton is missing.
@@ -208,13 +207,12 @@ class TorchVarlenAttention(_TritonDecodeRows):
     name = "torch"
 
     def __init__(self, decode: str = "auto"):
-        from torch.nn.attention.varlen import varlen_attn
-
-        self._varlen_attn = varlen_attn
-        params = inspect.signature(varlen_attn).parameters
-        self._causal = ({"window_size": (-1, 0)} if "window_size" in params
-                        else {"is_causal": True})
-        self._native_gqa = "enable_gqa" in params
+        # The kernel varlen_attn runs (torch.nn.attention.varlen), torch's FlashAttention-2
+        # forward, called directly. Around it varlen_attn is a custom op that allocates a
+        # tensor and logs on every call: ~100 us of host a layer on the H100 (gpu.sh prefill,
+        # cProfile), the most of what a 512-token prefill step waits on. And torch 2.11's
+        # takes no GQA, which the kernel does (keys and values were repeated per query head).
+        self._flash_forward = torch.ops.aten._flash_attention_forward
         self.decode = _triton_decode(decode, "varlen_attn")
         self.decode_graphs = self.decode is not None
 
@@ -223,7 +221,7 @@ class TorchVarlenAttention(_TritonDecodeRows):
         nd = split.num_decodes
         cu_k = slots = None
         lens = layout.context_lens[nd:]
-        if lens:  # varlen_attn takes the rest: prefill chunks (and decodes, without Triton)
+        if lens:  # FlashAttention takes the rest: prefill chunks (and decodes, without Triton)
             device = layout.block_table.device
             # From the lengths already on the device: a copy of the host's would come from
             # pageable memory, and wait for all queued GPU work (the step before's too).
@@ -244,13 +242,12 @@ class TorchVarlenAttention(_TritonDecodeRows):
         heads, dim = k_cache.shape[-2:]
         keys = k_cache.view(-1, heads, dim)[meta.context_slots]
         values = v_cache.view(-1, heads, dim)[meta.context_slots]
-        extra = {"enable_gqa": True} if self._native_gqa else {}
-        if not self._native_gqa and q.shape[1] != heads:
-            keys = keys.repeat_interleave(q.shape[1] // heads, dim=1)
-            values = values.repeat_interleave(q.shape[1] // heads, dim=1)
-        out.copy_(self._varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                                    meta.max_query_len, meta.max_context_len, **self._causal,
-                                    **extra))
+        # Causal from the end of each context (the chunk's queries are its last rows); the
+        # softmax scale 1/sqrt(dim) by default.
+        attended, *_ = self._flash_forward(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                           meta.max_query_len, meta.max_context_len, 0.0, True,
+                                           False)
+        out.copy_(attended)
 
 
 @dataclass(slots=True)
