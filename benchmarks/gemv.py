@@ -39,6 +39,11 @@ DOT = [(n, k, w, 4, True) for n, k, w in itertools.product((16, 32, 64), (64, 12
                                                                        (32, 512, 4, 3, True)]
 
 
+# qkv_rotary's one-row tiles: (feature pairs a program, BLOCK_K, warps, stages). The shard's
+# are 2 pairs (4 weight rows) x up to 2,048 inputs in 4 warps (gemv.config).
+ROTARY_ONE_ROW = [(p, k, w, 1) for p, k, w in itertools.product((1, 2, 4), (1024, 2048), (4, 8))]
+
+
 def configs(rows: int) -> list[tuple]:
     return (ONE_ROW + DOT) if rows == 1 else DOT
 
@@ -72,8 +77,28 @@ def with_rotary(x: torch.Tensor, squares, layer_weights: list[torch.Tensor], tim
         fused = timed(lambda w: gemv.qkv_rotary(x, w, *rest))
         normed = timed(lambda w: gemv.qkv_rotary(x, w, *rest, norm_eps=1e-5, squares=squares))
         apart = timed(lambda w: rotary_into_cache(gemv.product(x, w, False), *rest))
+        swept = ""
+        if rows == 1:  # the one-row kernel in other tiles, normed as a folded step runs it
+            want = gemv.qkv_rotary(x, layer_weights[0], *rest, norm_eps=1e-5,
+                                   squares=squares).float()
+            results = []
+            for block in ROTARY_ONE_ROW:
+                if (head_dim // 2) % block[0]:
+                    continue
+                def call(w, block=block):
+                    return gemv.qkv_rotary(x, w, *rest, norm_eps=1e-5, squares=squares,
+                                           block=block)
+                try:
+                    got = call(layer_weights[0]).float()
+                    err = (got - want).abs().max().item() / want.abs().max().item()
+                    assert err < 2e-2, f"error {err:.3g}"
+                    results.append((timed(call), block))
+                except Exception as exc:  # e.g. registers past the limit: the others print
+                    results.append((float("inf"), f"{block} {type(exc).__name__}"))
+            swept = "; normed, best tiles (pairs, BLOCK_K, warps, stages): " + "; ".join(
+                f"{us:.2f} µs {block}" for us, block in sorted(results, key=lambda r: r[0])[:3])
         return (f", {fused:.2f} µs with rotary and the cache write ({normed:.2f} normed,"
-                f" {apart:.2f} as two kernels)")
+                f" {apart:.2f} as two kernels{swept})")
     except Exception as exc:  # the sweep's other figures still print
         return f", with rotary failed: {repr(exc)[:200]}"
 

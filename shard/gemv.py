@@ -440,18 +440,25 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
                v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
                norm_eps: float | None = None, squares: torch.Tensor | None = None,
-               use_pdl: bool | None = None) -> torch.Tensor:
+               use_pdl: bool | None = None, block: tuple[int, int, int, int] | None = None
+               ) -> torch.Tensor:
     """q [T, Hq, D] rotated (into `out` if given); keys rotated and values in their cache
     slots: the QKV product x W^T (weight [(Hq + 2 Hkv) D, hidden]) followed by
     rotary_cache.rotary_into_cache, in one kernel, for x of 1..MAX_ROWS rows. `norm_eps`: of
-    RMSNorm(x), and `squares` with it, as in `product`."""
+    RMSNorm(x), and `squares` with it, as in `product`. `block`: (feature pairs a program,
+    BLOCK_K, num_warps, num_stages) of one row, in place of config's (benchmarks/gemv.py's
+    sweep)."""
     rows, inner = x.shape
     q = out if out is not None else x.new_empty(rows, num_heads, head_dim)
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
     half = head_dim // 2
-    block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True,
-                                             gpu=gpu_name(x.device))
-    pairs = _pairs(rows, head_dim)
+    if block is None:
+        _, block_k, warps, stages = config(rows, inner, gated=False, rotary=True,
+                                           gpu=gpu_name(x.device))
+        pairs = _pairs(rows, head_dim)
+    else:
+        assert rows == 1 and half % block[0] == 0, "one row, pairs that divide the half head"
+        pairs, block_k, warps, stages = block
     if use_pdl is None:
         use_pdl = pdl.enabled(x.device, rows)
     squares = _squares_read(norm_eps, squares, rows > 1)

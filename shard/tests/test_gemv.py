@@ -263,6 +263,31 @@ def test_qkv_rotary_is_the_product_then_rotary_into_cache(rows, shape, scaled):
     assert torch.equal(out, q)
 
 
+@pytest.mark.parametrize("block", [(1, 64, 4, 1), (4, 32, 8, 1), (8, 128, 4, 1)],
+                         ids=lambda b: "x".join(map(str, b)))
+def test_qkv_rotary_in_the_sweeps_one_row_tiles_gives_its_own_tiles_result(block):
+    """benchmarks/gemv.py times qkv_rotary's one-row kernel in other tiles (feature pairs a
+    program, inputs a tile, warps): each writes what the shard's tiles write (to rounding:
+    the sums run in another order), in q and in the cache slot."""
+    heads, kv_heads, dim, hidden = ATTENTION[0]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, hidden, generator=gen).to(DEVICE, DTYPE)
+    weight = (torch.randn((heads + 2 * kv_heads) * dim, hidden, generator=gen) / hidden ** 0.5
+              ).to(DEVICE, DTYPE)
+    angles = torch.rand(8, dim // 2, generator=gen) * 6.3
+    where = torch.tensor([5], device=DEVICE)  # the position and the cache slot
+    written = []
+    for tiles in (None, block):
+        caches = [torch.zeros(2, 4, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in range(2)]
+        q = gemv.qkv_rotary(x, weight, where, angles.cos().to(DEVICE), angles.sin().to(DEVICE),
+                            *caches, where, heads, kv_heads, dim, block=tiles)
+        written.append([q.flatten(), *(c.view(-1, kv_heads, dim)[5].flatten() for c in caches)])
+    for got, want in zip(*reversed(written)):
+        assert want.abs().min() > 0  # every feature written
+        error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert error < TOLERANCE, error
+
+
 def test_qkv_rotary_takes_1_to_16_rows_and_at_2_to_16_a_half_head_of_16_or_more():
     assert [gemv.takes_rotary(rows, 128) for rows in (0, 1, 2, 16, 17)] == [
         False, True, True, True, False]
