@@ -3,17 +3,18 @@
 #
 #   bash benchmarks/gpu.sh STEP...     e.g. tests targets serving reference
 #
-# Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams),
-# reference (transformers generate() on the same shapes), and the probes the results page
-# cites: clocks (the 8B batch run's clocks and power), timeline (a steady 8B decode step's
-# kernels), timeline_b1 (the same at batch 1, 8B and 1B), prefill (512-token prompt steps), gemv (shard/gemv.py's kernels in
-# every configuration against cuBLAS), small_batch (batch 1 of both shapes, --gemv and --pdl
-# on and off), curve (the 8B's decode steps at batches 1-16 against their floor, likewise),
-# attention (decode attention alone at batches 1-16, every split count, its KV from HBM),
-# studies (the norms inside the products at no row count and at one row alone, PDL at 2-16
-# rows, the 1B's LM head, the one-row products' tiles, each against the tree's choice), compare (this tree's 1B and 8B decode steps beside
-# another tree's, BASE=FOLDER, in one sitting), serving_1b (the router's share with a small
-# model), workers (one group behind routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
+# Steps: env, tests, targets (the five offline workloads), serving (8B at 64 streams), reference
+# (transformers generate() on the same shapes), and the probes the results page cites: clocks
+# (the 8B batch run's clocks and power), timeline (a steady 8B decode step's kernels),
+# timeline_b1 (the same at batch 1, 8B and 1B), prefill (512-token prompt steps), gemv
+# (shard/gemv.py's kernels in every configuration against cuBLAS), small_batch (batch 1 of both
+# shapes, --gemv and --pdl on and off), curve (the 8B's decode steps at batches 1-16 against
+# their floor, likewise), attention (decode attention alone at batches 1-16, every split count,
+# its KV from HBM), studies (the norms inside the products at no row count and at one row alone,
+# PDL at 2-16 rows, the 1B's LM head, the one-row products' tiles, each against the tree's
+# choice), compare (this tree's 1B and 8B decode steps beside another tree's, BASE=FOLDER, in
+# one sitting), serving_1b (the router's share with a small model), workers (one group behind
+# routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
 #
@@ -373,8 +374,8 @@ step_timeline_b1() {  # a steady batch-1 decode step of the 8B and of the 1B: ke
 }
 
 step_prefill() {  # a 512-token prompt's step, one after another, 1B and 8B (--gemv and --pdl
-  # on, as small_batch): ms per step, the host's Python by function (cProfile: offline.py's
-  # first iteration, which launches the prefill, took 7.6 ms for the 1B), the kernels and gaps
+  # on, as small_batch): ms per step, the host's Python by function (cProfile), the kernels
+  # and gaps: what the batch-1 runs' first iteration, which launches the prefill, costs
   local m name
   for m in "1b:$M1" "8b:$M8"; do
     name=profile-${m%%:*}-prefill-512

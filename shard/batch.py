@@ -47,8 +47,7 @@ def build(plan: StepPlan, block_tables: torch.Tensor, block_size: int, device: t
         # inference tensor like the rest, which compiled stages guard on)
         row_owner, positions = torch.arange(nd), starts.clone()
         input_ids = torch.zeros(nd, dtype=torch.long)  # filled on the device below
-    slot_mapping = (tables[row_owner, positions // block_size].long() * block_size
-                    + positions % block_size)
+    slot_mapping = _slot_mapping(tables, row_owner, positions, block_size)
     context = starts + lengths
     sampling = plan.samples.bool()
     sample_rows = cu_seqlens[1:][sampling] - 1
@@ -137,8 +136,7 @@ def decode_tensors(size: int, max_blocks: int, scratch_block: int, block_size: i
     block_table[n:, 0] = scratch_block
     if n:
         out_positions[:n] = positions
-        slot_mapping[:n] = (tables[torch.arange(n), positions // block_size].long() * block_size
-                            + positions % block_size)
+        slot_mapping[:n] = _slot_mapping(tables, torch.arange(n), positions, block_size)
         sample_slots[:n] = slots
         context[:n] = positions + 1
         block_table[:n] = tables
@@ -178,6 +176,14 @@ def build_staged(plan: StepPlan, block_tables: torch.Tensor, staging: Staging) -
         sample_positions=context.tolist(),
         prompt_rows=None,
     )
+
+
+def _slot_mapping(tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  block_size: int) -> torch.Tensor:
+    """The cache slot of each token: its row's block table (`rows` index `tables`) at its
+    position's block."""
+    return (tables[rows, positions // block_size].long() * block_size
+            + positions % block_size)
 
 
 def _prompt_rows(scored: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:

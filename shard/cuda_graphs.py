@@ -196,7 +196,7 @@ class DecodeGraphs:
                  " (and their greedy picks)" if greedy is not None else "")
 
     def fits(self, num_decodes: int) -> bool:
-        return num_decodes <= self.batch_sizes[-1]
+        return 1 <= num_decodes <= self.batch_sizes[-1]
 
     def staging_for(self, num_decodes: int) -> Staging:
         """Where a step of that many decodes sends its tensors (batch.build_staged)."""

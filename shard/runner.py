@@ -113,8 +113,7 @@ class ModelRunner:
         """The plan's admissions taken in (block tables, rank 0's sampler), and its tensors."""
         self._admit(plan)
         decode = self.graphs.decode
-        if (decode is not None and plan.num_prefills == 0 and plan.num_decodes >= 1
-                and decode.fits(plan.num_decodes)):
+        if decode is not None and plan.num_prefills == 0 and decode.fits(plan.num_decodes):
             return step_batch.build_staged(plan, self.block_tables,
                                            decode.staging_for(plan.num_decodes))
         return step_batch.build(plan, self.block_tables, self.block_size, self.device,
