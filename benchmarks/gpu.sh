@@ -59,8 +59,11 @@ setup() {
     # or has too old.
     $PYTHON -m pip install -q --no-index --find-links .whl/deps --break-system-packages \
       $($PYTHON benchmarks/gpu_wheels.py requirements) || exit 1
-    if [ -d $CU13 ]; then cp -r $CU13/. $SITE/; fi
     touch $SITE/.installed
+  fi
+  # The libraries join the install once both parts are there, whichever call brought the wheels.
+  if [ -d $CU13 ] && [ -f $SITE/.installed ] && [ ! -f $SITE/.cu13 ]; then
+    cp -r $CU13/. $SITE/ && touch $SITE/.cu13 || exit 1
   fi
   export PYTHONPATH=$PWD:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages
   export PYTHONUNBUFFERED=1
