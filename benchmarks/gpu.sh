@@ -283,10 +283,12 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   # and the one-row plain products' tiles, 4 features a program up to 8,192 wide (the tree's,
   # gemv.WIDE_ONE_ROW_MAX) against 2 everywhere, both shapes; STUDIES=folded, pdl, head or
   # tiles for some of them; STUDIES=ahead (not by default): the weights read ahead into L2
-  # during one-row decode attention (llama.READ_AHEAD_BYTES), 0-32 MB of the 1B, 0 and 32 of the 8B
+  # during one-row decode attention (llama.READ_AHEAD_BYTES), 0-32 MB of the 1B, 0 and 32 MB
+  # of the 8B
   local name rows head wide m mb
   if [[ ${STUDIES:-folded pdl head tiles} == *ahead* ]]; then
-    for m in "1b:0 8 16 32 0:$M1 --curve 1,2,1 --steps 100" "8b:0 32 0:$M8 --curve 1,1 --steps 40"; do
+    for m in "1b:0 8 16 32 0:$M1 --curve 1,2,1 --steps 100" \
+        "8b:0 32 0:$M8 --curve 1,1 --steps 40"; do
       name=${m%%:*}-ahead m=${m#*:}
       for mb in ${m%%:*}; do
         echo "== $name: decode steps, --gemv on --pdl on, --read-ahead-mb $mb"
