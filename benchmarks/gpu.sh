@@ -289,13 +289,14 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   if [[ ${STUDIES:-folded pdl head tiles} == *ahead* ]]; then
     for m in "1b:0 8 16 32 0:$M1 --curve 1,2,1 --steps 100" \
         "8b:0 32 0:$M8 --curve 1,1 --steps 40"; do
-      name=${m%%:*}-ahead m=${m#*:}
-      for mb in ${m%%:*}; do
+      name=${m%%:*}-ahead m=${m#*:} rows=0
+      for mb in ${m%%:*}; do  # a run's file: $name-MB-runN.txt
+        rows=$((rows + 1))
         echo "== $name: decode steps, --gemv on --pdl on, --read-ahead-mb $mb"
         timeout 150 $PYTHON benchmarks/profile_step.py ${m#*:} --gemv on --pdl on \
-          --cuda-graphs 1,2,4 --read-ahead-mb $mb > "$OUT/$name-$mb.txt" 2>&1
-        grep -E "^!!|Traceback|Error" "$OUT/$name-$mb.txt"
-        grep -E "batch +[0-9]+:" "$OUT/$name-$mb.txt"
+          --cuda-graphs 1,2,4 --read-ahead-mb $mb > "$OUT/$name-$mb-run$rows.txt" 2>&1
+        grep -E "^!!|Traceback|Error" "$OUT/$name-$mb-run$rows.txt"
+        grep -E "batch +[0-9]+:" "$OUT/$name-$mb-run$rows.txt"
       done
     done
   fi
