@@ -282,24 +282,8 @@ step_studies() {  # what this tree's choices rest on, for the next change to the
   # row on gemv.py's kernel without PDL (the tree's), on cuBLAS, and on the kernel with PDL;
   # and the one-row plain products' tiles, 4 features a program up to 8,192 wide (the tree's,
   # gemv.WIDE_ONE_ROW_MAX) against 2 everywhere, both shapes; STUDIES=folded, pdl, head or
-  # tiles for some of them; STUDIES=ahead (not by default): the weights read ahead into L2
-  # during one-row decode attention (llama.READ_AHEAD_BYTES), 0-32 MB of the 1B, 0 and 32 MB
-  # of the 8B
-  local name rows head wide m mb run
-  if [[ ${STUDIES:-folded pdl head tiles} == *ahead* ]]; then
-    for m in "1b:0 8 16 32 0:$M1 --curve 1,2,1 --steps 100" \
-        "8b:0 32 0:$M8 --curve 1,1 --steps 40"; do
-      name=${m%%:*}-ahead m=${m#*:} run=0
-      for mb in ${m%%:*}; do  # a run's file: $name-MB-runN.txt
-        run=$((run + 1))
-        echo "== $name: decode steps, --gemv on --pdl on, --read-ahead-mb $mb"
-        timeout 150 $PYTHON benchmarks/profile_step.py ${m#*:} --gemv on --pdl on \
-          --cuda-graphs 1,2,4 --read-ahead-mb $mb > "$OUT/$name-$mb-run$run.txt" 2>&1
-        grep -E "^!!|Traceback|Error" "$OUT/$name-$mb-run$run.txt"
-        grep -E "batch +[0-9]+:" "$OUT/$name-$mb-run$run.txt"
-      done
-    done
-  fi
+  # tiles for some of them
+  local name rows head wide m
   if [[ ${STUDIES:-folded pdl head tiles} == *tiles* ]]; then
     for m in "1b:$M1 --curve 1,2,1 --steps 100" "8b:$M8 --curve 1,1 --steps 40"; do
       for wide in "" "--one-row-wide-max 0"; do

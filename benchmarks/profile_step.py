@@ -130,14 +130,7 @@ def main() -> None:
     parser.add_argument("--head-pdl", choices=["on", "off"], default=None,
                         help="study: the LM head's gemv kernel launched with PDL as the other "
                              "kernels are (on), or never (off), in place of ops.HEAD_PDL")
-    parser.add_argument("--read-ahead-mb", type=float, default=None, metavar="MB",
-                        help="study: megabytes of the products after each layer's attention "
-                             "that one-row decode attention asks L2 for, in place of "
-                             "llama.READ_AHEAD_BYTES (0: none)")
     args, shard_argv = parser.parse_known_args()
-    if args.read_ahead_mb is not None:
-        from shard.models import llama
-        llama.READ_AHEAD_BYTES = int(args.read_ahead_mb * 2**20)
     if args.head_fewest_rows is not None or args.head_pdl is not None:
         from shard.models import ops
         if args.head_fewest_rows is not None:

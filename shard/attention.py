@@ -101,10 +101,9 @@ class TorchAttention:
         return TorchMetadata(layout.slot_mapping, nd, decode_slots, decode_mask, prefills)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: TorchMetadata, out: torch.Tensor | None = None, ahead=()) -> torch.Tensor:
+               meta: TorchMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, Hq, D] for the step's new tokens, whose K/V are in the cache already.
-        Returns [T, Hq, D] (in `out` when given). `ahead` (weights to read ahead into a GPU's
-        L2: PagedDecode) means nothing here."""
+        Returns [T, Hq, D] (in `out` when given)."""
         heads, dim = k_cache.shape[-2:]
         flat_k = k_cache.view(-1, heads, dim)
         flat_v = v_cache.view(-1, heads, dim)
@@ -165,13 +164,11 @@ class _TritonDecodeRows:
             cu_q = layout.cu_seqlens_q[nd:] - first_row if nd else layout.cu_seqlens_q
         return DecodeSplit(nd, table, lens, first_row, cu_q)
 
-    def attend(self, q, k_cache, v_cache, meta, out=None, ahead=()) -> torch.Tensor:
-        """`ahead`: PagedDecode's, for steps whose rows are all decodes."""
+    def attend(self, q, k_cache, v_cache, meta, out=None) -> torch.Tensor:
         out = torch.empty_like(q) if out is None else out
         nd = meta.num_decodes
         if nd:
-            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd],
-                        ahead=ahead if meta.cu_seqlens_q is None else ())
+            self.decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens, out[:nd])
         if meta.cu_seqlens_q is not None:
             first = meta.first_row
             self._rest(q[first:], k_cache, v_cache, meta, out[first:])

@@ -14,7 +14,6 @@ Triton comes with torch's CUDA builds; this module is imported only on CUDA.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -26,38 +25,18 @@ from shard import pdl
 # The block table's row stride changes from step to step (the longest context's blocks) and
 # would make Triton compile a variant per divisibility; the other strides stay specialized,
 # since vectorized loads need their alignment known.
-@triton.jit
-def _read_ahead(base, first, size, program, programs, LANES: tl.constexpr):
-    """Ask L2 for bytes [first, first + size) of the tensor at `base` (both multiples of 16):
-    this program's share, one bulk prefetch per lane."""
-    piece = tl.cdiv(tl.cdiv(size, programs * LANES), 16) * 16
-    offsets = (program * LANES + tl.arange(0, LANES)).to(tl.int64) * piece
-    sizes = tl.minimum(tl.maximum(size - offsets, 0), piece).to(tl.int32)
-    pdl.prefetch_l2_bulk(base.to(tl.pointer_type(tl.int8)) + first + offsets, sizes)
-
-
 @triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
                    qk_scale, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh,
-                   stride_ob, stride_oh, stride_tb, ahead0, first0, size0, ahead1, first1,
-                   size1, ahead2, first2, size2,
+                   stride_ob, stride_oh, stride_tb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                   AHEAD: tl.constexpr, LANES: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     pdl.launch_next(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if AHEAD > 0:  # the next products' weights to L2 (PagedDecode.__call__'s `ahead`): never
-        # written by a step, so asked for before the wait
-        program = (seq * tl.num_programs(1) + kv_head) * NUM_SPLITS + split
-        programs = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
-        _read_ahead(ahead0, first0, size0, program, programs, LANES)
-        if AHEAD > 1:
-            _read_ahead(ahead1, first1, size1, program, programs, LANES)
-        if AHEAD > 2:
-            _read_ahead(ahead2, first2, size2, program, programs, LANES)
     # The context's length and block table are the step's own, in place before its first
     # kernel: read before the wait (pdl.py).
     length = tl.load(lens_ptr + seq)
@@ -164,11 +143,8 @@ class PagedDecode:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor, seqused_k: torch.Tensor, out: torch.Tensor,
-                 num_splits: int | None = None, ahead: Sequence[tuple] = ()) -> torch.Tensor:
-        """q, out: [B, Hq, D]; block_table [B, max_blocks] int32; seqused_k [B] int32 (>= 1).
-        `ahead`: up to three (tensor, first byte, bytes) ranges, multiples of 16, that the
-        kernel asks L2 for while it runs (the weights of the products after it: the attention
-        of a few rows waits on latency, not bandwidth); ignored where pdl.capable is not."""
+                 num_splits: int | None = None) -> torch.Tensor:
+        """q, out: [B, Hq, D]; block_table [B, max_blocks] int32; seqused_k [B] int32 (>= 1)."""
         batch, num_heads, dim = q.shape
         _, page, kv_heads, _ = k_cache.shape
         group = num_heads // kv_heads
@@ -189,18 +165,13 @@ class PagedDecode:
         warps = self.num_warps or (2 if dim <= 64 else 4)
         use_pdl = pdl.enabled(q.device, batch)
         line = 128 // k_cache.element_size()  # elements of a 128-byte line
-        if not pdl.capable(q.device):
-            ahead = ()
-        assert len(ahead) <= 3 and all(f % 16 == 0 and n % 16 == 0 for _, f, n in ahead)
-        ranges = [a for r in ahead for a in r] + [q, 0, 0] * (3 - len(ahead))
         _decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, block_table, seqused_k, part_out, part_lse, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), out.stride(1), block_table.stride(0), *ranges,
+            out.stride(0), out.stride(1), block_table.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
             DIM_PAD=dim_pad, PAGE=page, BLOCK_N=self.block_n, NUM_SPLITS=splits, LINE=line,
-            LINES=max(1, dim_pad // line), AHEAD=len(ahead), LANES=32 * warps, PDL=use_pdl,
-            num_warps=warps,
+            LINES=max(1, dim_pad // line), PDL=use_pdl, num_warps=warps,
             num_stages=self.num_stages, **pdl.launch_options(use_pdl))
         if splits > 1:
             _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0),

@@ -94,15 +94,3 @@ def prefetch_l2(pointers, wanted):
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
         "=r,l,r", [pointers, wanted.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_l2_bulk(pointers, sizes):
-    """Ask L2 for `sizes` bytes at each of `pointers` (16-byte aligned; sizes multiples of 16,
-    none where 0): one bulk prefetch (sm_90's cp.async.bulk.prefetch) each, holding nothing
-    in registers and waiting for nothing. A hint, like prefetch_l2; not for Triton's CPU
-    interpreter."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.u32 $0, 0; }",
-        "=r,l,r", [pointers, sizes], dtype=tl.int32, is_pure=False, pack=1)

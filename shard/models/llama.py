@@ -268,15 +268,6 @@ class LlamaDecoderLayer(nn.Module):
         self.folded_norms = True
 
 
-# Bytes of the products after a layer's attention that its decode attention asks L2 for, in
-# steps of up to READ_AHEAD_ROWS rows (0: none): O's weight first, then the gate and the up
-# halves of gate/up alike (LlamaForCausalLM.read_ahead). The attention of a few rows waits on
-# latency with HBM idle; the products after it then read some of their weights from L2. A study
-# (benchmarks/profile_step.py --read-ahead-mb) sets it before the first step.
-READ_AHEAD_BYTES = 0
-READ_AHEAD_ROWS = 1
-
-
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint names of the separate projections we store stacked: (ours, index in stack).
     STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -304,8 +295,7 @@ class LlamaForCausalLM(nn.Module):
         backend = self.layers[0].self_attn.backend
 
         def attend(index: int) -> None:
-            a.attended = backend.attend(a.q, *kv_caches[index], attn_meta,
-                                        ahead=self.read_ahead(index, a.q.shape[0]))
+            a.attended = backend.attend(a.q, *kv_caches[index], attn_meta)
 
         return self.run(a, attend, rows)
 
@@ -359,26 +349,6 @@ class LlamaForCausalLM(nn.Module):
             a.residual.copy_(residual)
         else:
             a.q, a.residual = q, residual
-
-    def read_ahead(self, index: int, rows: int) -> list[tuple[torch.Tensor, int, int]]:
-        """(weight, first byte, bytes) ranges for layer `index`'s attention in a step of `rows`
-        rows to ask L2 for (PagedDecode's `ahead`): READ_AHEAD_BYTES of them, O's weight first,
-        then the first rows of gate/up's gate and of its up halves alike. None where a layer
-        holds no plain weights (int4) or the step takes none."""
-        if not 0 < rows <= READ_AHEAD_ROWS or READ_AHEAD_BYTES <= 0:
-            return []
-        layer = self.layers[index]
-        o, gate_up = layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight
-        if o is None or gate_up is None:
-            return []
-        left = READ_AHEAD_BYTES // 16 * 16
-        first = min(left, o.nbytes // 16 * 16)
-        ranges = [(o, 0, first)]
-        half = gate_up.nbytes // 2
-        each = min(half, (left - first) // 32 * 16)
-        if each > 0:
-            ranges += [(gate_up, 0, each), (gate_up, half, each)]
-        return ranges
 
     def tail(self, a: Activations, rows: torch.Tensor) -> torch.Tensor:
         """The last layer past its attention, and the final norm, on `rows` alone."""
