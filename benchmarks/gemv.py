@@ -40,7 +40,8 @@ DOT = [(n, k, w, 4, True) for n, k, w in itertools.product((16, 32, 64), (64, 12
 
 
 # qkv_rotary's one-row tiles: (feature pairs a program, BLOCK_K, warps, stages). The shard's
-# are 2 pairs (4 weight rows) x up to 2,048 inputs in 4 warps (gemv.config).
+# (gemv.config) are 4 pairs (8 weight rows) x 1,024 inputs in 4 warps over up to 2,048 inputs,
+# 2 pairs x 2,048 over more.
 ROTARY_ONE_ROW = [(p, k, w, 1) for p, k, w in itertools.product((1, 2, 4), (1024, 2048), (4, 8))]
 
 

@@ -125,13 +125,13 @@ def main() -> None:
                 print(f"rows {'1' if rows == 1 else '2-16':>4} {name:8} {form:7} "
                       f"{block_n}x{block_k}, {warps} warps, {stages} stages: {resources(kernel)}")
         for form in ("plain", "normed"):
-            block_n, block_k, warps, stages = gemv.config(rows, hidden, False, rotary=True)
+            pairs, block_k, warps, stages = gemv.rotary_tiles(rows, hidden, head_dim)
             kernel = compiled(gemv._qkv_rotary_kernel, ROTARY_ARGS, dict(
-                ROWS=1 if rows == 1 else gemv.DOT_ROWS, PAIRS=gemv._pairs(rows, head_dim),
+                ROWS=1 if rows == 1 else gemv.DOT_ROWS, PAIRS=pairs,
                 BLOCK_K=block_k, HALF=head_dim // 2, SCALED=form == "normed",
                 PARTS=triton.next_power_of_2(parts), EVEN=True, PDL=True), warps, stages)
             print(f"rows {'1' if rows == 1 else '2-16':>4} {'rotary':8} {form:7} "
-                  f"{gemv._pairs(rows, head_dim)} pairs x {block_k}, {warps} warps, "
+                  f"{pairs} pairs x {block_k}, {warps} warps, "
                   f"{stages} stages: {resources(kernel)}")
 
 

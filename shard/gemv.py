@@ -294,8 +294,14 @@ def config(rows: int, inner: int, gated: bool, rotary: bool = False, normed: boo
     slower). The ungated product of 2-16 rows over more than 8,192 inputs (the 8B's down)
     takes 32 x 512 in 3 stages: as the added product, 41.7 µs against 42.2 in 32 x 256 at 8
     rows, 42.0 against 42.4 at 16 (and 41.5 against 42.0 at 2), on the H100. `features`: the
-    product's outputs (one row, plain: WIDE_ONE_ROW_MAX)."""
+    product's outputs (one row, plain: WIDE_ONE_ROW_MAX). qkv_rotary of one row over up to
+    2,048 inputs (the 1B's) takes 4 feature pairs x 1,024 inputs in 4 warps (rotary_tiles):
+    5.91 µs for the 1B's, of RMSNorm(x) as its steps run it, against 6.82 in 2 pairs x 2,048
+    (6.28 in 4 x 2,048, 6.67 in 2 x 1,024; gemv.py's sweep on the H100). Over more inputs (the
+    8B's 4,096, not swept yet) it keeps 2 pairs x 2,048."""
     if rows == 1:
+        if rotary and inner <= 2048:
+            return 4, min(1024, triton.next_power_of_2(inner)), 4, 1
         if gated and normed:
             if inner > 2048:
                 return 8, 1024, 8, 1
@@ -429,6 +435,14 @@ def _pairs(rows: int, head_dim: int) -> int:
     return math.gcd(_features(rows), head_dim // 2)
 
 
+def rotary_tiles(rows: int, inner: int, head_dim: int, gpu: str = ""
+                 ) -> tuple[int, int, int, int]:
+    """qkv_rotary's (feature pairs a program, BLOCK_K, num_warps, num_stages): config's
+    features a program, cut to pairs that divide the half head."""
+    block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True, gpu=gpu)
+    return math.gcd(block_n, head_dim // 2), block_k, warps, stages
+
+
 def takes_rotary(rows: int, head_dim: int) -> bool:
     """Whether a step of `rows` rows runs its QKV product, rotary and cache write as one
     kernel (qkv_rotary): the rows takes() serves, and at 2-16 rows pairs enough for tl.dot."""
@@ -453,9 +467,7 @@ def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     assert q.is_contiguous() and x.stride(1) == 1, "rows must be dense"
     half = head_dim // 2
     if block is None:
-        _, block_k, warps, stages = config(rows, inner, gated=False, rotary=True,
-                                           gpu=gpu_name(x.device))
-        pairs = _pairs(rows, head_dim)
+        pairs, block_k, warps, stages = rotary_tiles(rows, inner, head_dim, gpu_name(x.device))
     else:
         assert rows == 1 and half % block[0] == 0, "one row, pairs that divide the half head"
         pairs, block_k, warps, stages = block

@@ -156,8 +156,9 @@ def test_the_ungated_product_of_2_to_16_rows_over_8192_inputs_takes_512_a_tile()
 
 def test_one_row_plain_products_up_to_8192_wide_take_4_features_a_program():
     """The O projections and the 1B's down take 4 x 2,048 tiles (4 warps over up to 2,048
-    inputs, else 8); the LM head (128k outputs), the 8B's down (14,336 inputs), gated and
-    rotary products keep theirs, and WIDE_ONE_ROW_MAX = 0 gives every product 2 features.
+    inputs, else 8); the LM head (128k outputs), the 8B's down (14,336 inputs), gated products
+    and the 8B's rotary one keep theirs, and WIDE_ONE_ROW_MAX = 0 gives every product 2
+    features.
     The launch hands the output's width to config: a product's tiles are these."""
     wide = {(2048, 2048): (4, 2048, 4, 1), (2048, 8192): (4, 2048, 8, 1),  # the 1B's O, down
             (4096, 4096): (4, 2048, 8, 1), (40, 200): (4, 256, 4, 1)}  # the 8B's O; small
@@ -166,7 +167,7 @@ def test_one_row_plain_products_up_to_8192_wide_take_4_features_a_program():
     for (features, inner), tiles in (wide | narrow).items():
         assert gemv.config(1, inner, False, features=features) == tiles, (features, inner)
     assert gemv.config(1, 2048, True, features=2048) == (2, 2048, 4, 1)
-    assert gemv.config(1, 2048, False, rotary=True, features=2048) == (2, 2048, 4, 1)
+    assert gemv.config(1, 4096, False, rotary=True, features=6144) == (2, 2048, 4, 1)
     assert gemv.config(2, 2048, False, features=2048) == (32, 256, 4, 4)
     features, inner = 40, 200
     gen = torch.Generator().manual_seed(11)
@@ -286,6 +287,16 @@ def test_qkv_rotary_in_the_sweeps_one_row_tiles_gives_its_own_tiles_result(block
         assert want.abs().min() > 0  # every feature written
         error = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert error < TOLERANCE, error
+
+
+def test_one_row_qkv_rotary_over_up_to_2048_inputs_takes_4_pairs_of_1024_inputs():
+    """The 1B's fused QKV (2,048 inputs, 64-dim heads): 4 feature pairs a program, 1,024 inputs
+    a tile, 4 warps; the 8B's (4,096 inputs) 2 pairs of 2,048; pairs cut to divide a small half
+    head; 2-16 rows as before."""
+    assert gemv.rotary_tiles(1, 2048, 64) == (4, 1024, 4, 1)
+    assert gemv.rotary_tiles(1, 4096, 128) == (2, 2048, 4, 1)
+    assert gemv.rotary_tiles(1, 96, 12) == (2, 128, 4, 1)  # a half head of 6
+    assert gemv.rotary_tiles(2, 2048, 64) == (32, 256, 4, 4)
 
 
 def test_qkv_rotary_takes_1_to_16_rows_and_at_2_to_16_a_half_head_of_16_or_more():
