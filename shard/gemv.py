@@ -429,10 +429,10 @@ def _squares_args(squares: torch.Tensor | None, placeholder: torch.Tensor
     return squares, squares.shape[0], triton.next_power_of_2(squares.shape[0])
 
 
-def _pairs(rows: int, head_dim: int) -> int:
-    """Feature pairs (j, j + head_dim / 2) per program of the fused QKV + rotary kernel: the
-    gated product's features per program, cut to divide the half head."""
-    return math.gcd(_features(rows), head_dim // 2)
+def _pairs(features: int, head_dim: int) -> int:
+    """Feature pairs (j, j + head_dim / 2) per program of the fused QKV + rotary kernel whose
+    tiles take `features` a program: that many, cut to divide the half head."""
+    return math.gcd(features, head_dim // 2)
 
 
 def rotary_tiles(rows: int, inner: int, head_dim: int, gpu: str = ""
@@ -440,13 +440,13 @@ def rotary_tiles(rows: int, inner: int, head_dim: int, gpu: str = ""
     """qkv_rotary's (feature pairs a program, BLOCK_K, num_warps, num_stages): config's
     features a program, cut to pairs that divide the half head."""
     block_n, block_k, warps, stages = config(rows, inner, gated=False, rotary=True, gpu=gpu)
-    return math.gcd(block_n, head_dim // 2), block_k, warps, stages
+    return _pairs(block_n, head_dim), block_k, warps, stages
 
 
 def takes_rotary(rows: int, head_dim: int) -> bool:
     """Whether a step of `rows` rows runs its QKV product, rotary and cache write as one
     kernel (qkv_rotary): the rows takes() serves, and at 2-16 rows pairs enough for tl.dot."""
-    return takes(rows) and (rows == 1 or _pairs(rows, head_dim) >= DOT_ROWS)
+    return takes(rows) and (rows == 1 or _pairs(_features(rows), head_dim) >= DOT_ROWS)
 
 
 def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
