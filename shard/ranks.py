@@ -234,11 +234,19 @@ class Workers:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    def kill(self) -> None:
+    def kill(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL every worker left, then wait for them (within timeout_s) so that none
+        outlives this process, not even for the moment the kernel takes to end it."""
         self._stopping = True
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # unkillable (e.g. in uninterruptible I/O): exit all the same
 
 
 class Watchdog:
