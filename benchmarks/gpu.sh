@@ -12,8 +12,8 @@
 # their floor, likewise), attention (decode attention alone at batches 1-16, every split count,
 # its KV from HBM), studies (the norms inside the products at no row count and at one row alone,
 # PDL at 2-16 rows, the 1B's LM head, the one-row products' tiles, each against the tree's
-# choice), compare (this tree's 1B and 8B decode steps beside another tree's, BASE=FOLDER, in
-# one sitting), serving_1b (the router's share with a small model), workers (one group behind
+# choice), compare (this tree's 1B and 8B decode steps beside other trees', BASE="FOLDER...",
+# in one sitting), serving_1b (the router's share with a small model), workers (one group behind
 # routers of 1 to 16 workers); and tp and tp70b, on a machine of several GPUs: every rank count
 # against one (benchmarks/tp_compare.py) and the 8B targets at that count, then the 70B shape at
 # batch 1 and through `sluice serve` at 64 streams. Output for the record goes to $OUT.
@@ -345,17 +345,23 @@ step_attention() {  # decode attention alone, its KV from HBM (decode_attention.
     | sort -t: -k2 -n | head -4
 }
 
-step_compare() {  # this tree beside another in one sitting: BASE=FOLDER holding the other
-  # (`git archive REV | tar -x -C .base`, carried with the call as an ignored path): the 1B's
-  # decode steps at batches 1-4 and the 8B's at 1-16, --gemv and --pdl on, the two trees' runs
-  # of each model back to back (machines differ by several percent: compare within one call)
-  [ -n "${BASE:-}" ] && [ -f "$BASE/benchmarks/profile_step.py" ] \
-    || { echo "gpu.sh compare: BASE=FOLDER of the other tree" >&2; return 1; }
-  local out base m tree name
-  out=$(cd "$OUT" && pwd) base=$(cd "$BASE" && pwd)
+step_compare() {  # this tree beside others in one sitting: BASE="FOLDER..." holding them
+  # (`git archive REV | tar -x -C .base`, each carried with the call as an ignored path; named
+  # by the folder, its dot dropped): the 1B's decode steps at batches 1-4 and the 8B's at 1-16,
+  # --gemv and --pdl on, every tree's runs of one model back to back (machines differ by several
+  # percent: compare within one call); COMPARE="1b" for one model
+  local out tree m name folders=("$PWD")
+  out=$(cd "$OUT" && pwd)
+  for tree in ${BASE:-}; do
+    [ -f "$tree/benchmarks/profile_step.py" ] \
+      || { echo "gpu.sh compare: $tree is not a tree (BASE=\"FOLDER...\")" >&2; return 1; }
+    folders+=("$(cd "$tree" && pwd)")
+  done
+  [ ${#folders[@]} -gt 1 ] || { echo "gpu.sh compare: BASE=\"FOLDER...\" of the others" >&2; return 1; }
   for m in "1b:$M1 --curve 1,2,4,1 --steps 100" "8b:$M8 --curve 1,2,4,8,16 --steps 40"; do
-    for tree in "$PWD" "$base"; do
-      name=compare-${m%%:*}-$([ "$tree" = "$PWD" ] && echo tree || echo base)
+    [[ " ${COMPARE:-1b 8b} " == *" ${m%%:*} "* ]] || continue
+    for tree in "${folders[@]}"; do
+      name=compare-${m%%:*}-$([ "$tree" = "$PWD" ] && echo tree || basename "$tree" | sed 's/^\.//')
       (cd "$tree" && PYTHONPATH=$tree:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages timeout 200 \
         $PYTHON benchmarks/profile_step.py ${m#*:} --gemv on --pdl on --cuda-graphs 1,2,4,8,16 \
         > "$out/$name.txt" 2>&1)
