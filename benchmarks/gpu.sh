@@ -357,11 +357,13 @@ step_compare() {  # this tree beside others in one sitting: BASE="FOLDER..." hol
       || { echo "gpu.sh compare: $tree is not a tree (BASE=\"FOLDER...\")" >&2; return 1; }
     folders+=("$(cd "$tree" && pwd)")
   done
-  [ ${#folders[@]} -gt 1 ] || { echo "gpu.sh compare: BASE=\"FOLDER...\" of the others" >&2; return 1; }
+  [ ${#folders[@]} -gt 1 ] \
+    || { echo "gpu.sh compare: BASE=\"FOLDER...\" of the others" >&2; return 1; }
   for m in "1b:$M1 --curve 1,2,4,1 --steps 100" "8b:$M8 --curve 1,2,4,8,16 --steps 40"; do
     [[ " ${COMPARE:-1b 8b} " == *" ${m%%:*} "* ]] || continue
     for tree in "${folders[@]}"; do
-      name=compare-${m%%:*}-$([ "$tree" = "$PWD" ] && echo tree || basename "$tree" | sed 's/^\.//')
+      name=${tree##*/}; [ "$tree" = "$PWD" ] && name=tree
+      name=compare-${m%%:*}-${name#.}
       (cd "$tree" && PYTHONPATH=$tree:$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages timeout 200 \
         $PYTHON benchmarks/profile_step.py ${m#*:} --gemv on --pdl on --cuda-graphs 1,2,4,8,16 \
         > "$out/$name.txt" 2>&1)
